@@ -1,0 +1,64 @@
+"""The record every router returns.
+
+Shape legend: T tokens, E experts, K selected slots per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Routing:
+    """What a router decided for a batch of tokens.
+
+    Every tensor is fp32 (ids are int64) whatever the model dtype, and has T = the number of
+    tokens after flattening the leading dims of the router input.
+
+    Attributes:
+        expert_ids_TK: Selected expert per token and slot, int64 in [0, E).
+        weights_TK: Combine weight per token and slot. Slots that carry no compute (a sparse
+            gate that selected fewer than K experts, a dropped assignment, a padding token)
+            have weight 0 and ``valid_TK`` False.
+        scores_TE: Full gate scores per expert (softmax / sigmoid probabilities for ``topk``,
+            the soft top-k output p for soft gates).
+        logits_TE: Raw router logits (before bias, jitter-free), fp32.
+        aux_losses: Named auxiliary losses, already multiplied by their coefficients; the
+            training loss adds ``sum(aux_losses.values())``.
+        tokens_per_expert_E: Number of (valid) assignments per expert in this batch, fp32.
+        valid_TK: Which slots carry an assignment (False for padding slots of variable-count
+            gates, for dropped assignments, and for masked padding tokens).
+    """
+
+    expert_ids_TK: Tensor
+    weights_TK: Tensor
+    scores_TE: Tensor
+    logits_TE: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    tokens_per_expert_E: Tensor | None = None
+    valid_TK: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.valid_TK is None:
+            self.valid_TK = torch.ones_like(self.expert_ids_TK, dtype=torch.bool)
+        if self.tokens_per_expert_E is None:
+            num_experts = self.scores_TE.shape[-1]
+            counts_E = torch.zeros(num_experts, dtype=torch.float32, device=self.scores_TE.device)
+            self.tokens_per_expert_E = counts_E.index_add_(
+                0, self.expert_ids_TK.reshape(-1), self.valid_TK.reshape(-1).float()
+            )
+
+    @property
+    def num_experts(self) -> int:
+        """E, the number of experts routed over."""
+        return self.scores_TE.shape[-1]
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """Sum of all auxiliary losses (a zero scalar when there are none)."""
+        if not self.aux_losses:
+            return self.logits_TE.new_zeros(())
+        return torch.stack(list(self.aux_losses.values())).sum()
