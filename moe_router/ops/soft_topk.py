@@ -1,39 +1,295 @@
-"""PLACEHOLDER (being replaced by the real batched solver): slow bisection soft top-k with the
-final public signature, so that routers can be developed against it."""
+"""`soft_topk`: the differentiable top-k operator (public API).
+
+p = soft_topk(scores, k) maps each row of scores (along `dim`) to p in [0, 1]^n with sum k:
+a smooth, monotone, shift-invariant relaxation of the hard top-k mask that tends to it as
+tau -> 0 (DESIGN.md, "The soft top-k operator"; seeds 000, 002, 004).
+
+Threshold methods ("sigmoid", "laplace", "exp", "sparse") run as one registered custom op
+(`moe_router::soft_topk_threshold`, forward with a fake and a vmap rule) inside an
+autograd.Function with the hand-written one-pass backward, so they work under
+`torch.compile(fullgraph=True)`, `torch.func.vmap` and `torch.func.grad`. The reference
+methods ("iterative",
+"grad") are plain PyTorch differentiated by autograd.
+
+Shape legend: R rows (all dims but `dim`, flattened), N entries per row.
+"""
 
 from __future__ import annotations
+
+import math
+import numbers
+import os
 
 import torch
 from torch import Tensor
 
-_F = {
-    "sigmoid": torch.sigmoid,
-    "exp": lambda u: torch.clamp(torch.exp(u), max=1.0),
-    "laplace": lambda u: torch.where(u >= 0, 1 - 0.5 * torch.exp(-u.clamp(min=0)), 0.5 * torch.exp(u.clamp(max=0))),
-    "sparse": lambda u: u.clamp(0.0, 1.0),
-}
+from moe_router.ops._reference import REFERENCE_METHODS, grad_soft_topk, iterative_soft_topk
+from moe_router.ops._threshold import THRESHOLD_METHODS, solve_threshold, threshold_backward
+
+METHODS = THRESHOLD_METHODS + REFERENCE_METHODS
+BACKENDS = ("auto", "torch", "triton")
+
+__all__ = ["BACKENDS", "METHODS", "soft_topk"]
 
 
-def soft_topk(scores: Tensor, k, *, tau=1.0, dim: int = -1, method: str = "sigmoid") -> Tensor:
-    f = _F[method]
-    x = scores.movedim(dim, -1).float() / (tau if not torch.is_tensor(tau) else tau.unsqueeze(-1))
-    k_t = torch.as_tensor(k, dtype=x.dtype, device=x.device)
-    k_t = torch.broadcast_to(k_t, x.shape[:-1]).unsqueeze(-1)
-    with torch.no_grad():
-        finite = torch.where(torch.isfinite(x), x, torch.nan)
-        lo = torch.nan_to_num(finite.nan_to_num(float("inf")).amin(-1, keepdim=True)) - 50
-        hi = torch.nan_to_num(finite.nan_to_num(float("-inf")).amax(-1, keepdim=True)) + 50
-        for _ in range(100):
-            mid = (lo + hi) / 2
-            above = f(x - mid).sum(-1, keepdim=True) > k_t
-            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-        lam = (lo + hi) / 2
-    u = x - lam
-    # implicit gradient of lambda through a detached weight vector (stop-gradient trick)
-    with torch.enable_grad():
-        uu = u.detach().requires_grad_(True)
-        w = torch.autograd.grad(f(uu).sum(), uu)[0]
-    wn = w / w.sum(-1, keepdim=True).clamp_min(1e-30)
-    lam_sg = (x * wn).sum(-1, keepdim=True) - (x.detach() * wn).sum(-1, keepdim=True) + lam
-    p = f(x - lam_sg)
-    return p.movedim(-1, dim).to(scores.dtype)
+# --------------------------------------------------------------------------------------------
+# the custom op (threshold family)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(scores_RN: Tensor, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    return scores_RN.is_cuda and _triton_available()
+
+
+def _check_values_eagerly(scores_RN: Tensor, k_R: Tensor, tau_R: Tensor, k_is_number: bool) -> None:
+    """Value checks that need the data. Run on CPU only, where reading a value costs no device
+    sync; on CUDA the documented fallbacks apply instead of an error."""
+    if scores_RN.device.type != "cpu":
+        return
+    if not bool(((tau_R > 0) & torch.isfinite(tau_R)).all()):
+        bad = tau_R[~((tau_R > 0) & torch.isfinite(tau_R))][0].item()
+        raise ValueError(f"tau must be positive and finite, got a tau value of {bad}")
+    if k_is_number and scores_RN.numel() > 0:
+        num_finite_R = torch.isfinite(scores_RN).sum(-1)
+        short_R = num_finite_R.to(k_R.dtype) <= k_R
+        if bool(short_R.any()):
+            row = int(short_R.nonzero()[0, 0])
+            raise ValueError(
+                f"k={k_R[row].item():g} needs more than k finite scores per row, but row {row} "
+                f"has only {int(num_finite_R[row])} (the others are -inf)"
+            )
+
+
+@torch.library.custom_op("moe_router::soft_topk_threshold", mutates_args=())
+def _soft_topk_threshold(
+    scores_RN: Tensor,
+    k_R: Tensor,
+    tau_R: Tensor,
+    method: str,
+    max_k: float | None,
+    backend: str,
+) -> Tensor:
+    _check_values_eagerly(scores_RN, k_R, tau_R, max_k is not None)
+    if _use_triton(scores_RN, backend):
+        from moe_router.ops._triton_soft_topk import triton_soft_topk_forward
+
+        return triton_soft_topk_forward(scores_RN.contiguous(), k_R, tau_R, method).to(
+            scores_RN.dtype
+        )
+    p_RN, _ = solve_threshold(scores_RN / tau_R.unsqueeze(-1), k_R, method, max_k)
+    return p_RN
+
+
+@_soft_topk_threshold.register_fake
+def _(scores_RN, k_R, tau_R, method, max_k, backend):
+    return torch.empty_like(scores_RN)
+
+
+class _SoftTopKThreshold(torch.autograd.Function):
+    """Autograd for the custom op: the one-pass implicit backward from the saved output.
+
+    An autograd.Function with setup_context (rather than register_autograd on the op) so that
+    torch.func transforms (vmap of grad, jacrev) compose with it; the op stays opaque to
+    torch.compile, which traces this Function's backward as plain torch ops.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(scores_RN, k_R, tau_R, method, max_k, backend):
+        return _soft_topk_threshold(scores_RN, k_R, tau_R, method, max_k, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        scores_RN, k_R, tau_R, method, max_k, backend = inputs
+        ctx.save_for_backward(output, tau_R)
+        ctx.method = method
+        ctx.use_triton = _use_triton(scores_RN, backend)
+
+    @staticmethod
+    def backward(ctx, grad_RN):
+        p_RN, tau_R = ctx.saved_tensors
+        _, need_k_grad, need_tau_grad = ctx.needs_input_grad[:3]
+        # The Triton backward is first-order only; double backward takes the torch formula,
+        # which is written in differentiable ops on the saved output.
+        if ctx.use_triton and not torch.is_grad_enabled():
+            from moe_router.ops._triton_soft_topk import triton_soft_topk_backward
+
+            grad_x_RN, grad_k_R, grad_tau_R = triton_soft_topk_backward(
+                p_RN, grad_RN.contiguous(), tau_R, ctx.method, need_k_grad, need_tau_grad
+            )
+            grad_x_RN = grad_x_RN.to(p_RN.dtype)
+        else:
+            grad_x_RN, grad_k_R, grad_tau_R = threshold_backward(
+                p_RN, grad_RN, tau_R, ctx.method, need_k_grad, need_tau_grad
+            )
+        return grad_x_RN, grad_k_R, grad_tau_R, None, None, None
+
+
+@_soft_topk_threshold.register_vmap
+def _(info, in_dims, scores_RN, k_R, tau_R, method, max_k, backend):
+    # Rows are independent: fold the vmapped dim into the rows and call the op once.
+    batch = info.batch_size
+
+    def batched(tensor: Tensor, in_dim: int | None) -> Tensor:
+        if in_dim is None:
+            return tensor.unsqueeze(0).expand(batch, *tensor.shape)
+        return tensor.movedim(in_dim, 0)
+
+    scores_BRN = batched(scores_RN, in_dims[0])
+    num_rows, num_entries = scores_BRN.shape[1:]
+    p_BRN = _soft_topk_threshold(
+        scores_BRN.reshape(batch * num_rows, num_entries),
+        batched(k_R, in_dims[1]).reshape(batch * num_rows),
+        batched(tau_R, in_dims[2]).reshape(batch * num_rows),
+        method,
+        max_k,
+        backend,
+    )
+    return p_BRN.reshape(batch, num_rows, num_entries), 0
+
+
+# --------------------------------------------------------------------------------------------
+# the public function
+
+
+def _per_row(
+    value, name: str, batch_shape: torch.Size, dim: int, ndim: int, like: Tensor
+) -> Tensor:
+    """Broadcast a number or tensor k / tau to one value per row, [R], in the compute dtype."""
+    if not torch.is_tensor(value):
+        return like.new_full((math.prod(batch_shape),), float(value))
+    if not value.is_floating_point():
+        value = value.to(like.dtype)
+    # accept the keepdim form too: shape of scores with size 1 along dim
+    if value.dim() == ndim and value.shape[dim] == 1:
+        value = value.squeeze(dim)
+    try:
+        value_B = torch.broadcast_to(value, batch_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} of shape {tuple(value.shape)} does not broadcast to the batch shape "
+            f"{tuple(batch_shape)} (scores without dim {dim})"
+        ) from None
+    return value_B.reshape(-1).to(like.dtype)
+
+
+def soft_topk(
+    scores: Tensor,
+    k: int | float | Tensor,
+    *,
+    tau: float | Tensor = 1.0,
+    dim: int = -1,
+    method: str = "sigmoid",
+    backend: str = "auto",
+) -> Tensor:
+    """Differentiable soft top-k: p in [0, 1] with sum k along `dim`.
+
+    Threshold methods compute p_i = f((x_i - lambda) / tau) with lambda chosen so that the row
+    sums to k (DESIGN.md): "sigmoid" (smooth everywhere), "laplace" (C^1, closed form), "exp"
+    (min(1, e^z): k = 1 gives softmax), "sparse" (clip(z, 0, 1): exact zeros, the projection
+    onto the capped simplex). Their backward is the implicit-function formula in one pass over
+    the saved output. "iterative" (softmax applied k times) and "grad" (gradient of the
+    log-sum-exp over all k-subsets) are the seed's reference constructions, differentiated by
+    autograd; they need an integer k.
+
+    Args:
+        scores: Float tensor of any shape. fp16/bf16 are solved in fp32 and returned in their
+            dtype; float64 is solved in float64. -inf entries get p = 0 exactly and zero
+            gradient (the same result as dropping them). A NaN (or +inf) in a row makes that
+            row NaN, other rows are unaffected.
+        k: Budget per row. A number with 0 < k < n (n = scores.shape[dim]; fractional k is
+            valid for the threshold methods), or a tensor broadcastable to the batch shape
+            (scores without `dim`, or with size 1 there) for per-row budgets; a tensor k that
+            requires grad receives dL/dk. Rows of a tensor k with k <= 0 give p = 0, and rows
+            with at most k finite scores give p = 1 on their finite entries (sum < k): the
+            nearest the constraint allows. With a number k such rows raise ValueError on CPU;
+            on CUDA they take the same fallback, as checking would need a device sync.
+        tau: Temperature > 0, a number or a tensor broadcastable like k (learned or per-row
+            temperatures receive gradients). tau -> 0 gives the hard top-k mask.
+        dim: The dimension to select along.
+        method: One of "sigmoid", "laplace", "exp", "sparse", "iterative", "grad".
+        backend: "auto" (Triton for CUDA tensors when Triton is installed, else PyTorch),
+            "torch", or "triton" (threshold methods only; on CPU only under TRITON_INTERPRET=1).
+
+    Returns:
+        Tensor of the shape and dtype of `scores`.
+
+    Raises:
+        ValueError: for an integer dtype, `dim` out of range, an unknown method or backend,
+            a number k outside (0, n), a non-integer k for a reference method, tau <= 0, or a
+            k / tau tensor that does not broadcast.
+    """
+    if not torch.is_tensor(scores):
+        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must have a floating-point dtype, got dtype={scores.dtype}")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not supported; use one of {METHODS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; use one of {BACKENDS}")
+    if scores.dim() == 0:
+        raise ValueError("scores must have at least one dimension, got a 0-d tensor")
+    if not -scores.dim() <= dim < scores.dim():
+        raise ValueError(
+            f"dim={dim} is out of range for scores with {scores.dim()} dims "
+            f"(allowed: {-scores.dim()} to {scores.dim() - 1})"
+        )
+    dim = dim % scores.dim()
+    num_entries = scores.shape[dim]
+    k_is_number = not torch.is_tensor(k)
+    if k_is_number:
+        if isinstance(k, bool) or not isinstance(k, numbers.Real):
+            raise ValueError(f"k must be a number or a tensor, got {k!r}")
+        if not 0 < k < num_entries:
+            raise ValueError(
+                f"k={k} is out of range: need 0 < k < n, with n={num_entries} the size of "
+                f"scores along dim={dim}"
+            )
+    if method in REFERENCE_METHODS and k_is_number and float(k) != int(k):
+        raise ValueError(f"method={method!r} needs an integer k, got k={k}")
+    if not torch.is_tensor(tau) and (
+        isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < tau < math.inf
+    ):
+        raise ValueError(f"tau must be a positive finite number or a tensor, got tau={tau!r}")
+    if backend == "triton":
+        if method not in THRESHOLD_METHODS:
+            raise ValueError(f"backend='triton' supports {THRESHOLD_METHODS}, not {method!r}")
+        if not _triton_available():
+            raise ValueError("backend='triton' needs the triton package (pip install triton)")
+        if not scores.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels "
+                f"on CPU through Triton's interpreter), got device={scores.device}"
+            )
+
+    compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    scores_BN = scores.movedim(dim, -1)
+    batch_shape = scores_BN.shape[:-1]
+    scores_RN = scores_BN.reshape(-1, num_entries).to(compute_dtype)  # (R, N)
+    k_R = _per_row(k, "k", batch_shape, dim, scores.dim(), scores_RN)
+    tau_R = _per_row(tau, "tau", batch_shape, dim, scores.dim(), scores_RN)
+
+    if method in THRESHOLD_METHODS:
+        max_k = float(k) if k_is_number else None
+        p_RN = _SoftTopKThreshold.apply(scores_RN, k_R, tau_R, method, max_k, backend)
+    else:
+        z_RN = scores_RN / tau_R.unsqueeze(-1)
+        max_k = int(k) if k_is_number else None
+        reference = iterative_soft_topk if method == "iterative" else grad_soft_topk
+        p_RN = reference(z_RN, k_R, max_k)
+        # same contract as the threshold family: a NaN (or +inf) poisons its own row only
+        bad_row_R1 = (torch.isnan(z_RN) | torch.isposinf(z_RN)).any(-1, keepdim=True)
+        p_RN = torch.where(bad_row_R1, math.nan, p_RN)
+    return p_RN.reshape(scores_BN.shape).movedim(-1, dim).to(scores.dtype)
