@@ -108,6 +108,7 @@ def load_balance_table(
         metrics_by_layer: Row name -> a ``LoadBalanceMetrics`` (its ``compute()`` is called) or
             the dict it returned. Rows keep the mapping's order; a comparison driver can pass
             names such as ``"topk / layer0"`` and ``row_header="Gate / layer"``.
+            Under DDP pass the dicts (``compute()`` must run on every rank).
         row_header: Header of the first column.
         digits: Digits after the decimal point.
 
@@ -302,6 +303,10 @@ def write_load_balance_report(
 
     Returns:
         The paths written and the table.
+
+    Under DDP, ``compute()`` is a collective: call it on every rank and pass the resulting
+    dicts to this function on rank zero only (passing metric objects from rank zero alone
+    would hang).
 
     Raises:
         ValueError: As ``load_balance_table``; also if ``stem`` is empty or holds a path

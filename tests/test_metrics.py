@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moe_router.metrics import (
     ActiveExpertsPerToken,
@@ -418,6 +420,23 @@ def test_functional_forms_batch_over_layers():
     torch.testing.assert_close(load_cv(loads_LE)[3], torch.tensor(math.sqrt(12) / 2))
     for row in range(4):
         torch.testing.assert_close(max_violation(loads_LE)[row], max_violation(loads_LE[row]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 1_000), min_size=1, max_size=16))
+def test_count_invariants(counts):
+    counts_E = torch.tensor(counts)
+    num_experts = len(counts)
+    vio, cv = max_violation(counts_E).item(), load_cv(counts_E).item()
+    entropy, effective = load_entropy(counts_E).item(), effective_experts(counts_E).item()
+    assert 0.0 <= vio <= num_experts - 1 + 1e-5  # max when one expert takes everything
+    assert 0.0 <= cv <= math.sqrt(num_experts - 1) + 1e-5
+    assert 0.0 <= entropy <= math.log(num_experts) + 1e-5
+    if sum(counts) > 0:
+        assert 1.0 - 1e-5 <= effective <= num_experts + 1e-4
+    # Scaling every count leaves every ratio unchanged.
+    torch.testing.assert_close(max_violation(counts_E * 7), max_violation(counts_E))
+    torch.testing.assert_close(load_cv(counts_E * 7), load_cv(counts_E))
 
 
 def test_scalar_metrics_for_logging():
