@@ -225,10 +225,8 @@ class MoEConfig:
         if self.backend not in GROUPED_MM_BACKENDS:
             raise ValueError(f"backend={self.backend!r} is invalid: one of {GROUPED_MM_BACKENDS}")
         # Validates d_model, num_experts, k, gate and every router option.
-        self.router_config = RouterConfig(
-            **{**self.router, "d_model": self.d_model, "num_experts": self.num_experts,
-               "k": self.k, "gate": self.gate}
-        )  # fmt: skip
+        layer_fields = {"d_model": self.d_model, "num_experts": self.num_experts, "k": self.k}
+        self.router_config = RouterConfig(**{**self.router, **layer_fields, "gate": self.gate})
 
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity for a batch of ``num_tokens`` tokens (None when dropless)."""

@@ -220,7 +220,7 @@ def annealed_tau(config: RouterConfig, step: Tensor) -> Tensor:
 def select_experts(
     logits_TE: Tensor,
     config: RouterConfig,
-    tau: float | Tensor = 1.0,
+    tau: float | Tensor | None = None,
     bias_E: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The gate itself, as a function of fp32 logits (group masking already applied).
@@ -228,13 +228,15 @@ def select_experts(
     Args:
         logits_TE: fp32 router logits; ``-inf`` marks experts a token may not use.
         config: Gate settings.
-        tau: Temperature of the soft gates (float or scalar tensor, possibly learned).
+        tau: Temperature of the soft gates (float or scalar tensor, possibly learned);
+            ``config.tau`` when None.
         bias_E: Selection-only expert bias (added to the scores used to pick experts).
 
     Returns:
         ``(expert_ids_TK, weights_TK, scores_TE, valid_TK)`` with K = ``config.slots``.
     """
     k = config.k
+    tau = config.tau if tau is None else tau
     if config.gate == "topk":
         if config.score_func == "softmax":
             scores_TE = logits_TE.softmax(-1)
@@ -243,8 +245,13 @@ def select_experts(
         selection_TE = scores_TE.detach() if bias_E is None else scores_TE.detach() + bias_E
         selection_TE = selection_TE.masked_fill(logits_TE == float("-inf"), float("-inf"))
         expert_ids_TK = selection_TE.topk(k, dim=-1).indices
-        weights_TK = scores_TE.gather(-1, expert_ids_TK)
         valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+        if config.renormalize and config.score_func == "softmax":
+            # Same value as renormalising the gathered softmax, but (Mixtral style) leaves the
+            # unselected logits out of the graph instead of giving them a rounding-error grad.
+            weights_TK = logits_TE.gather(-1, expert_ids_TK).softmax(-1)
+        else:
+            weights_TK = scores_TE.gather(-1, expert_ids_TK)
         if config.renormalize:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
         return expert_ids_TK, weights_TK * config.score_scale, scores_TE, valid_TK
@@ -275,7 +282,7 @@ def select_experts(
         valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
         if config.gate == "straight_through":
             # Value 1 per selected expert, gradient of the soft p (p_hard + p - sg(p)).
-            weights_TK = 1.0 + weights_TK - weights_TK.detach()
+            weights_TK = (weights_TK - weights_TK.detach()) + 1.0
     if config.renormalize:
         # Plain differentiable ops, so autograd carries the off-diagonal -w w^T / s^2 term.
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
