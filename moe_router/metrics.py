@@ -285,9 +285,7 @@ class _RoutingBatch:
                 f"routing.expert_ids_TK must be [T, K], got shape {tuple(ids_TK.shape)}"
             )
         num_tokens = ids_TK.shape[0]
-        # getattr: records built before the capacity / padding fields existed lack them.
-        dropped_TK = getattr(routing, "dropped_TK", None)
-        padding_mask_T = getattr(routing, "padding_mask_T", None)
+        dropped_TK, padding_mask_T = routing.dropped_TK, routing.padding_mask_T
         for name, tensor in (
             ("weights_TK", routing.weights_TK),
             ("valid_TK", routing.valid_TK),
@@ -403,15 +401,14 @@ class _RoutingMetric(Metric):
     higher_is_better: ClassVar[bool | None] = None
     _state_names: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(
-        self, num_experts: int, *, capacity_factor: float | None = None, **kwargs: Any
-    ) -> None:
+    # Only the metrics with a drop rate take one; the others leave it None.
+    capacity_factor: float | None = None
+
+    def __init__(self, num_experts: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-        _check_capacity_factor(capacity_factor)
         self.num_experts = num_experts
-        self.capacity_factor = capacity_factor
         for name in self._state_names:
             self.add_state(name, default=_state_default(name, num_experts), dist_reduce_fx="sum")
 
@@ -587,7 +584,9 @@ class DropRate(_RoutingMetric):
     def __init__(
         self, num_experts: int, capacity_factor: float | None = None, **kwargs: Any
     ) -> None:
-        super().__init__(num_experts, capacity_factor=capacity_factor, **kwargs)
+        _check_capacity_factor(capacity_factor)
+        super().__init__(num_experts, **kwargs)
+        self.capacity_factor = capacity_factor
 
     def compute(self) -> Tensor:
         """Drop rate (0 with no assignment)."""
@@ -675,7 +674,9 @@ class LoadBalanceMetrics(_RoutingMetric):
     def __init__(
         self, num_experts: int, capacity_factor: float | None = None, **kwargs: Any
     ) -> None:
-        super().__init__(num_experts, capacity_factor=capacity_factor, **kwargs)
+        _check_capacity_factor(capacity_factor)
+        super().__init__(num_experts, **kwargs)
+        self.capacity_factor = capacity_factor
 
     def compute(self) -> dict[str, Tensor]:
         """All metrics of the window, fp32."""

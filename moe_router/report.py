@@ -170,8 +170,10 @@ def plot_load_heatmaps(
     """One heatmap panel per entry (e.g. per gate), side by side with a shared colour scale.
 
     Each panel shows layers (rows) × experts (columns), every row divided by its mean load so
-    that perfect balance is 1. The colormap diverges around 1 (blue under-, red over-loaded,
-    white balanced) on one scale for all panels, so colours compare across panels.
+    that perfect balance is 1 (a layer with no load at all is drawn as 0). The colormap
+    diverges around 1 (blue under-, red over-loaded, white balanced) on one scale for all
+    panels, so colours compare across panels. Cells show their value while a panel has at most
+    256 of them.
 
     Args:
         loads_by_panel: Panel title -> load per layer and expert, [L, E] (counts or shares;
