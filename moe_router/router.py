@@ -243,7 +243,8 @@ def select_experts(
         else:
             scores_TE = logits_TE.sigmoid()
         selection_TE = scores_TE.detach() if bias_E is None else scores_TE.detach() + bias_E
-        selection_TE = selection_TE.masked_fill(logits_TE == float("-inf"), float("-inf"))
+        if config.topk_groups < config.num_groups:  # a bias must not revive a masked expert
+            selection_TE = selection_TE.masked_fill(logits_TE == float("-inf"), float("-inf"))
         expert_ids_TK = selection_TE.topk(k, dim=-1).indices
         valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
         if config.renormalize and config.score_func == "softmax":
@@ -276,7 +277,8 @@ def select_experts(
         weights_TK = p_TE.gather(-1, expert_ids_TK) * valid_TK
     else:  # soft_topk, straight_through: compute on the K largest p (+ bias)
         selection_TE = p_TE.detach() if bias_E is None else p_TE.detach() + bias_E
-        selection_TE = selection_TE.masked_fill(logits_TE == float("-inf"), float("-inf"))
+        if config.topk_groups < config.num_groups:  # a bias must not revive a masked expert
+            selection_TE = selection_TE.masked_fill(logits_TE == float("-inf"), float("-inf"))
         expert_ids_TK = selection_TE.topk(k, dim=-1).indices
         weights_TK = p_TE.gather(-1, expert_ids_TK)
         valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
