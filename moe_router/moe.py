@@ -400,7 +400,7 @@ class MoELayer(nn.Module):
         counts_E1.scatter_add_(0, key_P, torch.ones_like(key_P))
         offsets_E = counts_E1[:num_experts].cumsum(0).to(torch.int32)
 
-        xs_PD = x_TD[token_P]
+        xs_PD = x_TD.index_select(0, token_P)
         if valid_TK is not None:
             # Rows past the last slice are left uninitialised by the grouped kernel, in forward
             # and in backward: the two `where`s (not multiplications, which would turn garbage

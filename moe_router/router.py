@@ -407,14 +407,18 @@ class Router(nn.Module):
                 f"padding_mask must have shape {tuple(lead_shape)}, got {tuple(padding_mask.shape)}"
             )
         x_TD = hidden_states.reshape(-1, config.d_model).float()  # (T, D)
+        weight_ED = self.weight_ED.float()
+        logits_TE = F.linear(x_TD, weight_ED)
+        gate_logits_TE = logits_TE
         if self.training and config.jitter_eps > 0:
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(
+            # The gate sees the jittered input; the record (and the z-loss) keeps clean logits.
+            noise_TD = torch.empty_like(x_TD).uniform_(
                 1.0 - config.jitter_eps, 1.0 + config.jitter_eps
             )
-        logits_TE = F.linear(x_TD, self.weight_ED.float())
+            gate_logits_TE = F.linear(x_TD * noise_TD, weight_ED)
         bias_E = None if self.expert_bias is None else self.expert_bias.bias_E
         expert_ids_TK, weights_TK, scores_TE, valid_TK = select_experts(
-            self.group_mask(logits_TE), config, tau=self.tau, bias_E=bias_E
+            self.group_mask(gate_logits_TE), config, tau=self.tau, bias_E=bias_E
         )
 
         padding_mask_T = None

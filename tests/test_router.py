@@ -356,13 +356,16 @@ def test_aux_losses_are_scaled_and_absent_when_off():
     torch.testing.assert_close(a["z_loss"], 0.25 * b["z_loss"])
 
 
-def test_jitter_only_in_training():
+def test_jitter_only_in_training_and_logits_stay_clean():
     router = Router(16, 8, 2, jitter_eps=0.1, init_std=1.0)
     x = torch.randn(10, 16)
     router.eval()
-    torch.testing.assert_close(router(x).logits_TE, router(x).logits_TE)
+    torch.testing.assert_close(router(x).scores_TE, router(x).scores_TE)
+    clean = router(x).logits_TE
     router.train()
-    assert not torch.allclose(router(x).logits_TE, router(x).logits_TE)
+    first, second = router(x), router(x)
+    assert not torch.allclose(first.scores_TE, second.scores_TE)
+    torch.testing.assert_close(first.logits_TE, clean)
 
 
 def test_from_config_and_repr():
