@@ -152,6 +152,12 @@ class RouterConfig:
         )
         need(math.isfinite(self.tau) and self.tau > 0, "tau", "a finite float > 0")
         need(self.tau_schedule in TAU_SCHEDULES, "tau_schedule", f"one of {TAU_SCHEDULES}")
+        # A learned tau the topk gate never reads would be an unused parameter (DDP errors).
+        need(
+            self.tau_schedule != "learned" or self.gate in SOFT_GATES,
+            "tau_schedule",
+            f"'learned' needs a soft gate ({SOFT_GATES}), not gate={self.gate!r}",
+        )
         need(
             math.isfinite(self.tau_final) and self.tau_final > 0,
             "tau_final",

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moe_router.moe import (
     MoEConfig,
@@ -204,6 +206,27 @@ def test_capacity_keep_mask_against_reference(policy):
     priority = torch.rand(40, 3, generator=gen) if policy == "score" else None
     got = capacity_keep_mask(expert_ids, valid, priority, 5, capacity=9)
     torch.testing.assert_close(got, reference_capacity_keep(expert_ids, valid, priority, 5, 9))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_tokens=st.integers(1, 30),
+    num_slots=st.integers(1, 4),
+    num_experts=st.integers(1, 6),
+    capacity=st.integers(0, 12),
+    by_score=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_capacity_keep_mask_property(num_tokens, num_slots, num_experts, capacity, by_score, seed):
+    gen = torch.Generator().manual_seed(seed)
+    expert_ids = torch.randint(0, num_experts, (num_tokens, num_slots), generator=gen)
+    valid = torch.rand(num_tokens, num_slots, generator=gen) > 0.25
+    # Coarse priorities, so that ties (broken by position) actually occur.
+    priority = torch.randint(0, 3, (num_tokens, num_slots), generator=gen).float()
+    priority = priority if by_score else None
+    got = capacity_keep_mask(expert_ids, valid, priority, num_experts, capacity)
+    expected = reference_capacity_keep(expert_ids, valid, priority, num_experts, capacity)
+    torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("policy", ["score", "position"])

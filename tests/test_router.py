@@ -403,6 +403,7 @@ def test_routing_shapes_for_every_gate():
         ({"tau": float("nan")}, "tau=nan"),
         ({"tau": float("inf")}, "tau=inf"),
         ({"tau_schedule": "warm"}, "tau_schedule"),
+        ({"tau_schedule": "learned", "gate": "topk"}, "tau_schedule='learned'"),
         ({"tau_final": 0.0}, "tau_final"),
         ({"anneal_steps": 0}, "anneal_steps"),
         ({"anneal_shape": "step"}, "anneal_shape"),
