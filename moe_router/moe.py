@@ -56,6 +56,8 @@ def grouped_mm_available(x: Tensor, w_EIO: Tensor) -> bool:
     """
     if _grouped_mm_op is None or x.dtype != w_EIO.dtype:
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return False  # the kernel's meta function (what torch.compile traces) demands bf16
     itemsize = x.element_size()
     if (x.shape[-1] * itemsize) % 16 or (w_EIO.shape[-1] * itemsize) % 16:
         return False
