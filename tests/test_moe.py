@@ -300,3 +300,14 @@ def test_sum_backward_through_the_grouped_kernel(gate):
     x = torch.randn(10, D, requires_grad=True)
     layer(x).sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(layer.w2_EFD.grad).all()
+
+
+def test_topk_layer_compiles_without_graph_breaks():
+    # Guards the "no host sync / no data-dependent Python" rule of the dispatch (capacity and
+    # padding included); soft gates add only the soft_topk op, which is tested on its own.
+    layer = make_layer("topk", capacity_factor=1.0)
+    x = torch.randn(4, 6, D)
+    padding = torch.zeros(4, 6, dtype=torch.bool)
+    padding[0, 3:] = True
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, padding_mask=padding), layer(x, padding_mask=padding))
