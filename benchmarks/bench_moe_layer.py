@@ -192,6 +192,13 @@ def markdown(results: dict) -> str:
             )
         targets = entry["targets"]
         lines += ["", "Targets: " + "; ".join(f"{k}: {v}" for k, v in targets.items()), ""]
+    lines += [
+        "`straight_through` does exactly the work of `soft_topk` (same soft top-k solve, same "
+        "dispatch), so the gap between those two rows is a measure of the timing noise. "
+        "`sparse_soft_topk` dispatches up to `max_active` = 2K experts per token (all of them "
+        "while the router is near-uniform at initialisation).",
+        "",
+    ]
     return "\n".join(lines)
 
 
