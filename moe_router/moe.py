@@ -343,7 +343,9 @@ class MoELayer(nn.Module):
         if capacity is not None:
             routing = self._apply_capacity(routing, capacity)
         # Static knowledge that every slot carries compute lets the dispatch skip its masks.
-        all_valid = padding_mask is None and capacity is None and config.gate != "sparse_soft_topk"
+        all_valid = (
+            padding_mask is None and capacity is None and config.router_config.all_slots_valid
+        )
         y_TD = self.experts(
             x_TD,
             routing.expert_ids_TK,
@@ -405,8 +407,10 @@ class MoELayer(nn.Module):
         xs_PD = x_TD.index_select(0, token_P)
         if valid_TK is not None:
             # Rows past the last slice are left uninitialised by the grouped kernel, in forward
-            # and in backward: the two `where`s (not multiplications, which would turn garbage
-            # into NaN) keep them out of the output and out of x's gradient.
+            # and in backward. Two `where`s (selects, not multiplications, which would turn
+            # garbage into NaN) fence them off: on the kernel's input, so that no garbage
+            # gradient reaches x, and on its output *before* the combine weights touch it, so
+            # that neither y nor the weights' gradient (sum of grad * output) sees garbage.
             in_slice_P1 = valid_TK.reshape(-1)[order_P].unsqueeze(-1)
             xs_PD = torch.where(in_slice_P1, xs_PD, 0)
         backend = self.config.backend
@@ -417,10 +421,10 @@ class MoELayer(nn.Module):
         ys_PD = grouped_matmul(h_PF, w2_EFD, offsets_E, backend)
 
         # Combine in fp32 (the weights are fp32) and cast once at the end.
-        weight_P1 = weights_TK.reshape(-1)[order_P].unsqueeze(-1)
-        ys_PD = ys_PD.float() * weight_P1
         if valid_TK is not None:
             ys_PD = torch.where(in_slice_P1, ys_PD, 0)
+        weight_P1 = weights_TK.reshape(-1)[order_P].unsqueeze(-1)
+        ys_PD = ys_PD.float() * weight_P1
         y_TD = torch.zeros(num_tokens, x_TD.shape[-1], device=x_TD.device)
         return y_TD.index_add_(0, token_P, ys_PD).to(x_TD.dtype)
 

@@ -193,6 +193,15 @@ class RouterConfig:
             f"an int in [1, num_groups={self.num_groups}] whose groups hold >= k={self.k} "
             f"experts ({experts_per_group} per group)",
         )
+        if self.gate in SOFT_GATES:
+            # Soft top-k needs more candidates than its budget (with exactly k, p is all ones
+            # and carries no gradient; the operator rejects such rows).
+            need(
+                self.topk_groups * experts_per_group > self.k,
+                "k",
+                f"smaller than the experts a token may use with a soft gate "
+                f"({self.topk_groups * experts_per_group} = topk_groups x experts per group)",
+            )
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             need(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, ">= 0")
         need(math.isfinite(self.init_std) and self.init_std > 0, "init_std", "> 0")
@@ -205,6 +214,14 @@ class RouterConfig:
         if self.gate == "sparse_soft_topk":
             return self.max_active
         return self.k
+
+    @property
+    def all_slots_valid(self) -> bool:
+        """Whether every slot carries an assignment (before padding and capacity): false for
+        ``sparse_soft_topk`` and for ``soft_topk_dense`` under group-limited routing."""
+        if self.gate == "sparse_soft_topk":
+            return False
+        return not (self.gate == "soft_topk_dense" and self.topk_groups < self.num_groups)
 
     @property
     def soft_method(self) -> str:
@@ -268,7 +285,8 @@ def select_experts(
         expert_ids_TK = torch.arange(config.num_experts, device=logits_TE.device)
         expert_ids_TK = expert_ids_TK.expand(logits_TE.shape[0], -1)
         weights_TK = p_TE
-        valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+        # Experts outside the token's groups (-inf) get no compute.
+        valid_TK = logits_TE > float("-inf")
     elif config.gate == "sparse_soft_topk":
         # Support = {p > 0}, a variable count per token: take a static number of slots
         # (max_active) by value and mark the slots beyond the count invalid. With a bias the

@@ -150,6 +150,19 @@ def test_sparse_gate_slots_without_compute_do_not_leak_garbage():
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("gate", ["topk", "soft_topk_dense"])
+def test_group_limited_layer_matches_naive_loop(gate):
+    layer = make_layer(gate, num_groups=4, topk_groups=3)
+    x = torch.randn(12, D, requires_grad=True)
+    y, routing = layer(x, return_routing=True)
+    if gate == "soft_topk_dense":  # the masked group's expert carries no compute
+        assert routing.valid_TK.sum(-1).eq(3).all()
+    y_ref, _ = naive_moe(layer, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(gradients(layer, x, y), gradients(layer, x, y_ref), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_two_dim_input_and_from_config():
     cfg = MoEConfig(D, FF, E, K, gate="topk", shared_d_ff=4, router={"score_func": "sigmoid"})
     layer = MoELayer.from_config(cfg)

@@ -416,6 +416,8 @@ def test_routing_shapes_for_every_gate():
         ({"num_groups": 3}, "num_groups=3"),
         ({"num_groups": 4, "topk_groups": 5}, "topk_groups=5"),
         ({"num_groups": 8, "topk_groups": 1}, "topk_groups=1"),  # 1 expert/group < k=2
+        ({"k": 8, "num_experts": 8}, "k=8"),  # soft gate over exactly k experts
+        ({"num_groups": 4, "topk_groups": 1}, "k=2"),  # 2 usable experts for k=2, soft gate
         ({"aux_loss_coef": -0.1}, "aux_loss_coef"),
         ({"z_loss_coef": float("nan")}, "z_loss_coef"),
         ({"score_scale": 0.0}, "score_scale"),
@@ -428,6 +430,12 @@ def test_bad_config_raises(options, match):
         RouterConfig(**settings)
     with pytest.raises(ValueError, match=match):
         Router(settings.pop("d_model"), settings.pop("num_experts"), settings.pop("k"), **settings)
+
+
+def test_topk_may_use_every_expert():
+    # Only the soft gates need more candidates than k.
+    assert RouterConfig(d_model=4, num_experts=4, k=4, gate="topk").k == 4
+    assert RouterConfig(d_model=4, num_experts=8, k=2, gate="topk", num_groups=4, topk_groups=1)
 
 
 def test_bad_inputs_raise():
