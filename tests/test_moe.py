@@ -136,18 +136,54 @@ def test_padding_tokens_get_zero_output_and_gradient_without_shared_expert():
     assert routing.tokens_per_expert_E.sum().item() == (~padding).sum().item() * K
 
 
-def test_sparse_gate_slots_without_compute_do_not_leak_garbage():
-    # Many invalid slots sort behind every expert: the grouped kernel leaves those rows
-    # uninitialised, which must reach neither the output nor any gradient.
-    layer = make_layer("sparse_soft_topk", backend="grouped_mm", max_active=4, tau=0.05)
-    x = torch.randn(64, D, requires_grad=True)
-    for _ in range(3):
-        y, routing = layer(x, return_routing=True)
-        assert (~routing.valid_TK).sum() > 0
-        grads = gradients(layer, x, y)
-        assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
-        y_ref, _ = naive_moe(layer, x)
-        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+class _NaNTail(torch.autograd.Function):
+    """Identity on rows [0, end); NaN on the rows past it, in forward and in backward."""
+
+    @staticmethod
+    def forward(ctx, rows, end):
+        ctx.end = end
+        return torch.where(torch.arange(rows.shape[0]).unsqueeze(-1) < end, rows, torch.nan)
+
+    @staticmethod
+    def backward(ctx, grad):
+        tail = torch.arange(grad.shape[0]).unsqueeze(-1) >= ctx.end
+        return torch.where(tail, torch.nan, grad), None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("gate", "options"),
+    [
+        ("sparse_soft_topk", {"max_active": 4, "tau": 0.05}),
+        ("topk", {"capacity_factor": 0.5}),
+        ("soft_topk", {}),  # with padding below
+    ],
+)
+def test_rows_past_the_slices_never_leak(gate, options, backend, monkeypatch):
+    # The grouped kernel leaves rows past the last expert slice uninitialised, in forward and
+    # backward. Make them NaN on purpose (both ways) and check that nothing reaches y or any
+    # gradient, and that the result still matches the naive loop.
+    import moe_router.moe as moe
+
+    real = moe.grouped_matmul
+
+    def nan_tail_matmul(x, w, offsets, backend="auto"):
+        end = int(offsets[-1])
+        return _NaNTail.apply(real(_NaNTail.apply(x, end), w, offsets, backend), end)
+
+    monkeypatch.setattr(moe, "grouped_matmul", nan_tail_matmul)
+    layer = make_layer(gate, backend=backend, **options)
+    x = torch.randn(4, 16, D, requires_grad=True)
+    padding = torch.zeros(4, 16, dtype=torch.bool)
+    padding[:, 12:] = True
+    y, routing = layer(x, padding_mask=padding, return_routing=True)
+    assert (~routing.valid_TK).any()
+    grads = gradients(layer, x, y)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+    y_ref, _ = naive_moe(layer, x, padding_mask=padding)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads, gradients(layer, x, y_ref), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("gate", ["topk", "soft_topk_dense"])
