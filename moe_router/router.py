@@ -152,6 +152,12 @@ class RouterConfig:
         )
         need(math.isfinite(self.tau) and self.tau > 0, "tau", "a finite float > 0")
         need(self.tau_schedule in TAU_SCHEDULES, "tau_schedule", f"one of {TAU_SCHEDULES}")
+        # A learned tau the topk gate never reads would be an unused parameter (DDP errors).
+        need(
+            self.tau_schedule != "learned" or self.gate in SOFT_GATES,
+            "tau_schedule",
+            f"'learned' needs a soft gate ({SOFT_GATES}), not gate={self.gate!r}",
+        )
         need(
             math.isfinite(self.tau_final) and self.tau_final > 0,
             "tau_final",
@@ -187,6 +193,15 @@ class RouterConfig:
             f"an int in [1, num_groups={self.num_groups}] whose groups hold >= k={self.k} "
             f"experts ({experts_per_group} per group)",
         )
+        if self.gate in SOFT_GATES:
+            # Soft top-k needs more candidates than its budget (with exactly k, p is all ones
+            # and carries no gradient; the operator rejects such rows).
+            need(
+                self.topk_groups * experts_per_group > self.k,
+                "k",
+                f"smaller than the experts a token may use with a soft gate "
+                f"({self.topk_groups * experts_per_group} = topk_groups x experts per group)",
+            )
         for name in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             need(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, ">= 0")
         need(math.isfinite(self.init_std) and self.init_std > 0, "init_std", "> 0")
@@ -199,6 +214,14 @@ class RouterConfig:
         if self.gate == "sparse_soft_topk":
             return self.max_active
         return self.k
+
+    @property
+    def all_slots_valid(self) -> bool:
+        """Whether every slot carries an assignment (before padding and capacity): false for
+        ``sparse_soft_topk`` and for ``soft_topk_dense`` under group-limited routing."""
+        if self.gate == "sparse_soft_topk":
+            return False
+        return not (self.gate == "soft_topk_dense" and self.topk_groups < self.num_groups)
 
     @property
     def soft_method(self) -> str:
@@ -243,7 +266,8 @@ def select_experts(
         else:
             scores_TE = logits_TE.sigmoid()
         selection_TE = scores_TE.detach() if bias_E is None else scores_TE.detach() + bias_E
-        selection_TE = selection_TE.masked_fill(logits_TE == float("-inf"), float("-inf"))
+        if config.topk_groups < config.num_groups:  # a bias must not revive a masked expert
+            selection_TE = selection_TE.masked_fill(logits_TE == float("-inf"), float("-inf"))
         expert_ids_TK = selection_TE.topk(k, dim=-1).indices
         valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
         if config.renormalize and config.score_func == "softmax":
@@ -261,7 +285,8 @@ def select_experts(
         expert_ids_TK = torch.arange(config.num_experts, device=logits_TE.device)
         expert_ids_TK = expert_ids_TK.expand(logits_TE.shape[0], -1)
         weights_TK = p_TE
-        valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+        # Experts outside the token's groups (-inf) get no compute.
+        valid_TK = logits_TE > float("-inf")
     elif config.gate == "sparse_soft_topk":
         # Support = {p > 0}, a variable count per token: take a static number of slots
         # (max_active) by value and mark the slots beyond the count invalid. With a bias the
@@ -276,7 +301,8 @@ def select_experts(
         weights_TK = p_TE.gather(-1, expert_ids_TK) * valid_TK
     else:  # soft_topk, straight_through: compute on the K largest p (+ bias)
         selection_TE = p_TE.detach() if bias_E is None else p_TE.detach() + bias_E
-        selection_TE = selection_TE.masked_fill(logits_TE == float("-inf"), float("-inf"))
+        if config.topk_groups < config.num_groups:  # a bias must not revive a masked expert
+            selection_TE = selection_TE.masked_fill(logits_TE == float("-inf"), float("-inf"))
         expert_ids_TK = selection_TE.topk(k, dim=-1).indices
         weights_TK = p_TE.gather(-1, expert_ids_TK)
         valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
@@ -405,14 +431,18 @@ class Router(nn.Module):
                 f"padding_mask must have shape {tuple(lead_shape)}, got {tuple(padding_mask.shape)}"
             )
         x_TD = hidden_states.reshape(-1, config.d_model).float()  # (T, D)
+        weight_ED = self.weight_ED.float()
+        logits_TE = F.linear(x_TD, weight_ED)
+        gate_logits_TE = logits_TE
         if self.training and config.jitter_eps > 0:
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(
+            # The gate sees the jittered input; the record (and the z-loss) keeps clean logits.
+            noise_TD = torch.empty_like(x_TD).uniform_(
                 1.0 - config.jitter_eps, 1.0 + config.jitter_eps
             )
-        logits_TE = F.linear(x_TD, self.weight_ED.float())
+            gate_logits_TE = F.linear(x_TD * noise_TD, weight_ED)
         bias_E = None if self.expert_bias is None else self.expert_bias.bias_E
         expert_ids_TK, weights_TK, scores_TE, valid_TK = select_experts(
-            self.group_mask(logits_TE), config, tau=self.tau, bias_E=bias_E
+            self.group_mask(gate_logits_TE), config, tau=self.tau, bias_E=bias_E
         )
 
         padding_mask_T = None
