@@ -32,18 +32,20 @@ safeguarded by a bracket [lo, hi] with F(lo) >= k >= F(hi) (bisection when a ste
 and the loop stops as soon as every row of the tile has converged.
 
 Initial brackets (shifted coordinates: max y = 0, M = number of entries that are not -inf,
-S0 = sum_i e^y_i, y_min the smallest finite y):
+S0 = sum_i e^y_i, y_min the smallest finite y, t the ceil(k)-th largest y):
 
-    exp      hi = log S0 - log k         (min(1, e^u) <= e^u)           lo = y_min        (F = M)
-    laplace  hi = log S0 - log 2k        (f(u) <= e^u / 2)              lo = y_min + log(2 (1 - k/M))
-    sigmoid  hi = log S0 - log k         (sigmoid(u) <= e^u)            lo = max(log((S0-k)/k) if S0 > k,
-                                                                                 y_min - logit(k/M))
-    sparse   hi = -k/M                   (F <= M clip(-hi, 0, 1))       lo = y_min - 1    (F = M)
+    exp      hi = log S0 - log k       (min(1, e^u) <= e^u)      lo = y_min   (all capped: F = M)
+    laplace  hi = log S0 - log 2k      (f(u) <= e^u / 2)         lo = y_min + log(2 (1 - k/M))
+    sparse   hi = t                    (< k entries above t)     lo = t - 1   (>= k capped)
+    sigmoid  [lambda_laplace - log 2, lambda_laplace + log 2], Newton from lambda_laplace
 
 The laplace lo: with U = -log(2 (1 - k/M)) every entry has u >= U; if U >= 0 then
-f(u) >= 1 - (1 - k/M) = k/M, else f(u) >= e^U / 2 = 1 / (4 (1 - k/M)) >= k/M. The first sigmoid lo:
-sigmoid(u_i) >= e^u_i / (1 + e^u_max), so F(lam) >= t S0 / (1 + t) with t = e^-lam, which equals k
-at t = k / (S0 - k). The second: all M entries have u >= logit(k/M).
+f(u) >= 1 - (1 - k/M) = k/M, else f(u) >= e^U / 2 = 1 / (4 (1 - k/M)) >= k/M. The sigmoid
+bracket: laplace(u - log 2) <= sigmoid(u) <= laplace(u + log 2) for every u (check each branch:
+1 - e^-u <= 1/(1 + e^-u); e^u / 4 <= e^u / (1 + e^u) for u < log 2; and the mirror images), so
+F_sigmoid(lambda_L - log 2) >= F_laplace(lambda_L) = k >= F_sigmoid(lambda_L + log 2). The sigmoid
+solve therefore runs the laplace solve first (its own budget) and then at most ITERS Newton
+steps; on a width-1.39 bracket Newton converges quadratically.
 
 Special rows: an entry that is -inf (or a column beyond N) gets p = 0 exactly and zero gradient;
 a row with at most k entries that are not -inf gets p = 1 on them (the documented fallback of the
