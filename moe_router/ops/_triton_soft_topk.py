@@ -59,8 +59,6 @@ raise. Kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -74,8 +72,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
     HAS_TRITON = False
 
-# Whether the kernels below were decorated under Triton's CPU interpreter (decided at import).
-INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 METHODS = ("sigmoid", "laplace", "exp", "sparse")
 _METHOD_CODE = {name: code for code, name in enumerate(METHODS)}
@@ -336,6 +332,10 @@ if HAS_TRITON:
             gtau = -tl.sum(u * gx, axis=1)
             gtau = tl.where(row_nan, float("nan"), gtau)
             tl.store(gtau_ptr + rows, gtau, mask=row_ok)
+
+
+# Whether the kernels were decorated under Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
+INTERPRETED = HAS_TRITON and type(_soft_topk_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def _launch_config(n: int) -> tuple[int, int, int]:
