@@ -256,6 +256,25 @@ def test_forward_flat_and_peaked_rows(method, scale):
 
 @needs_kernels
 @pytest.mark.parametrize("method", METHODS)
+def test_router_like_rows_converge_within_8_iterations(method, monkeypatch):
+    """The documented typical budget: 8 iterations per solve suffice for router-like rows."""
+    monkeypatch.setattr(kernels, "MAX_ITERS", 8)
+    for n, k in [(8, 2.0), (64, 1.0), (64, 8.0), (256, 8.0)]:
+        x, k_R, tau_R = make_rows(9, n, seed=n + int(k), scale=3.0, k=k)
+        check_forward(x, k_R, tau_R, method)
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", METHODS)
+def test_hard_rows_large_k_wide_spread(method):
+    """k close to N on widely spread rows, where 8 iterations are not enough for exp / laplace:
+    the cap and the bisection steps must still get there."""
+    x, k_R, tau_R = make_rows(6, 40, seed=17, scale=10.0, k=37.5)
+    check_forward(x, k_R, tau_R, method)
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_forward_half_precision_inputs(method, dtype):
     x, k_R, tau_R = make_rows(20, 24, seed=3, dtype=dtype, per_row_k=True)
