@@ -361,6 +361,18 @@ if HAS_TRITON:
 INTERPRETED = HAS_TRITON and type(_soft_topk_fwd_kernel).__name__ == "InterpretedFunction"
 
 
+def _traceable(kernel):
+    """The kernel as ``torch.library.triton_op`` / torch.compile want to see it launched.
+
+    ``wrap_triton`` returns the kernel itself outside tracing, so eager launches are unchanged;
+    the interpreter's kernels are not JITFunctions and are launched as they are.
+    """
+    wrap_triton = getattr(torch.library, "wrap_triton", None)
+    if wrap_triton is None or INTERPRETED:
+        return kernel
+    return wrap_triton(kernel)
+
+
 def _launch_config(n: int) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS, num_warps) for rows of n entries."""
     block_n = max(16, 1 << (n - 1).bit_length())
@@ -441,7 +453,7 @@ def triton_soft_topk_forward(
     if n_rows > 0 and n > 0:
         block_n, rows, num_warps = _launch_config(n)
         grid = (triton.cdiv(n_rows, rows),)
-        _soft_topk_fwd_kernel[grid](
+        _traceable(_soft_topk_fwd_kernel)[grid](
             scores_RN, k_R, tau_R, p_RN, threshold_R, n_rows, n, scores_RN.stride(0),
             METHOD=method_code, ROWS=rows, BLOCK_N=block_n, ITERS=MAX_ITERS,
             WRITE_LAM=return_threshold, num_warps=num_warps,
@@ -500,7 +512,7 @@ def triton_soft_topk_backward(
     if n_rows > 0 and n > 0:
         block_n, rows, num_warps = _launch_config(n)
         grid = (triton.cdiv(n_rows, rows),)
-        _soft_topk_bwd_kernel[grid](
+        _traceable(_soft_topk_bwd_kernel)[grid](
             p_RN, grad_RN, tau_R, grad_scores_RN,
             grad_k_R if need_k_grad else grad_scores_RN,
             grad_tau_R if need_tau_grad else grad_scores_RN,

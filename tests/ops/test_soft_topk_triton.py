@@ -562,3 +562,20 @@ def test_gpu_cuda_graph_capture():
     torch.cuda.synchronize()
     p_eager = kernels.triton_soft_topk_forward(x, k_R, tau_R, "sigmoid")
     assert torch.equal(p, p_eager)
+
+
+@pytest.mark.gpu
+def test_gpu_wrappers_trace_inside_triton_op_under_torch_compile():
+    """The wrappers launch through wrap_triton, so a triton_op around them compiles fullgraph."""
+    from torch.library import triton_op
+
+    @triton_op("moe_router_tests::triton_soft_topk_sigmoid", mutates_args=())
+    def soft_topk_sigmoid(x: torch.Tensor, k: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        return kernels.triton_soft_topk_forward(x, k, tau, "sigmoid")
+
+    x = torch.randn(1000, 64, device="cuda")
+    k_R = torch.full((1000,), 2.0, device="cuda")
+    tau_R = torch.ones(1000, device="cuda")
+    compiled = torch.compile(lambda x, k, tau: soft_topk_sigmoid(x, k, tau) * 2, fullgraph=True)
+    eager = kernels.triton_soft_topk_forward(x, k_R, tau_R, "sigmoid") * 2
+    torch.testing.assert_close(compiled(x, k_R, tau_R), eager)
