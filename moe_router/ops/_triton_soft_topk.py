@@ -46,6 +46,7 @@ S0 = sum_i e^y_i, y_min the smallest finite y, t the ceil(k)-th largest y):
     exp      hi = log S0 - log k       (min(1, e^u) <= e^u)      lo = y_min   (all capped: F = M)
     laplace  hi = log S0 - log 2k      (f(u) <= e^u / 2)         lo = y_min + log(2 (1 - k/M))
     sparse   hi = t                    (< k entries above t)     lo = t - 1   (>= k capped)
+             (t found by <= 8 max-reductions; for larger k, lo = y_min - 1)
     sigmoid  [lambda_laplace - log 2, lambda_laplace + log 2], Newton from lambda_laplace
 
 The laplace lo: with U = -log(2 (1 - k/M)) every entry has u >= U; if U >= 0 then
@@ -251,26 +252,32 @@ if HAS_TRITON:
         # Sanitised budget for rows that skip the solve, so their arithmetic stays finite.
         k_solve = tl.where(fallback | row_nan, 0.5, k)
         m_solve = tl.where(fallback | row_nan, 1.0, n_present)
-        s0 = tl.sum(tl.exp(tl.where(finite, y, float("-inf"))), axis=1)
-        s0 = tl.where(any_finite, s0, 1.0)
         active = row_ok & ~fallback & ~row_nan
         if METHOD == 3:
-            # Walk down the distinct values to t = the ceil(k)-th largest: fewer than k entries
-            # lie above t, so F(t) < k, and at least k lie at or above it, so F(t - 1) >= k.
-            # ceil(k) cheap max-reductions buy a bracket of width 1.
+            # Walk down the distinct values towards t = the ceil(k)-th largest: fewer than k
+            # entries lie above t, so F(t) < k, and at least k lie at or above it, so
+            # F(t - 1) >= k. Up to 8 cheap max-reductions buy a bracket of width 1; rows with
+            # a larger k keep the valid hi = t and take lo = y_min - 1 (everything capped).
             t = tl.zeros([ROWS], dtype=tl.float32)
             short = active & (tl.sum((y >= 0.0).to(tl.float32), axis=1) < k_solve)
             n_short = tl.sum(short.to(tl.int32), axis=0)
-            while n_short > 0:
+            walked = 0
+            while (n_short > 0) & (walked < 8):
                 t_next = tl.max(tl.where(y < t[:, None], y, float("-inf")), axis=1)
                 t = tl.where(short, t_next, t)
                 short = short & (tl.sum((y >= t[:, None]).to(tl.float32), axis=1) < k_solve)
                 n_short = tl.sum(short.to(tl.int32), axis=0)
-            lam = _solve(y, t, t - 1.0, t, k_solve, active, 3, ITERS)
+                walked += 1
+            lo = tl.where(short, tl.minimum(y_min - 1.0, t - 1.0), t - 1.0)
+            lam = _solve(y, t, lo, t, k_solve, active, 3, ITERS)
         elif METHOD == 2:
+            s0 = tl.sum(tl.exp(tl.where(finite, y, float("-inf"))), axis=1)
+            s0 = tl.where(any_finite, s0, 1.0)
             hi = tl.log(s0) - tl.log(k_solve)
             lam = _solve(y, hi, tl.minimum(y_min, hi), hi, k_solve, active, 2, ITERS)
         else:
+            s0 = tl.sum(tl.exp(tl.where(finite, y, float("-inf"))), axis=1)
+            s0 = tl.where(any_finite, s0, 1.0)
             hi = tl.log(s0) - tl.log(2.0 * k_solve)
             lo = tl.minimum(y_min + tl.log(2.0 * (1.0 - k_solve / m_solve)), hi)
             lam = _solve(y, hi, lo, hi, k_solve, active, 1, ITERS)
@@ -375,7 +382,7 @@ def _traceable(kernel):
 
 def _launch_config(n: int) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS, num_warps) for rows of n entries."""
-    block_n = max(16, 1 << (n - 1).bit_length())
+    block_n = max(8, 1 << (n - 1).bit_length())
     rows = max(1, min(_MAX_ROWS, _TILE_ELEMENTS // block_n))
     num_warps = 4 if rows * block_n <= 2048 else 8
     return block_n, rows, num_warps
