@@ -49,6 +49,8 @@ if not _CUDA and "triton" not in sys.modules:
         from moe_router.ops import _triton_soft_topk  # noqa: F401
 
 import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
@@ -326,6 +328,29 @@ def test_forward_row_stride():
     p_view = forward(x[:, :30], k_R, tau_R, "exp")
     p_copy = forward(x[:, :30].contiguous(), k_R, tau_R, "exp")
     assert torch.equal(p_view, p_copy)
+
+
+@needs_kernels
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(
+    method=st.sampled_from(METHODS),
+    n=st.integers(2, 40),
+    seed=st.integers(0, 2**16),
+    shift=st.floats(-50, 50),
+    scale=st.floats(0.05, 8.0),
+)
+def test_invariants(method, n, seed, shift, scale):
+    """p in [0, 1], sums to k, is monotone in x within a row and invariant to x + c."""
+    x, k_R, tau_R = make_rows(5, n, seed=seed, scale=scale, per_row_k=True)
+    k_R = torch.clamp(k_R, max=n - 0.5)
+    p = forward(x, k_R, tau_R, method)
+    p_shifted = forward(x + shift, k_R, tau_R, method)
+    assert ((p >= 0) & (p <= 1)).all()
+    assert ((p.double().sum(1) - k_R.double()).abs() <= 1e-5 * k_R.clamp(min=1)).all()
+    order = torch.argsort(x, dim=1)
+    assert (torch.diff(p.gather(1, order), dim=1) >= -1e-6).all()
+    # |x + shift| up to ~60 / tau: allow the fp32 rounding of the shifted scores.
+    torch.testing.assert_close(p_shifted, p, atol=2e-5 * (1 + abs(shift) / 10), rtol=0)
 
 
 # ----------------------------------------------------------------------------- backward
