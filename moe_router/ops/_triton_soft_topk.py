@@ -390,6 +390,27 @@ def _launch_config(n: int) -> tuple[int, int, int]:
     return block_n, rows, num_warps
 
 
+def is_supported(scores: Tensor, method: str) -> bool:
+    """Whether ``backend="auto"`` may send these scores to the Triton kernels.
+
+    Args:
+        scores: The scores in the layout the op will pass (entries along the last dim).
+        method: The soft top-k method.
+
+    Returns:
+        True for CUDA float16/bfloat16/float32 scores with 1..``MAX_N`` entries per row and a
+        threshold method, when Triton is importable; False otherwise (use the PyTorch path).
+    """
+    return (
+        HAS_TRITON
+        and method in _METHOD_CODE
+        and scores.is_cuda
+        and scores.dtype in _INPUT_DTYPES
+        and scores.dim() >= 1
+        and 0 < scores.shape[-1] <= MAX_N
+    )
+
+
 def _check_available(t: Tensor, name: str) -> None:
     if not HAS_TRITON:
         raise RuntimeError("the Triton soft top-k backend needs the `triton` package")

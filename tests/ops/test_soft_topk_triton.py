@@ -467,6 +467,17 @@ def test_compiled_kernels_refuse_cpu_tensors():
         kernels.triton_soft_topk_forward(torch.zeros(2, 4), torch.ones(2), torch.ones(2), "exp")
 
 
+def test_is_supported_only_for_cuda_threshold_methods():
+    cpu = torch.zeros(3, 8)
+    assert not kernels.is_supported(cpu, "sigmoid")  # CPU: the PyTorch path
+    if _CUDA:
+        assert kernels.is_supported(cpu.cuda(), "sigmoid")
+        assert kernels.is_supported(cpu.cuda().bfloat16(), "sparse")
+        assert not kernels.is_supported(cpu.cuda(), "iterative")
+        assert not kernels.is_supported(cpu.cuda().double(), "exp")
+        assert not kernels.is_supported(torch.zeros(2, 1025, device="cuda"), "exp")
+
+
 @needs_kernels
 def test_empty_input():
     p, lam = forward(torch.zeros(0, 5), torch.ones(0), torch.ones(0), "exp", True)
