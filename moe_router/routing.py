@@ -31,6 +31,14 @@ class Routing:
         tokens_per_expert_E: Number of (valid) assignments per expert in this batch, fp32.
         valid_TK: Which slots carry an assignment (False for padding slots of variable-count
             gates, for dropped assignments, and for masked padding tokens).
+        padding_mask_T: Bool, True for padding tokens (excluded from everything); None when
+            the router got no padding mask.
+        dropped_TK: Bool, True for assignments the router made but a capacity limit dropped
+            (``MoELayer`` with ``capacity_factor``); None when no capacity applies. Dropped
+            slots have ``valid_TK`` False and weight 0, but ``tokens_per_expert_E`` still
+            counts them: it is the load the router asked for, the quantity drop rate and
+            balance metrics are defined on.
+        capacity: Assignments each expert could take (None when dropless).
     """
 
     expert_ids_TK: Tensor
@@ -40,6 +48,9 @@ class Routing:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     tokens_per_expert_E: Tensor | None = None
     valid_TK: Tensor | None = None
+    padding_mask_T: Tensor | None = None
+    dropped_TK: Tensor | None = None
+    capacity: int | None = None
 
     def __post_init__(self) -> None:
         if self.valid_TK is None:
@@ -55,6 +66,13 @@ class Routing:
     def num_experts(self) -> int:
         """E, the number of experts routed over."""
         return self.scores_TE.shape[-1]
+
+    @property
+    def num_dropped(self) -> Tensor:
+        """Number of assignments dropped by the capacity limit (an int64 scalar tensor)."""
+        if self.dropped_TK is None:
+            return torch.zeros((), dtype=torch.long, device=self.expert_ids_TK.device)
+        return self.dropped_TK.sum()
 
     @property
     def aux_loss(self) -> Tensor:

@@ -1,0 +1,209 @@
+"""Load balancing: auxiliary losses (functional) and the auxiliary-loss-free expert bias.
+
+Shape legend: B sequences, S tokens per sequence, T tokens (= B*S), E experts, K selected slots.
+
+The losses take the routing decision as tensors, so any router (or a test) can call them:
+
+* ``load_balancing_loss`` — Switch / GShard ``E * sum_i f_i * P_i`` over a micro-batch, where
+  ``f_i`` is the fraction of assignments that went to expert i (no gradient: counts are
+  discrete) and ``P_i`` the mean routing probability of expert i (carries the gradient).
+  Perfectly balanced routing gives exactly 1.
+* ``sequence_load_balancing_loss`` — the same per sequence, averaged over sequences
+  (DeepSeek-V3's complementary sequence-wise loss).
+* ``router_z_loss`` — ST-MoE's ``mean_t logsumexp(logits_t)^2`` keeps logits small.
+
+``ExpertBias`` is DeepSeek-V3's auxiliary-loss-free balancing: a selection-only fp32 bias,
+``b += u * sign(mean_load - load)``, recentred to zero mean, updated after the optimizer step from
+loads summed over all data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "ExpertBias",
+    "load_balancing_loss",
+    "router_z_loss",
+    "sequence_load_balancing_loss",
+]
+
+
+def _check_routing_shapes(probs: Tensor, expert_ids: Tensor, valid: Tensor | None) -> None:
+    if probs.shape[:-1] != expert_ids.shape[:-1]:
+        raise ValueError(
+            f"probs and expert_ids must share leading dims, got {tuple(probs.shape)} and "
+            f"{tuple(expert_ids.shape)}"
+        )
+    if valid is not None and valid.shape != expert_ids.shape:
+        raise ValueError(
+            f"valid must have expert_ids' shape {tuple(expert_ids.shape)}, got {tuple(valid.shape)}"
+        )
+
+
+def sequence_load_balancing_loss(
+    probs_BSE: Tensor,
+    expert_ids_BSK: Tensor,
+    valid_BSK: Tensor | None = None,
+    token_mask_BS: Tensor | None = None,
+) -> Tensor:
+    """Switch/GShard balance loss computed per sequence and averaged over sequences.
+
+    For each sequence b: ``E * sum_i f_bi * P_bi`` with ``f_bi`` the fraction of the sequence's
+    valid assignments routed to expert i and ``P_bi`` the mean of ``probs`` over the sequence's
+    real tokens. Sequences without any real token are left out of the mean.
+
+    Args:
+        probs_BSE: Per-token routing distribution over experts; each row should sum to 1
+            (the router normalises its scores before calling this). Carries the gradient.
+        expert_ids_BSK: Selected expert per token and slot (int64).
+        valid_BSK: Which slots carry an assignment; all slots when None.
+        token_mask_BS: True for real tokens, False for padding; all real when None.
+
+    Returns:
+        A scalar fp32 tensor; 1.0 for perfectly balanced routing.
+
+    Raises:
+        ValueError: If the shapes do not line up.
+    """
+    _check_routing_shapes(probs_BSE, expert_ids_BSK, valid_BSK)
+    num_experts = probs_BSE.shape[-1]
+    probs_BSE = probs_BSE.float()
+    if valid_BSK is None:
+        valid_BSK = torch.ones_like(expert_ids_BSK, dtype=torch.bool)
+    if token_mask_BS is None:
+        token_mask_BS = torch.ones(probs_BSE.shape[:-1], dtype=torch.bool, device=probs_BSE.device)
+    # Padding tokens must not count anywhere, whatever their slots say.
+    valid_BSK = valid_BSK & token_mask_BS.unsqueeze(-1)
+    batch = probs_BSE.shape[0]
+
+    # f: assignment fractions (discrete, no gradient by construction).
+    counts_BE = torch.zeros(batch, num_experts, device=probs_BSE.device)
+    counts_BE.scatter_add_(1, expert_ids_BSK.flatten(1), valid_BSK.flatten(1).float())
+    fraction_BE = counts_BE / counts_BE.sum(-1, keepdim=True).clamp_min(1.0)
+
+    # P: mean routing probability over the real tokens of each sequence.
+    token_weight_BS = token_mask_BS.float()
+    num_tokens_B = token_weight_BS.sum(-1)
+    prob_sum_BE = torch.einsum("bse,bs->be", probs_BSE, token_weight_BS)
+    mean_prob_BE = prob_sum_BE / num_tokens_B.clamp_min(1.0).unsqueeze(-1)
+
+    loss_B = num_experts * (fraction_BE * mean_prob_BE).sum(-1)
+    has_tokens_B = (num_tokens_B > 0).float()
+    return (loss_B * has_tokens_B).sum() / has_tokens_B.sum().clamp_min(1.0)
+
+
+def load_balancing_loss(
+    probs_TE: Tensor,
+    expert_ids_TK: Tensor,
+    valid_TK: Tensor | None = None,
+    token_mask_T: Tensor | None = None,
+) -> Tensor:
+    """Switch/GShard balance loss ``E * sum_i f_i * P_i`` over one micro-batch.
+
+    Args:
+        probs_TE: Per-token routing distribution over experts (rows sum to 1). Carries the
+            gradient.
+        expert_ids_TK: Selected expert per token and slot (int64).
+        valid_TK: Which slots carry an assignment; all slots when None.
+        token_mask_T: True for real tokens, False for padding; all real when None.
+
+    Returns:
+        A scalar fp32 tensor; 1.0 for perfectly balanced routing, E when every assignment and
+        all probability mass go to one expert.
+
+    Raises:
+        ValueError: If the shapes do not line up.
+    """
+    return sequence_load_balancing_loss(
+        probs_TE.unsqueeze(0),
+        expert_ids_TK.unsqueeze(0),
+        None if valid_TK is None else valid_TK.unsqueeze(0),
+        None if token_mask_T is None else token_mask_T.unsqueeze(0),
+    )
+
+
+def router_z_loss(logits_TE: Tensor, token_mask_T: Tensor | None = None) -> Tensor:
+    """ST-MoE router z-loss: mean over real tokens of ``logsumexp(logits)^2``.
+
+    Args:
+        logits_TE: Raw router logits.
+        token_mask_T: True for real tokens, False for padding; all real when None.
+
+    Returns:
+        A scalar fp32 tensor (0 when there is no real token).
+    """
+    log_z_T = torch.logsumexp(logits_TE.float(), dim=-1)
+    if token_mask_T is None:
+        return log_z_T.square().mean()
+    weight_T = token_mask_T.float()
+    return (log_z_T.square() * weight_T).sum() / weight_T.sum().clamp_min(1.0)
+
+
+class ExpertBias(nn.Module):
+    """DeepSeek-V3 auxiliary-loss-free balancing bias (selection-only, fp32).
+
+    The bias is added to the selection scores only, so it changes which experts a token goes
+    to but never the combine weights, and it gets no gradient. After each optimizer step the
+    training loop calls :meth:`update` with the step's loads; loads are summed over the
+    data-parallel ranks first, so every rank applies the same update and holds the same bias.
+
+    The buffer stays fp32 when the module is cast (``.to(torch.bfloat16)``, ``.half()``):
+    updates of size ``u`` ~ 1e-3 would be lost to bf16 rounding, and ranks must agree exactly.
+
+    Args:
+        num_experts: E.
+        update_rate: u, the step size of the sign update.
+
+    Raises:
+        ValueError: If ``num_experts`` < 1 or ``update_rate`` < 0.
+    """
+
+    def __init__(self, num_experts: int, update_rate: float = 1e-3) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not update_rate >= 0:
+            raise ValueError(f"update_rate must be >= 0, got {update_rate}")
+        self.num_experts = num_experts
+        self.update_rate = update_rate
+        self.register_buffer("bias_E", torch.zeros(num_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's signature
+        bias_E = self.bias_E
+        super()._apply(fn, recurse)
+        # Follow device moves but never a dtype cast (see the class docstring).
+        self.bias_E = bias_E.to(device=self.bias_E.device, dtype=torch.float32)
+        return self
+
+    def forward(self, scores_TE: Tensor) -> Tensor:
+        """Selection scores: ``scores + bias`` (fp32; the bias carries no gradient)."""
+        return scores_TE.float() + self.bias_E
+
+    @torch.no_grad()
+    def update(self, tokens_per_expert_E: Tensor) -> None:
+        """Apply ``b += u * sign(mean_load - load)`` and recentre b to zero mean.
+
+        Args:
+            tokens_per_expert_E: This rank's assignments per expert since the last update.
+                Summed over all ranks (``all_reduce``) when torch.distributed is initialised.
+
+        Raises:
+            ValueError: If the load does not have E entries.
+        """
+        if tokens_per_expert_E.shape != (self.num_experts,):
+            raise ValueError(
+                f"tokens_per_expert_E must have shape ({self.num_experts},), "
+                f"got {tuple(tokens_per_expert_E.shape)}"
+            )
+        load_E = tokens_per_expert_E.detach().to(device=self.bias_E.device, dtype=torch.float32)
+        load_E = load_E.clone()  # all_reduce is in place; never touch the caller's tensor
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load_E, op=dist.ReduceOp.SUM)
+        self.bias_E += self.update_rate * torch.sign(load_E.mean() - load_E)
+        self.bias_E -= self.bias_E.mean()
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, update_rate={self.update_rate}"

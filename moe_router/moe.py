@@ -1,0 +1,415 @@
+"""Dropless MoE layer: router, SwiGLU experts, sort-based dispatch and weighted combine.
+
+Shape legend: T tokens, D model dim, E experts, K selected slots per token, F expert hidden,
+P = T*K token-expert pairs (assignments).
+
+Dispatch (megablocks / torchtitan style, no token dropped unless a capacity is set):
+
+1. flatten the routing to P pairs and sort them by expert id (pairs that carry no compute —
+   invalid slots of a sparse gate, padding tokens, capacity drops — sort behind every expert);
+2. gather the token rows in that order, so each expert owns one contiguous slice;
+3. run the experts as grouped matmuls over the slices (``torch.nn.functional.grouped_mm`` /
+   ``torch._grouped_mm`` where torch supports the device and dtype, else one matmul per
+   expert over its slice);
+4. scale each row by its combine weight and scatter-add it back to its token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_router.router import Router, RouterConfig
+from moe_router.routing import Routing
+
+__all__ = [
+    "DROP_POLICIES",
+    "GROUPED_MM_BACKENDS",
+    "MoEConfig",
+    "MoELayer",
+    "SwiGLU",
+    "capacity_keep_mask",
+    "grouped_matmul",
+    "grouped_mm_available",
+]
+
+DROP_POLICIES = ("score", "position")
+GROUPED_MM_BACKENDS = ("auto", "grouped_mm", "loop")
+
+_grouped_mm_op = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_available(x: Tensor, w_EIO: Tensor) -> bool:
+    """Whether torch's grouped matmul kernel handles these operands.
+
+    CUDA kernels need bf16 on compute capability >= 8.0; the CPU kernel takes fp32 / bf16 /
+    fp16. Both need the row strides to be multiples of 16 bytes.
+
+    Args:
+        x: The ``[P, I]`` left operand.
+        w_EIO: The ``[E, I, O]`` expert weights.
+    """
+    if _grouped_mm_op is None or x.dtype != w_EIO.dtype:
+        return False
+    itemsize = x.element_size()
+    if (x.shape[-1] * itemsize) % 16 or (w_EIO.shape[-1] * itemsize) % 16:
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return False
+
+
+def grouped_matmul(x_PI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str = "auto") -> Tensor:
+    """``out[rows of expert e] = x[rows of expert e] @ w[e]`` for contiguous expert slices.
+
+    Rows ``offsets[e-1]:offsets[e]`` belong to expert e. Rows past ``offsets[-1]`` are
+    unspecified in the output (the kernel leaves them uninitialised): callers mask them.
+
+    Args:
+        x_PI: Rows sorted by expert.
+        w_EIO: One ``[I, O]`` matrix per expert.
+        offsets_E: int32 end offset of each expert's slice (inclusive cumsum of the counts).
+        backend: ``grouped_mm`` (torch's kernel), ``loop`` (one matmul per expert slice; the
+            CPU reference, and the fallback where the kernel does not apply) or ``auto``.
+
+    Returns:
+        ``[P, O]`` in x's dtype.
+
+    Raises:
+        ValueError: If ``backend`` is unknown, or ``grouped_mm`` is requested but unavailable.
+    """
+    if backend not in GROUPED_MM_BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid: one of {GROUPED_MM_BACKENDS}")
+    use_kernel = grouped_mm_available(x_PI, w_EIO)
+    if backend == "grouped_mm" and not use_kernel:
+        raise ValueError(
+            f"backend='grouped_mm' is unavailable for dtype={x_PI.dtype} on {x_PI.device} "
+            f"(I={x_PI.shape[-1]}, O={w_EIO.shape[-1]})"
+        )
+    if use_kernel and backend != "loop":
+        return _grouped_mm_op(x_PI, w_EIO, offs=offsets_E)
+    # One matmul per expert slice. Slice bounds must live on the host: free on CPU, one sync
+    # on an accelerator without a grouped kernel.
+    ends = offsets_E.tolist()
+    starts = [0, *ends[:-1]]
+    pieces = [
+        x_PI[start:end] @ w_EIO[e] for e, (start, end) in enumerate(zip(starts, ends, strict=True))
+    ]
+    tail = x_PI.new_zeros(x_PI.shape[0] - ends[-1], w_EIO.shape[-1])
+    return torch.cat([*pieces, tail])
+
+
+def capacity_keep_mask(
+    expert_ids_TK: Tensor,
+    valid_TK: Tensor,
+    priority_TK: Tensor | None,
+    num_experts: int,
+    capacity: int,
+) -> Tensor:
+    """Which assignments fit under a per-expert capacity.
+
+    Each expert keeps its ``capacity`` assignments of highest priority; ties (and
+    ``priority_TK=None``, the "by position" policy) go to the earlier token, then the earlier
+    slot. Fully vectorised: two stable sorts, no host sync.
+
+    Args:
+        expert_ids_TK: Selected experts.
+        valid_TK: Assignments that exist (invalid ones are never kept and take no room).
+        priority_TK: Higher is kept first (e.g. the gate score), or None for token order.
+        num_experts: E.
+        capacity: Assignments each expert can take.
+
+    Returns:
+        Bool ``[T, K]``: valid assignments that fit.
+    """
+    num_pairs = expert_ids_TK.numel()
+    key_P = torch.where(valid_TK, expert_ids_TK, num_experts).reshape(-1)
+    order_P = torch.arange(num_pairs, device=key_P.device)
+    if priority_TK is not None:
+        # Stable sorts: by priority (descending) first, then by expert keeps that order within
+        # each expert and breaks ties by position.
+        order_P = priority_TK.reshape(-1).argsort(descending=True, stable=True)
+    order_P = order_P[key_P[order_P].argsort(stable=True)]
+    key_sorted_P = key_P[order_P]
+    counts_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=key_P.device)
+    counts_E1.scatter_add_(0, key_P, torch.ones_like(key_P))
+    starts_E1 = counts_E1.cumsum(0) - counts_E1
+    rank_sorted_P = torch.arange(num_pairs, device=key_P.device) - starts_E1[key_sorted_P]
+    rank_P = torch.empty_like(rank_sorted_P).scatter_(0, order_P, rank_sorted_P)
+    return valid_TK & (rank_P.view_as(valid_TK) < capacity)
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU feed-forward ``(silu(x W1) * (x W3)) W2`` (the shared expert).
+
+    Args:
+        d_model: D.
+        d_ff: F.
+    """
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.w1_DF = nn.Parameter(torch.empty(d_model, d_ff))
+        self.w3_DF = nn.Parameter(torch.empty(d_model, d_ff))
+        self.w2_FD = nn.Parameter(torch.empty(d_ff, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform init with nn.Linear's bounds (1/sqrt(fan_in))."""
+        for weight in (self.w1_DF, self.w3_DF, self.w2_FD):
+            bound = 1.0 / math.sqrt(weight.shape[0])
+            nn.init.uniform_(weight, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., D] -> [..., D]``."""
+        return (F.silu(x @ self.w1_DF) * (x @ self.w3_DF)) @ self.w2_FD
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.w1_DF.shape[0]}, d_ff={self.w1_DF.shape[1]}"
+
+
+@dataclass
+class MoEConfig:
+    """Settings of a :class:`MoELayer`.
+
+    Attributes:
+        d_model: D.
+        d_ff: F, hidden width of each routed expert.
+        num_experts: E.
+        k: K.
+        gate: Router gate (see :mod:`moe_router.router`).
+        shared_d_ff: Hidden width of an always-on shared expert (DeepSeek); 0 = none.
+        capacity_factor: None = dropless; else each expert takes at most
+            ``ceil(capacity_factor * T * K / E)`` assignments per forward.
+        drop_policy: Which assignments a full expert drops: ``score`` (lowest gate score
+            first) or ``position`` (latest tokens first).
+        backend: Expert matmuls: ``auto`` (torch's grouped kernel where it applies),
+            ``grouped_mm`` or ``loop``.
+        router: Every other router setting; its d_model / num_experts / k / gate are
+            overwritten by the layer's.
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int
+    k: int
+    gate: str = "soft_topk"
+    # experts
+    shared_d_ff: int = 0
+    # dispatch
+    capacity_factor: float | None = None
+    drop_policy: str = "score"
+    backend: str = "auto"
+    router: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.d_ff, int) and self.d_ff >= 1):
+            raise ValueError(f"d_ff={self.d_ff!r} is invalid: an int >= 1")
+        if not (isinstance(self.shared_d_ff, int) and self.shared_d_ff >= 0):
+            raise ValueError(f"shared_d_ff={self.shared_d_ff!r} is invalid: an int >= 0")
+        if self.capacity_factor is not None and not (
+            math.isfinite(self.capacity_factor) and self.capacity_factor > 0
+        ):
+            raise ValueError(
+                f"capacity_factor={self.capacity_factor!r} is invalid: None or a float > 0"
+            )
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy={self.drop_policy!r} is invalid: one of {DROP_POLICIES}")
+        if self.backend not in GROUPED_MM_BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is invalid: one of {GROUPED_MM_BACKENDS}")
+        # Validates d_model, num_experts, k, gate and every router option.
+        self.router_config = RouterConfig(
+            **{**self.router, "d_model": self.d_model, "num_experts": self.num_experts,
+               "k": self.k, "gate": self.gate}
+        )  # fmt: skip
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Per-expert capacity for a batch of ``num_tokens`` tokens (None when dropless)."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * self.k / self.num_experts)
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts feed-forward layer: router + SwiGLU experts + dropless dispatch.
+
+    Args:
+        d_model: D.
+        d_ff: F, hidden width of each routed expert.
+        num_experts: E.
+        k: K.
+        gate: Router gate (``topk``, ``soft_topk``, ``soft_topk_dense``, ``sparse_soft_topk``,
+            ``straight_through``).
+        shared_d_ff: Hidden width of an always-on shared expert; 0 = none.
+        capacity_factor: None = dropless, else the per-expert capacity factor.
+        drop_policy: ``score`` or ``position`` (see :class:`MoEConfig`).
+        backend: ``auto``, ``grouped_mm`` or ``loop`` (see :func:`grouped_matmul`).
+        **router_options: Any other :class:`~moe_router.router.RouterConfig` field (``tau``,
+            ``renormalize``, ``aux_loss_coef``, ``expert_bias``, ...).
+
+    Raises:
+        ValueError: On an invalid setting.
+
+    Attributes:
+        router: The :class:`~moe_router.router.Router`.
+        w1_EDF, w3_EDF, w2_EFD: Routed expert weights (gate, up, down projections).
+        shared_expert: The shared :class:`SwiGLU` or None.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        k: int,
+        *,
+        gate: str = "soft_topk",
+        shared_d_ff: int = 0,
+        capacity_factor: float | None = None,
+        drop_policy: str = "score",
+        backend: str = "auto",
+        **router_options: Any,
+    ) -> None:
+        super().__init__()
+        self.config = config = MoEConfig(
+            d_model,
+            d_ff,
+            num_experts,
+            k,
+            gate=gate,
+            shared_d_ff=shared_d_ff,
+            capacity_factor=capacity_factor,
+            drop_policy=drop_policy,
+            backend=backend,
+            router=router_options,
+        )
+        self.router = Router.from_config(config.router_config)
+        self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.shared_expert = SwiGLU(d_model, shared_d_ff) if shared_d_ff > 0 else None
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: MoEConfig) -> MoELayer:
+        """Build a layer from a :class:`MoEConfig`."""
+        fields = asdict(replace(config))
+        router_options = fields.pop("router")
+        return cls(
+            fields.pop("d_model"),
+            fields.pop("d_ff"),
+            fields.pop("num_experts"),
+            fields.pop("k"),
+            **fields,
+            **router_options,
+        )
+
+    def reset_parameters(self) -> None:
+        """Expert weights: uniform with nn.Linear's bounds per expert (1/sqrt(fan_in))."""
+        for weight in (self.w1_EDF, self.w3_EDF, self.w2_EFD):
+            bound = 1.0 / math.sqrt(weight.shape[1])
+            nn.init.uniform_(weight, -bound, bound)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        padding_mask: Tensor | None = None,
+        return_routing: bool = False,
+    ) -> Tensor | tuple[Tensor, Routing]:
+        """Route, run the experts and combine.
+
+        Args:
+            x: ``[..., D]`` hidden states in any float dtype.
+            padding_mask: Bool over the leading dims of x, True for padding tokens (they get
+                no expert; their output is the shared expert's alone, or zero).
+            return_routing: Also return the :class:`Routing` record (aux losses, loads, drops).
+
+        Returns:
+            y with x's shape and dtype, or ``(y, routing)``.
+        """
+        config = self.config
+        routing = self.router(x, padding_mask=padding_mask)
+        x_TD = x.reshape(-1, config.d_model)  # (T, D)
+        capacity = config.capacity(x_TD.shape[0])
+        if capacity is not None:
+            routing = self._apply_capacity(routing, capacity)
+        y_TD = self.experts(x_TD, routing.expert_ids_TK, routing.weights_TK, routing.valid_TK)
+        if self.shared_expert is not None:
+            y_TD = y_TD + self.shared_expert(x_TD)
+        y = y_TD.view_as(x)
+        return (y, routing) if return_routing else y
+
+    def _apply_capacity(self, routing: Routing, capacity: int) -> Routing:
+        config = self.config
+        priority_TK = None
+        if config.drop_policy == "score":
+            priority_TK = routing.scores_TE.detach().gather(-1, routing.expert_ids_TK)
+        keep_TK = capacity_keep_mask(
+            routing.expert_ids_TK, routing.valid_TK, priority_TK, config.num_experts, capacity
+        )
+        return replace(
+            routing,
+            weights_TK=routing.weights_TK * keep_TK,
+            valid_TK=keep_TK,
+            dropped_TK=routing.valid_TK & ~keep_TK,
+            capacity=capacity,
+        )
+
+    def experts(
+        self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, valid_TK: Tensor
+    ) -> Tensor:
+        """Dropless dispatch of the routed experts (the layer minus router and shared expert).
+
+        Args:
+            x_TD: Token rows.
+            expert_ids_TK: Selected experts.
+            weights_TK: fp32 combine weights.
+            valid_TK: Slots that carry compute; the others cost no matmul.
+
+        Returns:
+            ``sum_k weights[t, k] * expert_{ids[t, k]}(x[t])`` for valid slots, in x's dtype.
+        """
+        num_tokens, num_slots = expert_ids_TK.shape
+        num_experts = self.config.num_experts
+        # Pairs with no compute get key E, so they sort behind every expert's slice.
+        key_P = torch.where(valid_TK, expert_ids_TK, num_experts).reshape(-1)  # (T*K,)
+        order_P = key_P.argsort(stable=True)
+        token_P = order_P.div(num_slots, rounding_mode="floor")
+        counts_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=key_P.device)
+        counts_E1.scatter_add_(0, key_P, torch.ones_like(key_P))
+        offsets_E = counts_E1[:num_experts].cumsum(0).to(torch.int32)
+        in_slice_P1 = valid_TK.reshape(-1)[order_P].unsqueeze(-1)
+
+        # Rows past the last slice are left uninitialised by the grouped kernel, in forward
+        # and in backward: the two `where`s (not multiplications, which would turn garbage into
+        # NaN) keep them out of the output and out of x's gradient.
+        xs_PD = torch.where(in_slice_P1, x_TD[token_P], 0)
+        backend = self.config.backend
+        # `.to` is a no-op unless autocast-style mixed precision keeps fp32 master weights.
+        w1_EDF, w3_EDF, w2_EFD = (w.to(x_TD.dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
+        h_PF = F.silu(grouped_matmul(xs_PD, w1_EDF, offsets_E, backend))
+        h_PF = h_PF * grouped_matmul(xs_PD, w3_EDF, offsets_E, backend)
+        ys_PD = grouped_matmul(h_PF, w2_EFD, offsets_E, backend)
+
+        # Combine in fp32 (the weights are fp32) and cast once at the end.
+        weight_P1 = weights_TK.reshape(-1)[order_P].unsqueeze(-1)
+        ys_PD = torch.where(in_slice_P1, ys_PD.float() * weight_P1, 0)
+        y_TD = torch.zeros(num_tokens, x_TD.shape[-1], device=x_TD.device)
+        return y_TD.index_add_(0, token_P, ys_PD).to(x_TD.dtype)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        parts = [f"d_model={c.d_model}, d_ff={c.d_ff}, num_experts={c.num_experts}, k={c.k}"]
+        if c.shared_d_ff:
+            parts.append(f"shared_d_ff={c.shared_d_ff}")
+        if c.capacity_factor is not None:
+            parts.append(f"capacity_factor={c.capacity_factor}, drop_policy={c.drop_policy!r}")
+        return ", ".join(parts)
