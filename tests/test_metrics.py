@@ -1,0 +1,564 @@
+"""Load-balance metrics against hand computations and a slow per-token reference."""
+
+from __future__ import annotations
+
+import math
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moe_router.metrics import (
+    ActiveExpertsPerToken,
+    DeadExpertFraction,
+    DropRate,
+    EffectiveExperts,
+    LoadBalanceMetrics,
+    LoadCV,
+    LoadEntropy,
+    MaxViolation,
+    RouterEntropy,
+    SoftMassOutside,
+    TokensPerExpert,
+    capacity_drops,
+    dead_expert_fraction,
+    effective_experts,
+    load_cv,
+    load_entropy,
+    max_violation,
+    scalar_metrics,
+)
+from moe_router.routing import Routing
+
+# ---------------------------------------------------------------------------------------------
+# Data: a hand-sized routing and random ones.
+# ---------------------------------------------------------------------------------------------
+
+
+def hand_routing() -> Routing:
+    """E = 4, K = 2, T = 3; every number below is worked out by hand in test_hand_computed."""
+    expert_ids_TK = torch.tensor([[0, 1], [0, 2], [0, 1]])
+    weights_TK = torch.tensor([[0.6, 0.4], [0.5, 0.5], [1.0, 0.0]])
+    scores_TE = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.4, 0.1, 0.4, 0.1], [0.9, 0.1, 0.0, 0.0]])
+    return Routing(expert_ids_TK, weights_TK, scores_TE, scores_TE.clamp_min(1e-9).log())
+
+
+def random_routing(
+    num_tokens: int,
+    num_experts: int,
+    k: int,
+    *,
+    seed: int,
+    padding_fraction: float = 0.0,
+    sparse: bool = False,
+    skew: float = 1.0,
+) -> Routing:
+    """A top-k routing over skewed softmax scores.
+
+    Padding tokens get all slots invalid and NaN scores (what a masked row may hold); a sparse
+    gate invalidates random slots and zeroes random weights.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    logits_TE = torch.randn(num_tokens, num_experts, generator=generator) * skew
+    logits_TE = logits_TE + torch.linspace(0, skew, num_experts)  # a load imbalance to measure
+    scores_TE = logits_TE.softmax(-1)
+    weights_TK, expert_ids_TK = scores_TE.topk(k, dim=-1)
+    valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+    if sparse:
+        valid_TK &= torch.rand(num_tokens, k, generator=generator) > 0.3
+        weights_TK = torch.where(
+            torch.rand(num_tokens, k, generator=generator) > 0.2, weights_TK, 0.0
+        )
+        weights_TK = torch.where(valid_TK, weights_TK, 0.0)
+    padding_T = torch.rand(num_tokens, generator=generator) < padding_fraction
+    valid_TK &= ~padding_T[:, None]
+    weights_TK = torch.where(valid_TK, weights_TK, 0.0)
+    scores_TE = torch.where(padding_T[:, None], float("nan"), scores_TE)
+    return Routing(expert_ids_TK, weights_TK, scores_TE, logits_TE, valid_TK=valid_TK)
+
+
+def concat(routings: list[Routing]) -> Routing:
+    return Routing(
+        torch.cat([r.expert_ids_TK for r in routings]),
+        torch.cat([r.weights_TK for r in routings]),
+        torch.cat([r.scores_TE for r in routings]),
+        torch.cat([r.logits_TE for r in routings]),
+        valid_TK=torch.cat([r.valid_TK for r in routings]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The slow, obvious reference: Python loops over tokens and slots.
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_metrics(
+    routings: list[Routing], num_experts: int, capacity_factor: float | None = None
+) -> dict[str, object]:
+    total = [0] * num_experts
+    batch_max_vio = []
+    last = [0] * num_experts
+    tokens = entropy_sum = active_sum = outside_sum = 0.0
+    dropped = attempted = 0
+    for routing in routings:
+        ids = routing.expert_ids_TK.tolist()
+        weights = routing.weights_TK.tolist()
+        valid = routing.valid_TK.tolist()
+        scores = routing.scores_TE.tolist()
+        counts = [0] * num_experts
+        for t in range(len(ids)):
+            for k in range(len(ids[t])):
+                if valid[t][k]:
+                    counts[ids[t][k]] += 1
+        assigned = sum(counts)
+        if assigned > 0:
+            mean = assigned / num_experts
+            batch_max_vio.append((max(counts) - mean) / mean)
+        last = counts
+        total = [a + b for a, b in zip(total, counts, strict=True)]
+        if capacity_factor is not None:
+            capacity = math.ceil(capacity_factor * assigned / num_experts)
+            dropped += sum(max(0, c - capacity) for c in counts)
+            attempted += assigned
+        else:
+            attempted += assigned
+        for t in range(len(ids)):
+            if not any(valid[t]):
+                continue  # padding token
+            tokens += 1
+            row_total = sum(scores[t])
+            entropy = 0.0
+            for s in scores[t]:
+                p = s / row_total
+                if p > 0:
+                    entropy -= p * math.log(p)
+            entropy_sum += entropy / math.log(num_experts)
+            active_sum += sum(1 for k in range(len(ids[t])) if valid[t][k] and weights[t][k] > 0)
+            selected = {ids[t][k] for k in range(len(ids[t])) if valid[t][k]}
+            outside = sum(s for e, s in enumerate(scores[t]) if e not in selected)
+            outside_sum += outside / row_total
+
+    def maxvio(counts):
+        mean = sum(counts) / num_experts
+        return (max(counts) - mean) / mean if mean > 0 else 0.0
+
+    n = sum(total)
+    mean = n / num_experts
+    std = math.sqrt(sum((c - mean) ** 2 for c in total) / num_experts)
+    entropy = -sum(c / n * math.log(c / n) for c in total if c > 0)
+    return {
+        "tokens_per_expert": [float(c) for c in total],
+        "max_vio_batch_mean": sum(batch_max_vio) / len(batch_max_vio),
+        "max_vio_batch_last": maxvio(last),
+        "max_vio_global": maxvio(total),
+        "load_cv": std / mean,
+        "load_entropy": entropy,
+        "effective_experts": math.exp(entropy),
+        "dead_expert_fraction": sum(1 for c in total if c == 0) / num_experts,
+        "router_entropy": entropy_sum / tokens,
+        "drop_rate": dropped / attempted,
+        "active_experts_per_token": active_sum / tokens,
+        "soft_mass_outside": outside_sum / tokens,
+    }
+
+
+def assert_values_close(actual: dict, expected: dict, keys=None, **tolerance) -> None:
+    for key in keys if keys is not None else expected:
+        value = actual[key]
+        assert value.dtype == torch.float32, key
+        torch.testing.assert_close(
+            value, torch.tensor(expected[key], dtype=torch.float32), msg=key, **tolerance
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Values.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_hand_computed():
+    metric = LoadBalanceMetrics(num_experts=4, capacity_factor=1.0)
+    metric.update(hand_routing())
+    out = metric.compute()
+
+    # c = [3, 2, 1, 0], Σc = 6, c̄ = 1.5.
+    cv = math.sqrt((1.5**2 + 0.5**2 + 0.5**2 + 1.5**2) / 4) / 1.5
+    load_h = -(0.5 * math.log(0.5) + 1 / 3 * math.log(1 / 3) + 1 / 6 * math.log(1 / 6))
+
+    def h(*p):
+        return -sum(x * math.log(x) for x in p if x > 0) / math.log(4)
+
+    expected = {
+        "tokens_per_expert": [3.0, 2.0, 1.0, 0.0],
+        "max_vio_batch_mean": (3 - 1.5) / 1.5,
+        "max_vio_batch_last": 1.0,
+        "max_vio_global": 1.0,
+        "load_cv": cv,
+        "load_entropy": load_h,
+        "effective_experts": math.exp(load_h),
+        "dead_expert_fraction": 1 / 4,
+        # Each score row already sums to 1.
+        "router_entropy": (h(0.5, 0.3, 0.1, 0.1) + h(0.4, 0.1, 0.4, 0.1) + h(0.9, 0.1)) / 3,
+        # C = ceil(1.0 * 6 / 4) = 2: expert 0 drops 1 of its 3.
+        "drop_rate": 1 / 6,
+        # The third token's second slot is valid but has weight 0.
+        "active_experts_per_token": (2 + 2 + 1) / 3,
+        # Unselected mass: token 0 {2, 3} = 0.2, token 1 {1, 3} = 0.2, token 2 {2, 3} = 0.
+        "soft_mass_outside": (0.2 + 0.2 + 0.0) / 3,
+    }
+    assert set(out) == set(expected)
+    assert_values_close(out, expected)
+    assert out["tokens_per_expert"].shape == (4,)
+    assert cv == pytest.approx(0.7453559925, abs=1e-9)  # the hand value itself, sqrt(5/4)/1.5
+
+
+@pytest.mark.parametrize(
+    ("num_experts", "k", "padding_fraction", "sparse", "capacity_factor"),
+    [
+        (8, 2, 0.0, False, None),
+        (8, 2, 0.25, False, 1.0),
+        (16, 4, 0.1, True, 1.25),
+        (5, 1, 0.3, True, 2.0),
+    ],
+)
+def test_matches_reference(num_experts, k, padding_fraction, sparse, capacity_factor):
+    routings = [
+        random_routing(
+            37 + 11 * i,
+            num_experts,
+            k,
+            seed=i,
+            padding_fraction=padding_fraction,
+            sparse=sparse,
+            skew=1.0 + i,
+        )
+        for i in range(3)
+    ]
+    metric = LoadBalanceMetrics(num_experts, capacity_factor=capacity_factor)
+    for routing in routings:
+        metric.update(routing)
+    out = metric.compute()
+    assert_values_close(out, reference_metrics(routings, num_experts, capacity_factor))
+    assert not any(torch.isnan(v).any() for v in out.values())
+
+
+def test_padding_tokens_change_nothing():
+    routing = random_routing(40, 8, 2, seed=3, sparse=True)
+    padded = random_routing(30, 8, 2, seed=4, padding_fraction=1.0)  # all padding, NaN scores
+    with_padding, without = LoadBalanceMetrics(8, 1.0), LoadBalanceMetrics(8, 1.0)
+    with_padding.update(concat([padded, routing]))
+    without.update(routing)
+    for key, value in without.compute().items():
+        torch.testing.assert_close(with_padding.compute()[key], value, msg=key)
+
+
+def test_all_padding_batch_is_not_a_batch():
+    metric = LoadBalanceMetrics(4)
+    metric.update(hand_routing())
+    metric.update(random_routing(10, 4, 2, seed=0, padding_fraction=1.0))
+    out = metric.compute()
+    assert out["max_vio_batch_mean"] == pytest.approx(1.0)  # the padding batch is left out
+    # ...but it is the last batch, which had no load.
+    assert out["max_vio_batch_last"] == 0.0
+
+
+def test_empty_window_gives_defined_values():
+    metric = LoadBalanceMetrics(6, capacity_factor=1.0)
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        out = metric.compute()
+    expected = dict.fromkeys(LoadBalanceMetrics.SCALAR_KEYS, 0.0)
+    expected["dead_expert_fraction"] = 1.0
+    expected["tokens_per_expert"] = [0.0] * 6
+    assert_values_close(out, expected)
+    assert not math.copysign(1.0, out["load_entropy"].item()) < 0  # +0, not -0, in tables
+
+
+def test_accumulation_equals_concatenation():
+    routings = [random_routing(25 + i, 8, 2, seed=10 + i, padding_fraction=0.2) for i in range(4)]
+    accumulated, single = LoadBalanceMetrics(8), LoadBalanceMetrics(8)
+    for routing in routings:
+        accumulated.update(routing)
+    single.update(concat(routings))
+    many, one = accumulated.compute(), single.compute()
+    # Batch-level MaxVio is the only thing that depends on how the data was split.
+    for key in set(one) - {"max_vio_batch_mean", "max_vio_batch_last"}:
+        torch.testing.assert_close(many[key], one[key], msg=key)
+    per_batch = [max_violation(r.tokens_per_expert_E) for r in routings]
+    torch.testing.assert_close(many["max_vio_batch_mean"], torch.stack(per_batch).mean())
+    torch.testing.assert_close(many["max_vio_batch_last"], per_batch[-1])
+
+
+def test_capacity_drops_are_per_batch():
+    # Batch 1 overloads expert 0, batch 2 expert 1: together balanced, but each drops.
+    first = Routing(
+        torch.tensor([[0], [0], [0], [1]]),
+        torch.ones(4, 1),
+        torch.ones(4, 2) / 2,
+        torch.zeros(4, 2),
+    )
+    second = Routing(
+        torch.tensor([[1], [1], [1], [0]]),
+        torch.ones(4, 1),
+        torch.ones(4, 2) / 2,
+        torch.zeros(4, 2),
+    )
+    metric = DropRate(2, capacity_factor=1.0)  # C = ceil(4 / 2) = 2 per batch
+    metric.update(first)
+    metric.update(second)
+    assert metric.compute() == pytest.approx(2 / 8)
+
+
+def test_capacity_rounds_up():
+    counts_E = torch.tensor([5.0, 3.0, 1.0, 1.0])  # Σc = 10, E = 4
+    # C = ceil(1.25 * 10 / 4) = ceil(3.125) = 4 -> drops 1; C = ceil(1.0 * 10 / 4) = 3 -> drops 2.
+    assert capacity_drops(counts_E, 1.25).item() == 1
+    assert capacity_drops(counts_E, 1.0).item() == 2
+    # 1.2 * 10 / 4 is 3.0000000000000004 in floats; the metric rounds exactly as Python does.
+    assert capacity_drops(counts_E, 1.2).item() == 5 - math.ceil(1.2 * 10 / 4)
+
+
+def test_router_dropped_count():
+    routing = hand_routing()  # 6 valid assignments
+    metric = DropRate(4)
+    metric.update(routing)  # dropless: nothing dropped
+    assert metric.compute() == 0.0
+    metric.update(routing, num_dropped=torch.tensor(2))
+    # 2 dropped out of 6 + 6 + 2 attempted.
+    assert metric.compute() == pytest.approx(2 / 14)
+    routing.num_dropped = torch.tensor(3)  # a field the MoE layer may add to the record
+    metric.update(routing)
+    assert metric.compute() == pytest.approx(5 / 23)
+    # A capacity factor replaces the router's count by the simulated one.
+    simulated = DropRate(4, capacity_factor=1.0)
+    simulated.update(routing)
+    assert simulated.compute() == pytest.approx(1 / 6)
+
+
+def test_token_mask_overrides_default():
+    routing = hand_routing()
+    metric = ActiveExpertsPerToken(4)
+    metric.update(routing, token_mask_T=torch.tensor([True, False, True]))
+    assert metric.compute() == pytest.approx((2 + 1) / 2)
+    routing.token_mask_T = torch.tensor([False, True, False])
+    metric.reset()
+    metric.update(routing)
+    assert metric.compute() == pytest.approx(2.0)
+
+
+def test_individual_metrics_agree_with_collection():
+    routings = [
+        random_routing(33, 8, 2, seed=20 + i, sparse=True, padding_fraction=0.1) for i in range(3)
+    ]
+    collection = LoadBalanceMetrics(8, capacity_factor=1.1)
+    singles = {
+        "tokens_per_expert": TokensPerExpert(8),
+        "load_cv": LoadCV(8),
+        "load_entropy": LoadEntropy(8),
+        "effective_experts": EffectiveExperts(8),
+        "dead_expert_fraction": DeadExpertFraction(8),
+        "router_entropy": RouterEntropy(8),
+        "drop_rate": DropRate(8, capacity_factor=1.1),
+        "active_experts_per_token": ActiveExpertsPerToken(8),
+        "soft_mass_outside": SoftMassOutside(8),
+    }
+    max_vio = MaxViolation(8)
+    for routing in routings:
+        collection.update(routing)
+        max_vio.update(routing)
+        for metric in singles.values():
+            metric.update(routing)
+    out = collection.compute()
+    for key, metric in singles.items():
+        value = metric.compute()
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, out[key], msg=key)
+    vio = max_vio.compute()
+    torch.testing.assert_close(vio["batch_mean"], out["max_vio_batch_mean"])
+    torch.testing.assert_close(vio["batch_last"], out["max_vio_batch_last"])
+    torch.testing.assert_close(vio["global"], out["max_vio_global"])
+
+
+def test_forward_returns_batch_and_accumulates():
+    routings = [random_routing(20, 4, 2, seed=30 + i, skew=3.0) for i in range(3)]
+    metric, reference = LoadBalanceMetrics(4), LoadBalanceMetrics(4)
+    for routing in routings:
+        batch = metric(routing)
+        alone = LoadBalanceMetrics(4)
+        alone.update(routing)
+        for key, value in alone.compute().items():
+            torch.testing.assert_close(batch[key], value, msg=key)
+        reference.update(routing)
+    for key, value in reference.compute().items():
+        torch.testing.assert_close(metric.compute()[key], value, msg=key)
+    torch.testing.assert_close(metric.last_counts_E, routings[-1].tokens_per_expert_E.double())
+
+
+def test_reset():
+    metric = LoadBalanceMetrics(4)
+    metric.update(hand_routing())
+    metric.reset()
+    metric.update(random_routing(12, 4, 1, seed=5))
+    fresh = LoadBalanceMetrics(4)
+    fresh.update(random_routing(12, 4, 1, seed=5))
+    for key, value in fresh.compute().items():
+        torch.testing.assert_close(metric.compute()[key], value, msg=key)
+
+
+def test_functional_forms_batch_over_layers():
+    loads_LE = torch.tensor([[3, 2, 1, 0], [2, 2, 2, 2], [0, 0, 0, 0], [8, 0, 0, 0]])
+    # Rows by hand: MaxVio (3 - 1.5) / 1.5, 0, 0 (empty), (8 - 2) / 2.
+    torch.testing.assert_close(max_violation(loads_LE), torch.tensor([1.0, 0.0, 0.0, 3.0]))
+    torch.testing.assert_close(dead_expert_fraction(loads_LE), torch.tensor([0.25, 0.0, 1.0, 0.75]))
+    torch.testing.assert_close(effective_experts(loads_LE)[1:], torch.tensor([4.0, 0.0, 1.0]))
+    torch.testing.assert_close(load_entropy(loads_LE)[1], torch.tensor(math.log(4)))
+    # Population std of [8, 0, 0, 0] is sqrt((36 + 3 * 4) / 4) = sqrt(12); mean 2.
+    torch.testing.assert_close(load_cv(loads_LE)[3], torch.tensor(math.sqrt(12) / 2))
+    for row in range(4):
+        torch.testing.assert_close(max_violation(loads_LE)[row], max_violation(loads_LE[row]))
+
+
+def test_scalar_metrics_for_logging():
+    metric = LoadBalanceMetrics(4)
+    metric.update(hand_routing())
+    logged = scalar_metrics(metric.compute(), prefix="val/layer0/")
+    assert sorted(logged) == sorted("val/layer0/" + key for key in LoadBalanceMetrics.SCALAR_KEYS)
+    assert all(value.ndim == 0 for value in logged.values())
+    with pytest.raises(ValueError, match="lacks the load-balance keys"):
+        scalar_metrics({"load_cv": torch.tensor(0.0)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_experts", [0, -3, 2.0, True, "8"])
+def test_bad_num_experts(num_experts):
+    with pytest.raises(ValueError, match="num_experts must be an int >= 1"):
+        LoadBalanceMetrics(num_experts)
+
+
+@pytest.mark.parametrize("capacity_factor", [0, -1.0, float("nan"), float("inf"), True, "1.0"])
+def test_bad_capacity_factor(capacity_factor):
+    with pytest.raises(ValueError, match="capacity_factor must be a positive finite number"):
+        LoadBalanceMetrics(4, capacity_factor=capacity_factor)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        DropRate(4, capacity_factor=capacity_factor)
+
+
+def test_bad_routing():
+    metric = LoadBalanceMetrics(5)
+    with pytest.raises(ValueError, match=r"scores_TE must be \[T, E\] = \[3, 5\]"):
+        metric.update(hand_routing())  # E = 4
+    with pytest.raises(ValueError, match="must be a moe_router.routing.Routing"):
+        metric.update({"expert_ids_TK": torch.zeros(3, 2)})
+    routing = hand_routing()
+    routing.weights_TK = routing.weights_TK[:, :1]
+    with pytest.raises(ValueError, match="weights_TK must have the shape of expert_ids_TK"):
+        LoadBalanceMetrics(4).update(routing)
+    with pytest.raises(ValueError, match=r"token_mask_T must be \[T\] = \[3\]"):
+        LoadBalanceMetrics(4).update(hand_routing(), token_mask_T=torch.ones(4, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# No host syncs in update (CUDA only: the sync debug mode turns a sync into an error).
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_update_does_not_sync():
+    routing = random_routing(64, 8, 2, seed=0, padding_fraction=0.2, sparse=True)
+    device = torch.device("cuda")
+    routing = Routing(
+        routing.expert_ids_TK.to(device),
+        routing.weights_TK.to(device),
+        routing.scores_TE.to(device),
+        routing.logits_TE.to(device),
+        valid_TK=routing.valid_TK.to(device),
+    )
+    metric = LoadBalanceMetrics(8, capacity_factor=1.25).to(device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        metric.update(routing)
+        metric.update(routing, num_dropped=torch.tensor(3, device=device))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    reference = reference_metrics([routing, routing], 8, capacity_factor=1.25)
+    assert_values_close({k: v.cpu() for k, v in metric.compute().items()}, reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: sum states reduced over two gloo processes equal one process on all the data.
+# ---------------------------------------------------------------------------------------------
+
+WORLD_SIZE = 2
+DDP_EXPERTS = 6
+
+
+def ddp_batches(rank: int) -> list[Routing]:
+    return [
+        random_routing(
+            21 + 5 * rank + step,
+            DDP_EXPERTS,
+            2,
+            seed=100 * rank + step,
+            padding_fraction=0.2,
+            skew=2.0,
+        )
+        for step in range(3)
+    ]
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        metric = LoadBalanceMetrics(DDP_EXPERTS, capacity_factor=1.2)
+        max_vio = MaxViolation(DDP_EXPERTS)
+        for routing in ddp_batches(rank):
+            metric(routing)  # forward, as in a training step
+            max_vio.update(routing)
+        torch.save(
+            {"all": metric.compute(), "max_vio": max_vio.compute()}, f"{out_dir}/rank{rank}.pt"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_ddp_reduction_equals_single_process(tmp_path):
+    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+    batches = [ddp_batches(rank) for rank in range(WORLD_SIZE)]
+    single = LoadBalanceMetrics(DDP_EXPERTS, capacity_factor=1.2)
+    for routing in batches[0] + batches[1]:  # every micro-batch, one process
+        single.update(routing)
+    expected = single.compute()
+    # The last step's batch is the union of every rank's last micro-batch.
+    last_step_E = sum(rank_batches[-1].tokens_per_expert_E for rank_batches in batches)
+    expected["max_vio_batch_last"] = max_violation(last_step_E)
+    reference = reference_metrics(batches[0] + batches[1], DDP_EXPERTS, capacity_factor=1.2)
+    assert_values_close(expected, reference, keys=set(reference) - {"max_vio_batch_last"})
+
+    for result in results:
+        for key, value in expected.items():
+            torch.testing.assert_close(result["all"][key], value, msg=key)
+        torch.testing.assert_close(result["max_vio"]["global"], expected["max_vio_global"])
+        torch.testing.assert_close(result["max_vio"]["batch_mean"], expected["max_vio_batch_mean"])
+        torch.testing.assert_close(result["max_vio"]["batch_last"], expected["max_vio_batch_last"])
