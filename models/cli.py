@@ -14,7 +14,6 @@ from lightning.pytorch.cli import LightningCLI
 from models.data import ByteCorpusDataModule
 from models.lit_module import MoELanguageModel
 
-
 RICH_PROGRESS_BAR = "lightning.pytorch.callbacks.RichProgressBar"
 
 
@@ -43,9 +42,7 @@ class MoECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.seq_len", "model.model.max_seq_len")
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_seed_or_zero)
-        parser.link_arguments(
-            "data.vocab_size", "model.model.vocab_size", apply_on="instantiate"
-        )
+        parser.link_arguments("data.vocab_size", "model.model.vocab_size", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

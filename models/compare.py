@@ -230,10 +230,12 @@ def plot_report(results: list[ConfigResult], path: Path) -> Path:
         runs = [[p["loss"] for p in s["val_curve"]] for s in result.summaries]
         length = min(len(run) for run in runs)
         values = np.array([run[:length] for run in runs])
-        (line,) = curves_ax.plot(steps[:length], values.mean(0), marker="o", ms=3,
-                                 label=f"{result.name} ({result.gate})")
-        curves_ax.fill_between(steps[:length], values.min(0), values.max(0), alpha=0.2,
-                               color=line.get_color())
+        (line,) = curves_ax.plot(
+            steps[:length], values.mean(0), marker="o", ms=3, label=f"{result.name} ({result.gate})"
+        )
+        curves_ax.fill_between(
+            steps[:length], values.min(0), values.max(0), alpha=0.2, color=line.get_color()
+        )
     curves_ax.set_xlabel("optimizer step")
     curves_ax.set_ylabel("validation loss (nats / byte)")
     curves_ax.set_title("validation loss (mean, min-max over seeds)")
@@ -243,8 +245,10 @@ def plot_report(results: list[ConfigResult], path: Path) -> Path:
     relative = {}
     for result in shown:
         loads_SLE = np.array(
-            [[s["final_val"]["layers"][layer]["tokens_per_expert"] for layer in result.layers]
-             for s in result.summaries],
+            [
+                [s["final_val"]["layers"][layer]["tokens_per_expert"] for layer in result.layers]
+                for s in result.summaries
+            ],
             dtype=np.float64,
         )
         relative_SLE = loads_SLE / np.maximum(loads_SLE.mean(-1, keepdims=True), 1e-12)
@@ -254,16 +258,23 @@ def plot_report(results: list[ConfigResult], path: Path) -> Path:
     image = None
     for ax, result in zip(axes[1:], shown, strict=True):
         relative_LE = relative[result.name]
-        image = ax.imshow(relative_LE, cmap="RdBu_r", norm=norm, aspect="auto",
-                          interpolation="nearest")
+        image = ax.imshow(
+            relative_LE, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest"
+        )
         ax.set_title(f"{result.name}: load / mean load")
         ax.set_xlabel("expert")
         ax.set_yticks(range(len(result.layers)), result.layers)
         ax.set_xticks(range(relative_LE.shape[1]))
         for row in range(relative_LE.shape[0]):
             for expert in range(relative_LE.shape[1]):
-                ax.text(expert, row, f"{relative_LE[row, expert]:.2f}", ha="center",
-                        va="center", fontsize=6)
+                ax.text(
+                    expert,
+                    row,
+                    f"{relative_LE[row, expert]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                )
     if image is not None:
         figure.colorbar(image, ax=list(axes[1:]), shrink=0.9, label="1 = balanced")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -288,9 +299,7 @@ def write_report(
     md_path = out / "report.md"
     md_path.write_text(markdown)
     png_path = plot_report(results, out / "report.png")
-    (out / "report.json").write_text(
-        json.dumps({r.name: r.summaries for r in results}, indent=1)
-    )
+    (out / "report.json").write_text(json.dumps({r.name: r.summaries for r in results}, indent=1))
     return md_path, png_path
 
 
@@ -301,12 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run every config for every seed, then write report.md and report.png. "
         "Unknown arguments (e.g. --trainer.max_steps 100) are passed to every run.",
     )
-    parser.add_argument("--configs", nargs="+", required=True, type=Path,
-                        help="YAML configs to compare (the first is the baseline of the deltas)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        required=True,
+        type=Path,
+        help="YAML configs to compare (the first is the baseline of the deltas)",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per config")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
-    parser.add_argument("--report_only", action="store_true",
-                        help="only rebuild the report from the finished runs")
+    parser.add_argument(
+        "--report_only", action="store_true", help="only rebuild the report from the finished runs"
+    )
     return parser
 
 
@@ -334,8 +349,10 @@ def compare_main(argv: list[str]) -> None:
                 start = time.perf_counter()
                 print(f"[compare] {config.stem} seed {seed} -> {run_dir}", flush=True)
                 run_one(config, seed, run_dir, overrides)
-                print(f"[compare] {config.stem} seed {seed}: "
-                      f"{time.perf_counter() - start:.0f} s", flush=True)
+                print(
+                    f"[compare] {config.stem} seed {seed}: {time.perf_counter() - start:.0f} s",
+                    flush=True,
+                )
     notes = [f"overrides: {' '.join(overrides)}"] if overrides else []
     md_path, png_path = write_report(args.out, args.configs, seeds, notes)
     print(md_path.read_text(), flush=True)

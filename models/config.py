@@ -63,13 +63,22 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads",
-                     "moe_every", "num_experts", "k", "expert_d_ff", "init_std", "rope_base"):
+        for name in (
+            "vocab_size",
+            "max_seq_len",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "moe_every",
+            "num_experts",
+            "k",
+            "expert_d_ff",
+            "init_std",
+            "rope_base",
+        ):
             _require_positive(name, getattr(self, name))
         if self.d_model % self.n_heads != 0:
-            raise ValueError(
-                f"n_heads={self.n_heads} must divide d_model={self.d_model}"
-            )
+            raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
         if (self.d_model // self.n_heads) % 2 != 0:
             raise ValueError(
                 f"d_model / n_heads = {self.d_model // self.n_heads} must be even for rotary "

@@ -1,4 +1,4 @@
-"""Byte-level corpora on HF ``datasets``: the Python stdlib's own sources, local files, or a hub set.
+"""Byte-level corpora on HF ``datasets``: the stdlib's own sources, local files, or a hub set.
 
 Tokens are bytes (vocabulary 256), so there is no tokenizer to download. Documents are encoded
 as UTF-8, concatenated (a newline between two documents) and cut into fixed blocks of
@@ -393,8 +393,12 @@ class ByteCorpusDataModule(L.LightningDataModule):
             keep = torch.linspace(0, len(val_NL) - 1, self.max_val_blocks).round().long()
             val_NL = val_NL[keep]
         self.train_blocks_NL, self.val_blocks_NL = train_NL, val_NL
-        log.info("byte corpus: %d training blocks, %d validation blocks of %d bytes",
-                 len(train_NL), len(val_NL), self.block_len)
+        log.info(
+            "byte corpus: %d training blocks, %d validation blocks of %d bytes",
+            len(train_NL),
+            len(val_NL),
+            self.block_len,
+        )
 
     def _start_micro_batch(self) -> int:
         trainer = self.trainer

@@ -64,9 +64,7 @@ class MoELanguageModel(L.LightningModule):
         self.model_config = model
         self.optim_config = optim
         self.net = MoETransformer(model)
-        self.moe_layer_names = [
-            f"layer{i}" for i in range(model.n_layers) if model.is_moe_block(i)
-        ]
+        self.moe_layer_names = [f"layer{i}" for i in range(model.n_layers) if model.is_moe_block(i)]
         num_moe = len(self.moe_layer_names)
         self.train_balance = nn.ModuleList(
             LoadBalanceMetrics(model.num_experts) for _ in range(num_moe)
@@ -103,7 +101,7 @@ class MoELanguageModel(L.LightningModule):
         batch_size = blocks_BL.shape[0]
         aux_total = lm_loss.new_zeros(())
         logs: dict[str, Tensor] = {"train/lm_loss": lm_loss}
-        for index, (name, routing) in enumerate(zip(self.moe_layer_names, routings)):
+        for index, (name, routing) in enumerate(zip(self.moe_layer_names, routings, strict=False)):
             aux_total = aux_total + routing.aux_loss
             for aux_name, value in routing.aux_losses.items():
                 logs[f"train/{name}/aux_{aux_name}"] = value.detach()
@@ -115,8 +113,13 @@ class MoELanguageModel(L.LightningModule):
         logs["train/aux_loss"] = aux_total.detach()
         logs["train/loss"] = loss.detach()
         self.log_dict(logs, batch_size=batch_size)
-        self.log("train/lm_loss_bar", lm_loss.detach(), prog_bar=True, logger=False,
-                 batch_size=batch_size)
+        self.log(
+            "train/lm_loss_bar",
+            lm_loss.detach(),
+            prog_bar=True,
+            logger=False,
+            batch_size=batch_size,
+        )
         return loss
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
@@ -144,16 +147,15 @@ class MoELanguageModel(L.LightningModule):
         lm_loss, routings = self._loss(blocks_BL)
         batch_size = blocks_BL.shape[0]
         self.log("val/loss", lm_loss, batch_size=batch_size, prog_bar=True, sync_dist=True)
-        for index, (name, routing) in enumerate(zip(self.moe_layer_names, routings)):
+        for index, (name, routing) in enumerate(zip(self.moe_layer_names, routings, strict=False)):
             self.val_balance[index].update(routing)
             for aux_name, value in routing.aux_losses.items():
-                self.log(f"val/{name}/aux_{aux_name}", value, batch_size=batch_size,
-                         sync_dist=True)
+                self.log(f"val/{name}/aux_{aux_name}", value, batch_size=batch_size, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         """Logs each layer's metrics over the whole validation pass and keeps them."""
         layers: dict[str, dict[str, Any]] = {}
-        for name, metric in zip(self.moe_layer_names, self.val_balance):
+        for name, metric in zip(self.moe_layer_names, self.val_balance, strict=False):
             values = metric.compute()
             self.log_dict(scalar_metrics(values, prefix=f"val/{name}/"))
             layers[name] = {key: value.detach().cpu() for key, value in values.items()}

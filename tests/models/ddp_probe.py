@@ -15,6 +15,7 @@ class RouterStateProbe(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         out = Path(os.environ["MOE_PROBE_DIR"])
         out.mkdir(parents=True, exist_ok=True)
-        state = {name: value.detach().cpu().clone()
-                 for name, value in pl_module.state_dict().items()}
+        state = {
+            name: value.detach().cpu().clone() for name, value in pl_module.state_dict().items()
+        }
         torch.save(state, out / f"rank{trainer.global_rank}.pt")

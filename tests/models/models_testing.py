@@ -54,8 +54,11 @@ def tiny_config(
             "callbacks": [
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"save_last": True, "every_n_train_steps": checkpoint_every,
-                                  "save_top_k": -1},
+                    "init_args": {
+                        "save_last": True,
+                        "every_n_train_steps": checkpoint_every,
+                        "save_top_k": -1,
+                    },
                 }
             ],
         },

@@ -37,8 +37,16 @@ def test_stdlib_files_exclude_test_suites_and_are_sorted():
 
 
 def test_stdlib_filter_on_a_fake_tree(tmp_path):
-    for rel in ("a.py", "pkg/b.py", "test/t.py", "pkg/tests/t.py", "idlelib/idle_test/t.py",
-                "site-packages/x/y.py", "lib2to3/tests/data/z.py", "notes.txt"):
+    for rel in (
+        "a.py",
+        "pkg/b.py",
+        "test/t.py",
+        "pkg/tests/t.py",
+        "idlelib/idle_test/t.py",
+        "site-packages/x/y.py",
+        "lib2to3/tests/data/z.py",
+        "notes.txt",
+    ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x = 1\n")
     got = [p.relative_to(tmp_path).as_posix() for p in stdlib_source_files(tmp_path)]
@@ -50,8 +58,9 @@ def test_resolve_files_globs_dedup_and_errors(tmp_path):
     (tmp_path / "c" / "sub").mkdir()
     nested = tmp_path / "c" / "sub" / "more.txt"
     nested.write_text("hello\n")
-    got = resolve_files([str(tmp_path / "c" / "*.txt"), str(paths[0]),
-                         str(tmp_path / "c" / "**" / "more.txt")])
+    got = resolve_files(
+        [str(tmp_path / "c" / "*.txt"), str(paths[0]), str(tmp_path / "c" / "**" / "more.txt")]
+    )
     assert got == sorted([p.resolve() for p in paths] + [nested.resolve()])
     with pytest.raises(ValueError, match="matches no file"):
         resolve_files([str(tmp_path / "missing" / "*.txt")])
@@ -89,8 +98,10 @@ def test_block_stream_order_reference():
     stream = BlockStream(blocks, batch_size=4, seed=7)
     got = torch.cat([b[:, 0] for b in _stream_batches(stream, 6)])
     # Slow reference: concatenated per-epoch permutations.
-    orders = [torch.randperm(10, generator=torch.Generator().manual_seed(7 * 1_000_003 + e))
-              for e in range(3)]
+    orders = [
+        torch.randperm(10, generator=torch.Generator().manual_seed(7 * 1_000_003 + e))
+        for e in range(3)
+    ]
     assert torch.equal(got, torch.cat(orders)[:24])
     # Every epoch visits every block once.
     assert sorted(got[:10].tolist()) == list(range(10))
@@ -103,7 +114,7 @@ def test_block_stream_restart_resumes_the_same_sequence():
     for a, b in zip(full[5:], resumed, strict=True):
         assert torch.equal(a, b)
     other_seed = _stream_batches(BlockStream(blocks, batch_size=3, seed=2), 9)
-    assert not all(torch.equal(a, b) for a, b in zip(full, other_seed))
+    assert not all(torch.equal(a, b) for a, b in zip(full, other_seed, strict=False))
 
 
 def test_block_stream_ranks_partition_the_global_batch():
@@ -165,8 +176,13 @@ def test_datamodule_is_cached_and_offline(corpus_dir, tmp_path, monkeypatch):
 
 def test_datamodule_single_file_splits_its_tail(tmp_path):
     path = write_corpus(tmp_path / "one", num_files=1, lines_per_file=100)[0]
-    dm = ByteCorpusDataModule(files=[str(path)], seq_len=16, val_fraction=0.1,
-                              max_val_blocks=None, cache_dir=str(tmp_path / "hf"))
+    dm = ByteCorpusDataModule(
+        files=[str(path)],
+        seq_len=16,
+        val_fraction=0.1,
+        max_val_blocks=None,
+        cache_dir=str(tmp_path / "hf"),
+    )
     dm.setup("fit")
     blocks = _raw_blocks([path], 17)
     num_val = int(np.ceil(0.1 * len(blocks)))
@@ -194,8 +210,13 @@ def test_hub_loader_on_a_local_dataset_folder(tmp_path):
     (folder / "validation.jsonl").write_text(
         "".join(f'{{"content": "validation text {i} "}}\n' for i in range(10))
     )
-    dm = ByteCorpusDataModule(hub_dataset=str(folder), text_field="content", seq_len=8,
-                              max_val_blocks=None, cache_dir=str(tmp_path / "hf"))
+    dm = ByteCorpusDataModule(
+        hub_dataset=str(folder),
+        text_field="content",
+        seq_len=8,
+        max_val_blocks=None,
+        cache_dir=str(tmp_path / "hf"),
+    )
     dm.setup("fit")
     train_text = "\n".join(f"train document number {i} " for i in range(30))
     expected = to_blocks([train_text], 9)
@@ -207,12 +228,14 @@ def test_hub_loader_errors_name_the_setting(tmp_path):
     folder = tmp_path / "hub_like"
     folder.mkdir()
     (folder / "train.jsonl").write_text('{"content": "abc"}\n')
-    dm = ByteCorpusDataModule(hub_dataset=str(folder), text_field="text",
-                              cache_dir=str(tmp_path / "hf"))
+    dm = ByteCorpusDataModule(
+        hub_dataset=str(folder), text_field="text", cache_dir=str(tmp_path / "hf")
+    )
     with pytest.raises(ValueError, match="data.text_field='text'"):
         dm.setup("fit")
-    missing = ByteCorpusDataModule(hub_dataset=str(tmp_path / "nope"),
-                                   cache_dir=str(tmp_path / "hf"))
+    missing = ByteCorpusDataModule(
+        hub_dataset=str(tmp_path / "nope"), cache_dir=str(tmp_path / "hf")
+    )
     with pytest.raises(ValueError, match="data.hub_dataset="):
         missing.setup("fit")
 
@@ -238,7 +261,8 @@ def test_datamodule_empty_and_too_small_corpus(tmp_path):
     (tmp_path / "small").mkdir()
     for i in range(3):
         (tmp_path / "small" / f"{i}.txt").write_text("tiny")
-    dm = ByteCorpusDataModule(files=[str(tmp_path / "small" / "*.txt")], seq_len=64,
-                              cache_dir=str(tmp_path / "hf"))
+    dm = ByteCorpusDataModule(
+        files=[str(tmp_path / "small" / "*.txt")], seq_len=64, cache_dir=str(tmp_path / "hf")
+    )
     with pytest.raises(ValueError, match="no block of seq_len"):
         dm.setup("fit")

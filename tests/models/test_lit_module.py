@@ -38,27 +38,49 @@ def test_warmup_cosine_reference():
     assert values[4] == pytest.approx(1.0)
     assert values[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert values[14] == pytest.approx(0.1) and values[15] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+    assert all(a >= b for a, b in zip(values[4:], values[5:], strict=False))
 
 
 def _module(gate: str = "soft_topk", moe: dict | None = None) -> MoELanguageModel:
-    config = ModelConfig(d_model=16, n_layers=2, n_heads=2, num_experts=4, k=2,
-                         expert_d_ff=16, max_seq_len=16, gate=gate,
-                         moe=dict(STATEFUL_MOE if moe is None else moe))
+    config = ModelConfig(
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        num_experts=4,
+        k=2,
+        expert_d_ff=16,
+        max_seq_len=16,
+        gate=gate,
+        moe=dict(STATEFUL_MOE if moe is None else moe),
+    )
     return MoELanguageModel(config, OptimConfig(lr=0.01, warmup_steps=2))
 
 
 def _datamodule(corpus_dir: Path, tmp_path: Path) -> ByteCorpusDataModule:
-    return ByteCorpusDataModule(files=[str(corpus_dir / "*.txt")], seq_len=16, batch_size=4,
-                                max_val_blocks=8, cache_dir=str(tmp_path / "hf"))
+    return ByteCorpusDataModule(
+        files=[str(corpus_dir / "*.txt")],
+        seq_len=16,
+        batch_size=4,
+        max_val_blocks=8,
+        cache_dir=str(tmp_path / "hf"),
+    )
 
 
 def _trainer(root: Path, max_steps: int, callbacks=(), **kwargs) -> L.Trainer:
-    settings = {"accelerator": "cpu", "devices": 1, "max_steps": max_steps,
-                "val_check_interval": 3, "check_val_every_n_epoch": None,
-                "num_sanity_val_steps": 0, "logger": False, "enable_progress_bar": False,
-                "enable_model_summary": False, "default_root_dir": str(root),
-                "enable_checkpointing": False, **kwargs}
+    settings = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": max_steps,
+        "val_check_interval": 3,
+        "check_val_every_n_epoch": None,
+        "num_sanity_val_steps": 0,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(root),
+        "enable_checkpointing": False,
+        **kwargs,
+    }
     return L.Trainer(callbacks=list(callbacks), **settings)
 
 
@@ -116,12 +138,14 @@ class _StopAt(L.Callback):
 def _run(corpus_dir, tmp_path, root: Path, *, stop_at=None, ckpt_path=None):
     L.seed_everything(0)
     module = _module()
-    callbacks = [ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_last=True,
-                                 save_top_k=-1)]
+    callbacks = [
+        ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_last=True, save_top_k=-1)
+    ]
     if stop_at is not None:
         callbacks.append(_StopAt(stop_at))
-    trainer = _trainer(root, max_steps=6, callbacks=callbacks, enable_checkpointing=True,
-                       gradient_clip_val=1.0)
+    trainer = _trainer(
+        root, max_steps=6, callbacks=callbacks, enable_checkpointing=True, gradient_clip_val=1.0
+    )
     trainer.fit(module, datamodule=_datamodule(corpus_dir, tmp_path), ckpt_path=ckpt_path)
     return module, trainer
 
@@ -156,13 +180,30 @@ def test_ddp_ranks_keep_identical_router_state(corpus_dir, tmp_path):
     settings = yaml.safe_load(config.read_text())
     settings["trainer"]["callbacks"].append({"class_path": "ddp_probe.RouterStateProbe"})
     config.write_text(yaml.safe_dump(settings))
-    env = {**os.environ, "MOE_PROBE_DIR": str(tmp_path / "probe"),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(REPO),
-                                          os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "MOE_PROBE_DIR": str(tmp_path / "probe"),
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), str(REPO), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config),
-         "--trainer.strategy", "ddp", "--trainer.devices", "2"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.devices",
+            "2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rank0 = torch.load(tmp_path / "probe" / "rank0.pt")

@@ -20,8 +20,15 @@ from moe_router.moe import MoELayer
 
 
 def tiny(**overrides) -> ModelConfig:
-    settings = {"d_model": 16, "n_layers": 2, "n_heads": 2, "num_experts": 4, "k": 2,
-                "expert_d_ff": 8, "max_seq_len": 12}
+    settings = {
+        "d_model": 16,
+        "n_layers": 2,
+        "n_heads": 2,
+        "num_experts": 4,
+        "k": 2,
+        "expert_d_ff": 8,
+        "max_seq_len": 12,
+    }
     return ModelConfig(**{**settings, **overrides})
 
 
@@ -48,8 +55,12 @@ def test_unknown_gate_is_rejected_with_the_allowed_list():
 
 @pytest.mark.parametrize(
     ("overrides", "match"),
-    [({"lr": 0}, "lr=0"), ({"min_lr_ratio": 2.0}, "min_lr_ratio=2.0"),
-     ({"warmup_steps": -1}, "warmup_steps=-1"), ({"betas": (0.9, 1.0)}, "betas")],
+    [
+        ({"lr": 0}, "lr=0"),
+        ({"min_lr_ratio": 2.0}, "min_lr_ratio=2.0"),
+        ({"warmup_steps": -1}, "warmup_steps=-1"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+    ],
 )
 def test_optim_config_rejects_bad_values(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -142,8 +153,9 @@ def test_router_stays_fp32_under_bf16_autocast(gate):
     # guaranteed, but the logits must be what an fp32 linear of the router input gives.
     layer = net.moe_layers[0]
     captured = {}
-    layer.register_forward_pre_hook(lambda m, args, kwargs: captured.setdefault("x", args[0]),
-                                    with_kwargs=True)
+    layer.register_forward_pre_hook(
+        lambda m, args, kwargs: captured.setdefault("x", args[0]), with_kwargs=True
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, routings = net(tokens)
     x_TD = captured["x"].reshape(-1, 16).float()
