@@ -159,11 +159,13 @@ class RunSummary(L.Callback):
             "final_val": _to_builtin(pl_module.last_val),
         }
 
-    @rank_zero_only
     def _write(self, trainer, pl_module, *, finished: bool) -> None:
+        # `trainer.log_dir` broadcasts from rank 0 under DDP: every rank must ask for it.
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero:
+            return
         summary = self.summary(trainer, pl_module)
         summary["finished"] = finished and trainer.global_step >= trainer.max_steps
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
 
