@@ -2,8 +2,10 @@
 
 Shape legend: T tokens, E experts, K selected slots per token, L layers.
 
-Definitions (c_i = valid assignments to expert i over the window, c̄ = Σc / E, which is T·K/E
-when every slot is valid):
+Definitions (c_i = assignments the router made to expert i over the window: valid slots plus
+slots a capacity limit dropped (``Routing.dropped_TK``), i.e. the load the router asked for,
+which is also what ``Routing.tokens_per_expert_E`` counts; c̄ = Σc / E, which is T·K/E when
+every slot of every real token is assigned):
 
 - tokens per expert: c.
 - MaxVio = (max_i c_i − c̄) / c̄, per batch (mean over batches, and the last batch) and global
@@ -13,19 +15,19 @@ when every slot is valid):
 - dead-expert fraction = #{i : c_i = 0} / E over the window.
 - router entropy: per token, p = scores_TE renormalised to sum 1, −Σ p log p / log E (so a
   uniform router scores 1 and a one-hot router 0), averaged over tokens.
-- drop rate = dropped assignments / attempted assignments. With a ``capacity_factor`` it is
-  what a capacity C = ceil(factor · Σc / E) per batch would drop from the router's assignments,
-  Σ_i max(0, c_i − C) / Σc; without one it is the router's own ``num_dropped`` (0 for a
-  dropless router), over Σc + num_dropped.
+- drop rate = dropped assignments / Σc. With a ``capacity_factor`` the dropped assignments are
+  what a capacity C = ceil(factor · Σc / E) per expert and batch would drop,
+  Σ_i max(0, c_i − C) (a what-if for a dropless layer); without one they are the ones the layer
+  really dropped, Σ ``dropped_TK`` (0 for a dropless layer).
 - active experts per token: mean number of valid slots with weight > 0 (below K for sparse gates).
-- soft mass outside: per token, the share of Σ scores_TE on experts that got no valid slot
-  (non-zero only for soft gates), averaged over tokens.
+- soft mass outside: per token, the share of Σ scores_TE on experts that got no valid slot (that
+  is, no compute), averaged over tokens; non-zero only for soft gates and dropped slots.
 
 Empty input never gives NaN: with no assignments MaxVio, CV, load entropy and effective experts
 are 0 and the dead fraction is 1 (every expert idle); with no tokens the per-token means and
-the drop rate are 0. Padding is honoured everywhere: slots with ``valid_TK`` False count for no
-expert, and tokens with no valid slot (or masked out by ``token_mask_T``) are left out of the
-per-token means.
+the drop rate are 0. Padding is honoured everywhere: padding tokens (``Routing.padding_mask_T``;
+for a record without one, tokens with no valid or dropped slot) are left out of the per-token
+means, and slots that are neither valid nor dropped count for no expert.
 
 Every state is a float64 sum with ``dist_reduce_fx="sum"``, so under DDP ``compute()`` gives the
 values of the data of all ranks together. Float64 keeps counts exact (no fp32 rounding past
@@ -274,24 +276,22 @@ class _RoutingBatch:
     indexing, no data-dependent Python branches, so ``update`` never syncs with the host.
     """
 
-    def __init__(
-        self,
-        routing: Routing,
-        num_experts: int,
-        capacity_factor: float | None,
-        token_mask_T: Tensor | None,
-        num_dropped: Tensor | int | float | None,
-    ) -> None:
+    def __init__(self, routing: Routing, num_experts: int, capacity_factor: float | None) -> None:
         if not isinstance(routing, Routing):
             raise ValueError(f"routing must be a moe_router.routing.Routing, got {type(routing)}")
-        ids_TK, valid_TK, scores_TE = routing.expert_ids_TK, routing.valid_TK, routing.scores_TE
+        ids_TK, scores_TE = routing.expert_ids_TK, routing.scores_TE
         if ids_TK.ndim != 2:
             raise ValueError(
                 f"routing.expert_ids_TK must be [T, K], got shape {tuple(ids_TK.shape)}"
             )
         num_tokens = ids_TK.shape[0]
-        for name, tensor in (("weights_TK", routing.weights_TK), ("valid_TK", valid_TK)):
-            if tensor.shape != ids_TK.shape:
+        dropped_TK, padding_mask_T = routing.dropped_TK, routing.padding_mask_T
+        for name, tensor in (
+            ("weights_TK", routing.weights_TK),
+            ("valid_TK", routing.valid_TK),
+            ("dropped_TK", dropped_TK),
+        ):
+            if tensor is not None and tensor.shape != ids_TK.shape:
                 raise ValueError(
                     f"routing.{name} must have the shape of expert_ids_TK {tuple(ids_TK.shape)}, "
                     f"got {tuple(tensor.shape)}"
@@ -301,23 +301,23 @@ class _RoutingBatch:
                 f"routing.scores_TE must be [T, E] = [{num_tokens}, {num_experts}] for this metric "
                 f"(num_experts={num_experts}), got {tuple(scores_TE.shape)}"
             )
-        if token_mask_T is None:
-            token_mask_T = getattr(routing, "token_mask_T", None)
-        if token_mask_T is None:
-            # A padding token has no valid slot; so, rarely, does a token whose every slot was
-            # dropped — pass token_mask_T to count such tokens in the per-token means.
-            token_mask_T = valid_TK.any(-1)
-        elif token_mask_T.shape != (num_tokens,):
+        if padding_mask_T is not None and padding_mask_T.shape != (num_tokens,):
             raise ValueError(
-                f"token_mask_T must be [T] = [{num_tokens}], got {tuple(token_mask_T.shape)}"
+                f"routing.padding_mask_T must be [T] = [{num_tokens}], "
+                f"got {tuple(padding_mask_T.shape)}"
             )
-        if num_dropped is None:
-            num_dropped = getattr(routing, "num_dropped", None)
         self.routing = routing
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
-        self.token_mask_T = token_mask_T.bool()
-        self.router_num_dropped = num_dropped
+        self.valid_TK = routing.valid_TK.bool()
+        self.dropped_TK = (
+            torch.zeros_like(self.valid_TK) if dropped_TK is None else dropped_TK.bool()
+        )
+        self.requested_TK = self.valid_TK | self.dropped_TK
+        if padding_mask_T is not None:
+            self.token_mask_T = ~padding_mask_T.bool()
+        else:
+            self.token_mask_T = self.requested_TK.any(-1)
 
     def _token_sum(self, per_token_T: Tensor) -> Tensor:
         # where, not multiply: padding rows may hold NaN scores, and NaN * 0 is NaN.
@@ -329,7 +329,7 @@ class _RoutingBatch:
             self.num_experts, dtype=torch.float64, device=self.routing.expert_ids_TK.device
         )
         return counts_E.index_add_(
-            0, self.routing.expert_ids_TK.reshape(-1), self.routing.valid_TK.reshape(-1).double()
+            0, self.routing.expert_ids_TK.reshape(-1), self.requested_TK.reshape(-1).double()
         )
 
     @cached_property
@@ -372,18 +372,7 @@ class _RoutingBatch:
     def num_dropped(self) -> Tensor:
         if self.capacity_factor is not None:
             return capacity_drops(self.counts_E, self.capacity_factor)
-        if self.router_num_dropped is None:
-            return torch.zeros((), dtype=torch.float64, device=self.counts_E.device)
-        return torch.as_tensor(
-            self.router_num_dropped, dtype=torch.float64, device=self.counts_E.device
-        ).sum()
-
-    @cached_property
-    def num_attempted(self) -> Tensor:
-        if self.capacity_factor is not None:
-            return self.num_assigned
-        # The router's dropped assignments are already missing from valid_TK (and so from c).
-        return self.num_assigned + self.num_dropped
+        return self.dropped_TK.sum(dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,42 +401,29 @@ class _RoutingMetric(Metric):
     higher_is_better: ClassVar[bool | None] = None
     _state_names: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(
-        self, num_experts: int, *, capacity_factor: float | None = None, **kwargs: Any
-    ) -> None:
+    # Only the metrics with a drop rate take one; the others leave it None.
+    capacity_factor: float | None = None
+
+    def __init__(self, num_experts: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-        _check_capacity_factor(capacity_factor)
         self.num_experts = num_experts
-        self.capacity_factor = capacity_factor
         for name in self._state_names:
             self.add_state(name, default=_state_default(name, num_experts), dist_reduce_fx="sum")
 
-    def update(
-        self,
-        routing: Routing,
-        *,
-        token_mask_T: Tensor | None = None,
-        num_dropped: Tensor | int | float | None = None,
-    ) -> None:
+    def update(self, routing: Routing) -> None:
         """Accumulate one batch.
 
         Args:
-            routing: The router's record for the batch.
-            token_mask_T: Optional bool [T], the real (non-padding) tokens for the per-token
-                means; default ``routing.token_mask_T`` if the record has one, else tokens with
-                at least one valid slot.
-            num_dropped: Optional count of assignments the layer dropped (capacity); default
-                ``routing.num_dropped`` if the record has one. Ignored when the metric has a
-                ``capacity_factor``.
+            routing: The router's (or, with a capacity, the MoE layer's) record for the batch;
+                its ``padding_mask_T`` and ``dropped_TK`` are used when present.
 
         Raises:
-            ValueError: If the record's shapes do not fit each other or ``num_experts``.
+            ValueError: If ``routing`` is not a ``Routing`` or its shapes do not fit each other
+                or ``num_experts``.
         """
-        batch = _RoutingBatch(
-            routing, self.num_experts, self.capacity_factor, token_mask_T, num_dropped
-        )
+        batch = _RoutingBatch(routing, self.num_experts, self.capacity_factor)
         for name in self._state_names:
             increment = getattr(batch, name)
             if name == "last_counts_E":
@@ -476,7 +452,7 @@ class _RoutingMetric(Metric):
 
 
 class TokensPerExpert(_RoutingMetric):
-    """Valid assignments per expert summed over the window; ``compute()`` gives fp32 [E].
+    """Assignments per expert (valid + dropped) summed over the window; fp32 [E] from ``compute()``.
 
     Args:
         num_experts: E.
@@ -590,29 +566,31 @@ class RouterEntropy(_RoutingMetric):
 
 
 class DropRate(_RoutingMetric):
-    """Dropped / attempted assignments over the window; fp32 scalar.
+    """Dropped assignments over all assignments the router made in the window; fp32 scalar.
 
     Args:
         num_experts: E.
         capacity_factor: If set, count what a capacity C = ceil(capacity_factor · Σc / E) per
-            expert and batch would drop; if None, use the router's own ``num_dropped``
-            (0 when the record has none: a dropless layer drops nothing).
+            expert and batch would drop; if None, count the assignments the layer really
+            dropped (``Routing.dropped_TK``; none for a dropless layer).
         **kwargs: Passed to ``torchmetrics.Metric``.
 
     Raises:
         ValueError: If ``capacity_factor`` is not None or a positive finite number.
     """
 
-    _state_names = ("num_dropped", "num_attempted")
+    _state_names = ("num_dropped", "num_assigned")
 
     def __init__(
         self, num_experts: int, capacity_factor: float | None = None, **kwargs: Any
     ) -> None:
-        super().__init__(num_experts, capacity_factor=capacity_factor, **kwargs)
+        _check_capacity_factor(capacity_factor)
+        super().__init__(num_experts, **kwargs)
+        self.capacity_factor = capacity_factor
 
     def compute(self) -> Tensor:
         """Drop rate (0 with no assignment)."""
-        return _ratio(self.num_dropped, self.num_attempted)
+        return _ratio(self.num_dropped, self.num_assigned)
 
 
 class ActiveExpertsPerToken(_RoutingMetric):
@@ -690,13 +668,15 @@ class LoadBalanceMetrics(_RoutingMetric):
         "active_experts_sum",
         "soft_mass_outside_sum",
         "num_dropped",
-        "num_attempted",
+        "num_assigned",
     )
 
     def __init__(
         self, num_experts: int, capacity_factor: float | None = None, **kwargs: Any
     ) -> None:
-        super().__init__(num_experts, capacity_factor=capacity_factor, **kwargs)
+        _check_capacity_factor(capacity_factor)
+        super().__init__(num_experts, **kwargs)
+        self.capacity_factor = capacity_factor
 
     def compute(self) -> dict[str, Tensor]:
         """All metrics of the window, fp32."""
@@ -711,7 +691,7 @@ class LoadBalanceMetrics(_RoutingMetric):
             "effective_experts": effective_experts(counts_E),
             "dead_expert_fraction": dead_expert_fraction(counts_E),
             "router_entropy": _ratio(self.router_entropy_sum, self.num_tokens),
-            "drop_rate": _ratio(self.num_dropped, self.num_attempted),
+            "drop_rate": _ratio(self.num_dropped, self.num_assigned),
             "active_experts_per_token": _ratio(self.active_experts_sum, self.num_tokens),
             "soft_mass_outside": _ratio(self.soft_mass_outside_sum, self.num_tokens),
         }

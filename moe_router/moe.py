@@ -98,11 +98,12 @@ def grouped_matmul(x_PI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str 
     # One matmul per expert slice. Slice bounds must live on the host: free on CPU, one sync
     # on an accelerator without a grouped kernel.
     ends = offsets_E.tolist()
-    starts = [0, *ends[:-1]]
-    pieces = [
-        x_PI[start:end] @ w_EIO[e] for e, (start, end) in enumerate(zip(starts, ends, strict=True))
-    ]
-    tail = x_PI.new_zeros(x_PI.shape[0] - ends[-1], w_EIO.shape[-1])
+    sizes = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+    # split / unbind rather than slicing and indexing: their backward concatenates / stacks
+    # the pieces once instead of adding E zero-padded full-size gradients.
+    *x_slices, x_tail = x_PI.split([*sizes, x_PI.shape[0] - ends[-1]])
+    pieces = [x_NI @ w_IO for x_NI, w_IO in zip(x_slices, w_EIO.unbind(0), strict=True)]
+    tail = x_tail.new_zeros(x_tail.shape[0], w_EIO.shape[-1])
     return torch.cat([*pieces, tail])
 
 
@@ -225,10 +226,8 @@ class MoEConfig:
         if self.backend not in GROUPED_MM_BACKENDS:
             raise ValueError(f"backend={self.backend!r} is invalid: one of {GROUPED_MM_BACKENDS}")
         # Validates d_model, num_experts, k, gate and every router option.
-        self.router_config = RouterConfig(
-            **{**self.router, "d_model": self.d_model, "num_experts": self.num_experts,
-               "k": self.k, "gate": self.gate}
-        )  # fmt: skip
+        layer_fields = {"d_model": self.d_model, "num_experts": self.num_experts, "k": self.k}
+        self.router_config = RouterConfig(**{**self.router, **layer_fields, "gate": self.gate})
 
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity for a batch of ``num_tokens`` tokens (None when dropless)."""
@@ -341,7 +340,14 @@ class MoELayer(nn.Module):
         capacity = config.capacity(x_TD.shape[0])
         if capacity is not None:
             routing = self._apply_capacity(routing, capacity)
-        y_TD = self.experts(x_TD, routing.expert_ids_TK, routing.weights_TK, routing.valid_TK)
+        # Static knowledge that every slot carries compute lets the dispatch skip its masks.
+        all_valid = padding_mask is None and capacity is None and config.gate != "sparse_soft_topk"
+        y_TD = self.experts(
+            x_TD,
+            routing.expert_ids_TK,
+            routing.weights_TK,
+            None if all_valid else routing.valid_TK,
+        )
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
         y = y_TD.view_as(x)
@@ -364,7 +370,11 @@ class MoELayer(nn.Module):
         )
 
     def experts(
-        self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor, valid_TK: Tensor
+        self,
+        x_TD: Tensor,
+        expert_ids_TK: Tensor,
+        weights_TK: Tensor,
+        valid_TK: Tensor | None = None,
     ) -> Tensor:
         """Dropless dispatch of the routed experts (the layer minus router and shared expert).
 
@@ -372,26 +382,31 @@ class MoELayer(nn.Module):
             x_TD: Token rows.
             expert_ids_TK: Selected experts.
             weights_TK: fp32 combine weights.
-            valid_TK: Slots that carry compute; the others cost no matmul.
+            valid_TK: Slots that carry compute (the others cost no matmul); None when every
+                slot does, which skips the masking.
 
         Returns:
-            ``sum_k weights[t, k] * expert_{ids[t, k]}(x[t])`` for valid slots, in x's dtype.
+            ``sum_k weights[t, k] * expert_{ids[t, k]}(x[t])`` over valid slots, in x's dtype.
         """
         num_tokens, num_slots = expert_ids_TK.shape
         num_experts = self.config.num_experts
-        # Pairs with no compute get key E, so they sort behind every expert's slice.
-        key_P = torch.where(valid_TK, expert_ids_TK, num_experts).reshape(-1)  # (T*K,)
+        key_P = expert_ids_TK.reshape(-1)  # (T*K,)
+        if valid_TK is not None:
+            # Pairs with no compute get key E, so they sort behind every expert's slice.
+            key_P = torch.where(valid_TK.reshape(-1), key_P, num_experts)
         order_P = key_P.argsort(stable=True)
         token_P = order_P.div(num_slots, rounding_mode="floor")
         counts_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=key_P.device)
         counts_E1.scatter_add_(0, key_P, torch.ones_like(key_P))
         offsets_E = counts_E1[:num_experts].cumsum(0).to(torch.int32)
-        in_slice_P1 = valid_TK.reshape(-1)[order_P].unsqueeze(-1)
 
-        # Rows past the last slice are left uninitialised by the grouped kernel, in forward
-        # and in backward: the two `where`s (not multiplications, which would turn garbage into
-        # NaN) keep them out of the output and out of x's gradient.
-        xs_PD = torch.where(in_slice_P1, x_TD[token_P], 0)
+        xs_PD = x_TD.index_select(0, token_P)
+        if valid_TK is not None:
+            # Rows past the last slice are left uninitialised by the grouped kernel, in forward
+            # and in backward: the two `where`s (not multiplications, which would turn garbage
+            # into NaN) keep them out of the output and out of x's gradient.
+            in_slice_P1 = valid_TK.reshape(-1)[order_P].unsqueeze(-1)
+            xs_PD = torch.where(in_slice_P1, xs_PD, 0)
         backend = self.config.backend
         # `.to` is a no-op unless autocast-style mixed precision keeps fp32 master weights.
         w1_EDF, w3_EDF, w2_EFD = (w.to(x_TD.dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
@@ -401,7 +416,9 @@ class MoELayer(nn.Module):
 
         # Combine in fp32 (the weights are fp32) and cast once at the end.
         weight_P1 = weights_TK.reshape(-1)[order_P].unsqueeze(-1)
-        ys_PD = torch.where(in_slice_P1, ys_PD.float() * weight_P1, 0)
+        ys_PD = ys_PD.float() * weight_P1
+        if valid_TK is not None:
+            ys_PD = torch.where(in_slice_P1, ys_PD, 0)
         y_TD = torch.zeros(num_tokens, x_TD.shape[-1], device=x_TD.device)
         return y_TD.index_add_(0, token_P, ys_PD).to(x_TD.dtype)
 

@@ -108,6 +108,7 @@ def load_balance_table(
         metrics_by_layer: Row name -> a ``LoadBalanceMetrics`` (its ``compute()`` is called) or
             the dict it returned. Rows keep the mapping's order; a comparison driver can pass
             names such as ``"topk / layer0"`` and ``row_header="Gate / layer"``.
+            Under DDP pass the dicts (``compute()`` must run on every rank).
         row_header: Header of the first column.
         digits: Digits after the decimal point.
 
@@ -169,8 +170,10 @@ def plot_load_heatmaps(
     """One heatmap panel per entry (e.g. per gate), side by side with a shared colour scale.
 
     Each panel shows layers (rows) × experts (columns), every row divided by its mean load so
-    that perfect balance is 1. The colormap diverges around 1 (blue under-, red over-loaded,
-    white balanced) on one scale for all panels, so colours compare across panels.
+    that perfect balance is 1 (a layer with no load at all is drawn as 0). The colormap
+    diverges around 1 (blue under-, red over-loaded, white balanced) on one scale for all
+    panels, so colours compare across panels. Cells show their value while a panel has at most
+    256 of them.
 
     Args:
         loads_by_panel: Panel title -> load per layer and expert, [L, E] (counts or shares;
@@ -302,6 +305,10 @@ def write_load_balance_report(
 
     Returns:
         The paths written and the table.
+
+    Under DDP, ``compute()`` is a collective: call it on every rank and pass the resulting
+    dicts to this function on rank zero only (passing metric objects from rank zero alone
+    would hang).
 
     Raises:
         ValueError: As ``load_balance_table``; also if ``stem`` is empty or holds a path

@@ -152,6 +152,12 @@ class RouterConfig:
         )
         need(math.isfinite(self.tau) and self.tau > 0, "tau", "a finite float > 0")
         need(self.tau_schedule in TAU_SCHEDULES, "tau_schedule", f"one of {TAU_SCHEDULES}")
+        # A learned tau the topk gate never reads would be an unused parameter (DDP errors).
+        need(
+            self.tau_schedule != "learned" or self.gate in SOFT_GATES,
+            "tau_schedule",
+            f"'learned' needs a soft gate ({SOFT_GATES}), not gate={self.gate!r}",
+        )
         need(
             math.isfinite(self.tau_final) and self.tau_final > 0,
             "tau_final",
@@ -220,7 +226,7 @@ def annealed_tau(config: RouterConfig, step: Tensor) -> Tensor:
 def select_experts(
     logits_TE: Tensor,
     config: RouterConfig,
-    tau: float | Tensor = 1.0,
+    tau: float | Tensor | None = None,
     bias_E: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The gate itself, as a function of fp32 logits (group masking already applied).
@@ -228,23 +234,31 @@ def select_experts(
     Args:
         logits_TE: fp32 router logits; ``-inf`` marks experts a token may not use.
         config: Gate settings.
-        tau: Temperature of the soft gates (float or scalar tensor, possibly learned).
+        tau: Temperature of the soft gates (float or scalar tensor, possibly learned);
+            ``config.tau`` when None.
         bias_E: Selection-only expert bias (added to the scores used to pick experts).
 
     Returns:
         ``(expert_ids_TK, weights_TK, scores_TE, valid_TK)`` with K = ``config.slots``.
     """
     k = config.k
+    tau = config.tau if tau is None else tau
     if config.gate == "topk":
         if config.score_func == "softmax":
             scores_TE = logits_TE.softmax(-1)
         else:
             scores_TE = logits_TE.sigmoid()
         selection_TE = scores_TE.detach() if bias_E is None else scores_TE.detach() + bias_E
-        selection_TE = selection_TE.masked_fill(logits_TE == float("-inf"), float("-inf"))
+        if config.topk_groups < config.num_groups:  # a bias must not revive a masked expert
+            selection_TE = selection_TE.masked_fill(logits_TE == float("-inf"), float("-inf"))
         expert_ids_TK = selection_TE.topk(k, dim=-1).indices
-        weights_TK = scores_TE.gather(-1, expert_ids_TK)
         valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+        if config.renormalize and config.score_func == "softmax":
+            # Same value as renormalising the gathered softmax, but (Mixtral style) leaves the
+            # unselected logits out of the graph instead of giving them a rounding-error grad.
+            weights_TK = logits_TE.gather(-1, expert_ids_TK).softmax(-1)
+        else:
+            weights_TK = scores_TE.gather(-1, expert_ids_TK)
         if config.renormalize:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
         return expert_ids_TK, weights_TK * config.score_scale, scores_TE, valid_TK
@@ -269,13 +283,14 @@ def select_experts(
         weights_TK = p_TE.gather(-1, expert_ids_TK) * valid_TK
     else:  # soft_topk, straight_through: compute on the K largest p (+ bias)
         selection_TE = p_TE.detach() if bias_E is None else p_TE.detach() + bias_E
-        selection_TE = selection_TE.masked_fill(logits_TE == float("-inf"), float("-inf"))
+        if config.topk_groups < config.num_groups:  # a bias must not revive a masked expert
+            selection_TE = selection_TE.masked_fill(logits_TE == float("-inf"), float("-inf"))
         expert_ids_TK = selection_TE.topk(k, dim=-1).indices
         weights_TK = p_TE.gather(-1, expert_ids_TK)
         valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
         if config.gate == "straight_through":
             # Value 1 per selected expert, gradient of the soft p (p_hard + p - sg(p)).
-            weights_TK = 1.0 + weights_TK - weights_TK.detach()
+            weights_TK = (weights_TK - weights_TK.detach()) + 1.0
     if config.renormalize:
         # Plain differentiable ops, so autograd carries the off-diagonal -w w^T / s^2 term.
         weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
@@ -398,14 +413,18 @@ class Router(nn.Module):
                 f"padding_mask must have shape {tuple(lead_shape)}, got {tuple(padding_mask.shape)}"
             )
         x_TD = hidden_states.reshape(-1, config.d_model).float()  # (T, D)
+        weight_ED = self.weight_ED.float()
+        logits_TE = F.linear(x_TD, weight_ED)
+        gate_logits_TE = logits_TE
         if self.training and config.jitter_eps > 0:
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(
+            # The gate sees the jittered input; the record (and the z-loss) keeps clean logits.
+            noise_TD = torch.empty_like(x_TD).uniform_(
                 1.0 - config.jitter_eps, 1.0 + config.jitter_eps
             )
-        logits_TE = F.linear(x_TD, self.weight_ED.float())
+            gate_logits_TE = F.linear(x_TD * noise_TD, weight_ED)
         bias_E = None if self.expert_bias is None else self.expert_bias.bias_E
         expert_ids_TK, weights_TK, scores_TE, valid_TK = select_experts(
-            self.group_mask(logits_TE), config, tau=self.tau, bias_E=bias_E
+            self.group_mask(gate_logits_TE), config, tau=self.tau, bias_E=bias_E
         )
 
         padding_mask_T = None

@@ -28,7 +28,8 @@ class Routing:
         logits_TE: Raw router logits (before bias, jitter-free), fp32.
         aux_losses: Named auxiliary losses, already multiplied by their coefficients; the
             training loss adds ``sum(aux_losses.values())``.
-        tokens_per_expert_E: Number of (valid) assignments per expert in this batch, fp32.
+        tokens_per_expert_E: Number of (valid) assignments per expert in this batch, fp32;
+            assignments a capacity limit dropped still count (see ``dropped_TK``).
         valid_TK: Which slots carry an assignment (False for padding slots of variable-count
             gates, for dropped assignments, and for masked padding tokens).
         padding_mask_T: Bool, True for padding tokens (excluded from everything); None when

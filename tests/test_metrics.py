@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moe_router.metrics import (
     ActiveExpertsPerToken,
@@ -55,11 +57,15 @@ def random_routing(
     padding_fraction: float = 0.0,
     sparse: bool = False,
     skew: float = 1.0,
+    drop_fraction: float = 0.0,
+    with_padding_mask: bool = True,
 ) -> Routing:
     """A top-k routing over skewed softmax scores.
 
-    Padding tokens get all slots invalid and NaN scores (what a masked row may hold); a sparse
-    gate invalidates random slots and zeroes random weights.
+    Padding tokens get all slots invalid and NaN scores (what a masked row may hold) and, unless
+    ``with_padding_mask`` is False, are marked in ``padding_mask_T``; a sparse gate invalidates
+    random slots and zeroes random weights; dropped slots are invalid and marked in
+    ``dropped_TK``, as a capacity limit leaves them.
     """
     generator = torch.Generator().manual_seed(seed)
     logits_TE = torch.randn(num_tokens, num_experts, generator=generator) * skew
@@ -77,16 +83,45 @@ def random_routing(
     valid_TK &= ~padding_T[:, None]
     weights_TK = torch.where(valid_TK, weights_TK, 0.0)
     scores_TE = torch.where(padding_T[:, None], float("nan"), scores_TE)
-    return Routing(expert_ids_TK, weights_TK, scores_TE, logits_TE, valid_TK=valid_TK)
+    dropped_TK = valid_TK & (torch.rand(num_tokens, k, generator=generator) < drop_fraction)
+    valid_TK &= ~dropped_TK
+    weights_TK = torch.where(valid_TK, weights_TK, 0.0)
+    requested_TK = valid_TK | dropped_TK
+    return Routing(
+        expert_ids_TK,
+        weights_TK,
+        scores_TE,
+        logits_TE,
+        tokens_per_expert_E=torch.bincount(
+            expert_ids_TK[requested_TK], minlength=num_experts
+        ).float(),
+        valid_TK=valid_TK,
+        padding_mask_T=padding_T if with_padding_mask else None,
+        dropped_TK=dropped_TK if drop_fraction > 0 else None,
+    )
 
 
 def concat(routings: list[Routing]) -> Routing:
+    padding_mask_T = None
+    if all(r.padding_mask_T is not None for r in routings):
+        padding_mask_T = torch.cat([r.padding_mask_T for r in routings])
+    dropped_TK = None
+    if any(r.dropped_TK is not None for r in routings):
+        dropped_TK = torch.cat(
+            [
+                torch.zeros_like(r.valid_TK) if r.dropped_TK is None else r.dropped_TK
+                for r in routings
+            ]
+        )
     return Routing(
         torch.cat([r.expert_ids_TK for r in routings]),
         torch.cat([r.weights_TK for r in routings]),
         torch.cat([r.scores_TE for r in routings]),
         torch.cat([r.logits_TE for r in routings]),
+        tokens_per_expert_E=sum(r.tokens_per_expert_E for r in routings),
         valid_TK=torch.cat([r.valid_TK for r in routings]),
+        padding_mask_T=padding_mask_T,
+        dropped_TK=dropped_TK,
     )
 
 
@@ -108,10 +143,16 @@ def reference_metrics(
         weights = routing.weights_TK.tolist()
         valid = routing.valid_TK.tolist()
         scores = routing.scores_TE.tolist()
+        no_slots = [[False] * len(row) for row in ids]
+        dropped_slots = no_slots if routing.dropped_TK is None else routing.dropped_TK.tolist()
+        if routing.padding_mask_T is None:  # a real token has some valid or dropped slot
+            padding = [not any(v + d) for v, d in zip(valid, dropped_slots, strict=True)]
+        else:
+            padding = routing.padding_mask_T.tolist()
         counts = [0] * num_experts
         for t in range(len(ids)):
             for k in range(len(ids[t])):
-                if valid[t][k]:
+                if valid[t][k] or dropped_slots[t][k]:  # the load the router asked for
                     counts[ids[t][k]] += 1
         assigned = sum(counts)
         if assigned > 0:
@@ -119,15 +160,15 @@ def reference_metrics(
             batch_max_vio.append((max(counts) - mean) / mean)
         last = counts
         total = [a + b for a, b in zip(total, counts, strict=True)]
+        attempted += assigned
         if capacity_factor is not None:
             capacity = math.ceil(capacity_factor * assigned / num_experts)
             dropped += sum(max(0, c - capacity) for c in counts)
-            attempted += assigned
         else:
-            attempted += assigned
+            dropped += sum(sum(row) for row in dropped_slots)
         for t in range(len(ids)):
-            if not any(valid[t]):
-                continue  # padding token
+            if padding[t]:
+                continue
             tokens += 1
             row_total = sum(scores[t])
             entropy = 0.0
@@ -216,15 +257,19 @@ def test_hand_computed():
 
 
 @pytest.mark.parametrize(
-    ("num_experts", "k", "padding_fraction", "sparse", "capacity_factor"),
+    ("num_experts", "k", "padding_fraction", "sparse", "drop_fraction", "capacity_factor"),
     [
-        (8, 2, 0.0, False, None),
-        (8, 2, 0.25, False, 1.0),
-        (16, 4, 0.1, True, 1.25),
-        (5, 1, 0.3, True, 2.0),
+        (8, 2, 0.0, False, 0.0, None),
+        (8, 2, 0.25, False, 0.0, 1.0),
+        (8, 2, 0.25, False, 0.3, None),  # the layer's own drops
+        (16, 4, 0.1, True, 0.2, 1.25),  # simulated drops on the requested load
+        (5, 1, 0.3, True, 0.5, 2.0),
     ],
 )
-def test_matches_reference(num_experts, k, padding_fraction, sparse, capacity_factor):
+@pytest.mark.parametrize("with_padding_mask", [True, False])
+def test_matches_reference(
+    num_experts, k, padding_fraction, sparse, drop_fraction, capacity_factor, with_padding_mask
+):
     routings = [
         random_routing(
             37 + 11 * i,
@@ -234,6 +279,8 @@ def test_matches_reference(num_experts, k, padding_fraction, sparse, capacity_fa
             padding_fraction=padding_fraction,
             sparse=sparse,
             skew=1.0 + i,
+            drop_fraction=drop_fraction,
+            with_padding_mask=with_padding_mask,
         )
         for i in range(3)
     ]
@@ -320,32 +367,64 @@ def test_capacity_rounds_up():
     assert capacity_drops(counts_E, 1.2).item() == 5 - math.ceil(1.2 * 10 / 4)
 
 
-def test_router_dropped_count():
-    routing = hand_routing()  # 6 valid assignments
-    metric = DropRate(4)
-    metric.update(routing)  # dropless: nothing dropped
-    assert metric.compute() == 0.0
-    metric.update(routing, num_dropped=torch.tensor(2))
-    # 2 dropped out of 6 + 6 + 2 attempted.
-    assert metric.compute() == pytest.approx(2 / 14)
-    routing.num_dropped = torch.tensor(3)  # a field the MoE layer may add to the record
+def test_dropped_assignments():
+    # The hand routing after a capacity of 2 per expert: expert 0 keeps tokens 0 and 2.
+    routing = hand_routing()
+    routing.dropped_TK = torch.tensor([[False, False], [True, False], [False, False]])
+    routing.valid_TK = ~routing.dropped_TK
+    routing.weights_TK = routing.weights_TK * routing.valid_TK
+    metric = LoadBalanceMetrics(4)
     metric.update(routing)
-    assert metric.compute() == pytest.approx(5 / 23)
-    # A capacity factor replaces the router's count by the simulated one.
+    out = metric.compute()
+    # Balance metrics see the load the router asked for, c = [3, 2, 1, 0], drops included.
+    assert out["tokens_per_expert"].tolist() == [3.0, 2.0, 1.0, 0.0]
+    assert out["max_vio_global"] == pytest.approx(1.0)
+    assert out["drop_rate"] == pytest.approx(1 / 6)
+    # Token 1 lost expert 0: one active slot, and expert 0's 0.4 counts as mass outside.
+    assert out["active_experts_per_token"] == pytest.approx((2 + 1 + 1) / 3)
+    assert out["soft_mass_outside"] == pytest.approx((0.2 + 0.6 + 0.0) / 3)
+    # A capacity factor instead counts what C = ceil(1.0 * 6 / 4) = 2 would drop: also 1.
     simulated = DropRate(4, capacity_factor=1.0)
     simulated.update(routing)
     assert simulated.compute() == pytest.approx(1 / 6)
+    dropless = DropRate(4)
+    dropless.update(hand_routing())
+    assert dropless.compute() == 0.0
 
 
-def test_token_mask_overrides_default():
+def test_padding_mask_decides_the_tokens():
     routing = hand_routing()
+    # Every slot of token 1 dropped: still a real token without a padding mask...
+    routing.dropped_TK = torch.tensor([[False, False], [True, True], [False, False]])
+    routing.valid_TK = ~routing.dropped_TK
     metric = ActiveExpertsPerToken(4)
-    metric.update(routing, token_mask_T=torch.tensor([True, False, True]))
-    assert metric.compute() == pytest.approx((2 + 1) / 2)
-    routing.token_mask_T = torch.tensor([False, True, False])
+    metric.update(routing)
+    assert metric.compute() == pytest.approx((2 + 0 + 1) / 3)
+    # ...and the padding mask, when the record has one, is what decides.
+    routing.padding_mask_T = torch.tensor([True, False, False])
     metric.reset()
     metric.update(routing)
-    assert metric.compute() == pytest.approx(2.0)
+    assert metric.compute() == pytest.approx((0 + 1) / 2)
+
+
+def test_moe_layer_capacity_drops():
+    from moe_router.moe import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 8, 2, gate="topk", capacity_factor=1.0)
+    x = torch.randn(4, 24, 16) * torch.linspace(0.5, 3.0, 16)  # skewed, so experts overflow
+    _, routing = layer(x, return_routing=True)
+    measured, simulated = LoadBalanceMetrics(8), LoadBalanceMetrics(8, capacity_factor=1.0)
+    measured.update(routing)
+    simulated.update(routing)
+    out = measured.compute()
+    torch.testing.assert_close(out["tokens_per_expert"], routing.tokens_per_expert_E)
+    num_dropped = routing.num_dropped.item()
+    assert num_dropped > 0
+    assert out["drop_rate"] == pytest.approx(num_dropped / (4 * 24 * 2))
+    # The layer's capacity ceil(1.0 * T * K / E) is the metric's when no token is padding.
+    torch.testing.assert_close(simulated.compute()["drop_rate"], out["drop_rate"])
+    assert_values_close(out, reference_metrics([routing], 8))
 
 
 def test_individual_metrics_agree_with_collection():
@@ -420,6 +499,23 @@ def test_functional_forms_batch_over_layers():
         torch.testing.assert_close(max_violation(loads_LE)[row], max_violation(loads_LE[row]))
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 1_000), min_size=1, max_size=16))
+def test_count_invariants(counts):
+    counts_E = torch.tensor(counts)
+    num_experts = len(counts)
+    vio, cv = max_violation(counts_E).item(), load_cv(counts_E).item()
+    entropy, effective = load_entropy(counts_E).item(), effective_experts(counts_E).item()
+    assert 0.0 <= vio <= num_experts - 1 + 1e-5  # max when one expert takes everything
+    assert 0.0 <= cv <= math.sqrt(num_experts - 1) + 1e-5
+    assert 0.0 <= entropy <= math.log(num_experts) + 1e-5
+    if sum(counts) > 0:
+        assert 1.0 - 1e-5 <= effective <= num_experts + 1e-4
+    # Scaling every count leaves every ratio unchanged.
+    torch.testing.assert_close(max_violation(counts_E * 7), max_violation(counts_E))
+    torch.testing.assert_close(load_cv(counts_E * 7), load_cv(counts_E))
+
+
 def test_scalar_metrics_for_logging():
     metric = LoadBalanceMetrics(4)
     metric.update(hand_routing())
@@ -459,8 +555,14 @@ def test_bad_routing():
     routing.weights_TK = routing.weights_TK[:, :1]
     with pytest.raises(ValueError, match="weights_TK must have the shape of expert_ids_TK"):
         LoadBalanceMetrics(4).update(routing)
-    with pytest.raises(ValueError, match=r"token_mask_T must be \[T\] = \[3\]"):
-        LoadBalanceMetrics(4).update(hand_routing(), token_mask_T=torch.ones(4, dtype=torch.bool))
+    routing = hand_routing()
+    routing.padding_mask_T = torch.zeros(4, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"padding_mask_T must be \[T\] = \[3\]"):
+        LoadBalanceMetrics(4).update(routing)
+    routing = hand_routing()
+    routing.dropped_TK = torch.zeros(3, 1, dtype=torch.bool)
+    with pytest.raises(ValueError, match="dropped_TK must have the shape of expert_ids_TK"):
+        LoadBalanceMetrics(4).update(routing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,25 +572,30 @@ def test_bad_routing():
 
 @pytest.mark.gpu
 def test_update_does_not_sync():
-    routing = random_routing(64, 8, 2, seed=0, padding_fraction=0.2, sparse=True)
+    routing = random_routing(64, 8, 2, seed=0, padding_fraction=0.2, sparse=True, drop_fraction=0.2)
     device = torch.device("cuda")
     routing = Routing(
         routing.expert_ids_TK.to(device),
         routing.weights_TK.to(device),
         routing.scores_TE.to(device),
         routing.logits_TE.to(device),
+        tokens_per_expert_E=routing.tokens_per_expert_E.to(device),
         valid_TK=routing.valid_TK.to(device),
+        padding_mask_T=routing.padding_mask_T.to(device),
+        dropped_TK=routing.dropped_TK.to(device),
     )
-    metric = LoadBalanceMetrics(8, capacity_factor=1.25).to(device)
+    metrics = [LoadBalanceMetrics(8).to(device), LoadBalanceMetrics(8, 1.25).to(device)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        metric.update(routing)
-        metric.update(routing, num_dropped=torch.tensor(3, device=device))
+        for metric in metrics:
+            metric.update(routing)
+            metric(routing)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    reference = reference_metrics([routing, routing], 8, capacity_factor=1.25)
-    assert_values_close({k: v.cpu() for k, v in metric.compute().items()}, reference)
+    for metric, capacity_factor in zip(metrics, [None, 1.25], strict=True):
+        reference = reference_metrics([routing, routing], 8, capacity_factor=capacity_factor)
+        assert_values_close({k: v.cpu() for k, v in metric.compute().items()}, reference)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,6 +615,7 @@ def ddp_batches(rank: int) -> list[Routing]:
             seed=100 * rank + step,
             padding_fraction=0.2,
             skew=2.0,
+            drop_fraction=0.1,
         )
         for step in range(3)
     ]

@@ -1,0 +1,302 @@
+"""MoE layer: every dispatch path against a naive per-token loop (outputs and gradients)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_router.moe import (
+    MoEConfig,
+    MoELayer,
+    capacity_keep_mask,
+    grouped_matmul,
+    grouped_mm_available,
+)
+from moe_router.router import GATES
+
+D, FF, E, K = 16, 32, 4, 2
+BACKENDS = ["loop", "grouped_mm"]
+
+
+def reference_capacity_keep(expert_ids, valid, priority, num_experts, capacity):
+    """Per expert: sort its assignments by (priority desc, position), keep the first C."""
+    num_tokens, num_slots = expert_ids.shape
+    keep = torch.zeros_like(valid)
+    for e in range(num_experts):
+        pairs = [
+            (t, s)
+            for t in range(num_tokens)
+            for s in range(num_slots)
+            if valid[t, s] and expert_ids[t, s] == e
+        ]
+        if priority is not None:
+            pairs.sort(key=lambda ts: (-float(priority[ts]), ts[0] * num_slots + ts[1]))
+        for t, s in pairs[:capacity]:
+            keep[t, s] = True
+    return keep
+
+
+def naive_moe(layer, x, padding_mask=None):
+    """The obvious implementation: for each token, for each slot, run that expert."""
+    routing = layer.router(x, padding_mask=padding_mask)
+    x_TD = x.reshape(-1, layer.config.d_model)
+    weights, valid = routing.weights_TK, routing.valid_TK
+    capacity = layer.config.capacity(x_TD.shape[0])
+    if capacity is not None:
+        priority = None
+        if layer.config.drop_policy == "score":
+            priority = routing.scores_TE.detach().gather(-1, routing.expert_ids_TK)
+        valid = reference_capacity_keep(
+            routing.expert_ids_TK, valid, priority, layer.config.num_experts, capacity
+        )
+    rows = []
+    for t in range(x_TD.shape[0]):
+        row = torch.zeros(layer.config.d_model)
+        for s in range(routing.expert_ids_TK.shape[1]):
+            if not valid[t, s]:
+                continue
+            e = int(routing.expert_ids_TK[t, s])
+            x_t = x_TD[t].float()
+            hidden = F.silu(x_t @ layer.w1_EDF[e].float()) * (x_t @ layer.w3_EDF[e].float())
+            row = row + weights[t, s] * (hidden @ layer.w2_EFD[e].float())
+        if layer.shared_expert is not None:
+            shared = layer.shared_expert
+            x_t = x_TD[t].float()
+            hidden = F.silu(x_t @ shared.w1_DF.float()) * (x_t @ shared.w3_DF.float())
+            row = row + hidden @ shared.w2_FD.float()
+        rows.append(row)
+    return torch.stack(rows).view(x.shape), valid
+
+
+def gradients(layer, x, out, seed=0):
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    grad_out = grad_out.to(out.device)
+    tensors = [x, *layer.parameters()]
+    grads = torch.autograd.grad((out.float() * grad_out).sum(), tensors, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads, strict=True)]
+
+
+def make_layer(gate, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    layer = MoELayer(D, FF, E, K, gate=gate, **kwargs)
+    torch.nn.init.normal_(layer.router.weight_ED, std=0.5)  # well-separated routing
+    return layer
+
+
+VARIANTS = {
+    "plain": {},
+    "shared": {"shared_d_ff": 8},
+    "capacity_score": {"capacity_factor": 0.75, "drop_policy": "score"},
+    "capacity_position": {"capacity_factor": 0.75, "drop_policy": "position"},
+    "renormalize": {"renormalize": True},
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("gate", GATES)
+def test_layer_matches_naive_loop(gate, variant, backend):
+    layer = make_layer(gate, backend=backend, **VARIANTS[variant])
+    x = torch.randn(3, 5, D, requires_grad=True)
+    y, routing = layer(x, return_routing=True)
+    y_ref, valid_ref = naive_moe(layer, x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    torch.testing.assert_close(routing.valid_TK, valid_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(gradients(layer, x, y), gradients(layer, x, y_ref), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate", ["topk", "soft_topk", "sparse_soft_topk"])
+def test_layer_with_padding_matches_naive_loop(gate, backend):
+    layer = make_layer(gate, backend=backend, shared_d_ff=8)
+    x = torch.randn(2, 6, D, requires_grad=True)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[0, 3:] = True
+    y = layer(x, padding_mask=padding)
+    y_ref, _ = naive_moe(layer, x, padding_mask=padding)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(gradients(layer, x, y), gradients(layer, x, y_ref), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_padding_tokens_get_zero_output_and_gradient_without_shared_expert():
+    layer = make_layer("soft_topk")
+    x = torch.randn(2, 6, D, requires_grad=True)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, 2:] = True
+    y, routing = layer(x, padding_mask=padding, return_routing=True)
+    assert (y[padding] == 0).all()
+    (y * torch.randn_like(y)).sum().backward()
+    assert (x.grad[padding] == 0).all() and (x.grad[~padding] != 0).any()
+    assert routing.tokens_per_expert_E.sum().item() == (~padding).sum().item() * K
+
+
+def test_sparse_gate_slots_without_compute_do_not_leak_garbage():
+    # Many invalid slots sort behind every expert: the grouped kernel leaves those rows
+    # uninitialised, which must reach neither the output nor any gradient.
+    layer = make_layer("sparse_soft_topk", backend="grouped_mm", max_active=4, tau=0.05)
+    x = torch.randn(64, D, requires_grad=True)
+    for _ in range(3):
+        y, routing = layer(x, return_routing=True)
+        assert (~routing.valid_TK).sum() > 0
+        grads = gradients(layer, x, y)
+        assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+        y_ref, _ = naive_moe(layer, x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_two_dim_input_and_from_config():
+    cfg = MoEConfig(D, FF, E, K, gate="topk", shared_d_ff=4, router={"score_func": "sigmoid"})
+    layer = MoELayer.from_config(cfg)
+    assert layer.router.config.score_func == "sigmoid" and layer.shared_expert is not None
+    x = torch.randn(7, D)
+    assert layer(x).shape == (7, D)
+
+
+def test_bf16_layer_returns_bf16_close_to_fp32_reference():
+    layer = make_layer("soft_topk").to(torch.bfloat16)
+    x = torch.randn(4, 8, D, dtype=torch.bfloat16)
+    y, routing = layer(x, return_routing=True)
+    assert y.dtype == torch.bfloat16 and routing.weights_TK.dtype == torch.float32
+    y_ref, _ = naive_moe(layer, x)  # same routing (router math is fp32), fp32 experts
+    torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_unaligned_width_falls_back_to_the_loop():
+    x = torch.randn(10, 6)
+    w = torch.randn(3, 6, 5)
+    assert not grouped_mm_available(x, w)
+    layer = MoELayer(6, 5, 3, 1, gate="topk")
+    assert layer(torch.randn(4, 6)).shape == (4, 6)
+    with pytest.raises(ValueError, match="grouped_mm"):
+        grouped_matmul(x, w, torch.tensor([3, 3, 10], dtype=torch.int32), backend="grouped_mm")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_matmul_against_per_expert_loop_with_empty_groups(backend):
+    x = torch.randn(20, 16)
+    w = torch.randn(4, 16, 8)
+    counts = [0, 7, 0, 13]
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    out = grouped_matmul(x, w, offsets, backend=backend)
+    expected = torch.cat([x[:7] @ w[1], x[7:] @ w[3]])
+    torch.testing.assert_close(out, expected)
+
+
+def test_capacity_keep_mask_crafted():
+    expert_ids = torch.tensor([[0], [0], [1], [0], [0]])
+    valid = torch.tensor([[True], [True], [True], [True], [False]])
+    priority = torch.tensor([[0.1], [0.9], [0.5], [0.7], [1.0]])
+    by_score = capacity_keep_mask(expert_ids, valid, priority, num_experts=2, capacity=2)
+    assert by_score.flatten().tolist() == [False, True, True, True, False]
+    by_position = capacity_keep_mask(expert_ids, valid, None, num_experts=2, capacity=2)
+    assert by_position.flatten().tolist() == [True, True, True, False, False]
+
+
+@pytest.mark.parametrize("policy", ["score", "position"])
+def test_capacity_keep_mask_against_reference(policy):
+    gen = torch.Generator().manual_seed(3)
+    expert_ids = torch.randint(0, 5, (40, 3), generator=gen)
+    valid = torch.rand(40, 3, generator=gen) > 0.2
+    priority = torch.rand(40, 3, generator=gen) if policy == "score" else None
+    got = capacity_keep_mask(expert_ids, valid, priority, 5, capacity=9)
+    torch.testing.assert_close(got, reference_capacity_keep(expert_ids, valid, priority, 5, 9))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_tokens=st.integers(1, 30),
+    num_slots=st.integers(1, 4),
+    num_experts=st.integers(1, 6),
+    capacity=st.integers(0, 12),
+    by_score=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_capacity_keep_mask_property(num_tokens, num_slots, num_experts, capacity, by_score, seed):
+    gen = torch.Generator().manual_seed(seed)
+    expert_ids = torch.randint(0, num_experts, (num_tokens, num_slots), generator=gen)
+    valid = torch.rand(num_tokens, num_slots, generator=gen) > 0.25
+    # Coarse priorities, so that ties (broken by position) actually occur.
+    priority = torch.randint(0, 3, (num_tokens, num_slots), generator=gen).float()
+    priority = priority if by_score else None
+    got = capacity_keep_mask(expert_ids, valid, priority, num_experts, capacity)
+    expected = reference_capacity_keep(expert_ids, valid, priority, num_experts, capacity)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("policy", ["score", "position"])
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 1.25])
+def test_capacity_drops_are_counted_exactly(policy, capacity_factor):
+    layer = make_layer("topk", capacity_factor=capacity_factor, drop_policy=policy)
+    torch.nn.init.normal_(layer.router.weight_ED, std=2.0)  # unbalanced on purpose
+    x = torch.randn(40, D)
+    _, routing = layer(x, return_routing=True)
+    capacity = math.ceil(capacity_factor * 40 * K / E)
+    assert routing.capacity == capacity
+    loads = routing.tokens_per_expert_E  # what the router asked for, before drops
+    expected_dropped = (loads - capacity).clamp_min(0).sum()
+    assert routing.num_dropped.item() == expected_dropped.item()
+    kept = torch.zeros(E).index_add_(
+        0, routing.expert_ids_TK.flatten(), routing.valid_TK.flatten().float()
+    )
+    torch.testing.assert_close(kept, loads.clamp_max(capacity))
+    assert (routing.weights_TK[routing.dropped_TK] == 0).all()
+    assert not (routing.dropped_TK & routing.valid_TK).any()
+
+
+def test_dropless_layer_reports_no_drops():
+    _, routing = make_layer("topk")(torch.randn(9, D), return_routing=True)
+    assert routing.dropped_TK is None and routing.num_dropped.item() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"d_ff": 0}, "d_ff=0"),
+        ({"capacity_factor": 0.0}, "capacity_factor=0.0"),
+        ({"capacity_factor": float("nan")}, "capacity_factor=nan"),
+        ({"drop_policy": "random"}, "drop_policy='random'"),
+        ({"backend": "cuda"}, "backend='cuda'"),
+        ({"shared_d_ff": -1}, "shared_d_ff=-1"),
+        ({"gate": "hash"}, "gate='hash'"),
+        ({"k": 5}, "k=5"),
+        ({"k": 0}, "k=0"),
+        ({"tau": -1.0}, "tau=-1.0"),
+    ],
+)
+def test_bad_layer_config_raises(kwargs, match):
+    settings = {"d_model": D, "d_ff": FF, "num_experts": E, "k": K, **kwargs}
+    positional = [settings.pop(name) for name in ("d_model", "d_ff", "num_experts", "k")]
+    with pytest.raises(ValueError, match=match):
+        MoELayer(*positional, **settings)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["topk", "soft_topk", "sparse_soft_topk"])
+def test_cuda_grouped_kernel_matches_loop(gate):
+    torch.manual_seed(0)
+    layer = MoELayer(64, 128, 8, 2, gate=gate, backend="auto").cuda().to(torch.bfloat16)
+    x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    grads = gradients(layer, x, y)
+    layer.config.backend = "loop"
+    y_loop = layer(x)
+    grads_loop = gradients(layer, x, y_loop)
+    torch.testing.assert_close(y, y_loop, rtol=2e-2, atol=2e-2)
+    for got, expected in zip(grads, grads_loop, strict=True):
+        torch.testing.assert_close(got, expected, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("gate", ["topk", "sparse_soft_topk"])
+def test_sum_backward_through_the_grouped_kernel(gate):
+    # y.sum() hands the graph an expanded (stride-0) gradient, which the grouped kernel's
+    # backward rejects if it ever reaches it unmaterialised.
+    layer = make_layer(gate, backend="grouped_mm")
+    x = torch.randn(10, D, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.w2_EFD.grad).all()
