@@ -96,13 +96,24 @@ def run_dir_for(out: Path, config: Path, seed: int) -> Path:
     return out / config.stem / f"seed{seed}"
 
 
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest ``last.ckpt`` of an interrupted run under ``run_dir`` (None if none)."""
+    checkpoints = list(run_dir.glob("**/checkpoints/last.ckpt"))
+    return max(checkpoints, key=lambda path: path.stat().st_mtime) if checkpoints else None
+
+
 def run_one(config: Path, seed: int, run_dir: Path, overrides: list[str]) -> None:
     """Runs ``train.py fit`` for one config and seed in a fresh process (log in ``train.log``).
+
+    An interrupted run (a ``last.ckpt`` but no finished summary) resumes from its checkpoint,
+    which gives the same result as an uninterrupted run.
 
     Raises:
         RuntimeError: If the run fails (the log's tail is in the message).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = last_checkpoint(run_dir)
+    resume = ["--ckpt_path", str(checkpoint)] if checkpoint is not None else []
     command = [
         sys.executable, "-m", "models.cli", "fit",
         "--config", str(config),
@@ -110,9 +121,10 @@ def run_one(config: Path, seed: int, run_dir: Path, overrides: list[str]) -> Non
         "--trainer.default_root_dir", str(run_dir),
         "--trainer.enable_progress_bar", "false",
         *overrides,
+        *resume,
     ]  # fmt: skip
     log_path = run_dir / "train.log"
-    with log_path.open("w") as log:
+    with log_path.open("a") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)

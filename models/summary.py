@@ -128,7 +128,7 @@ class RunSummary(L.Callback):
             point = {"step": pl_module.last_val["step"], "loss": pl_module.last_val["loss"]}
             if not self.curve or self.curve[-1]["step"] != point["step"]:
                 self.curve.append(point)
-        self._write(trainer, pl_module, finished=False)
+        self._write(trainer, pl_module, finished=self._fit_done)
         if trainer.state.fn == TrainerFn.VALIDATING:
             self._print(trainer, pl_module)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from models_testing import tiny_config
 
 from models.cli import cli_main
-from models.compare import mean_std, report_markdown, write_report
+from models.compare import last_checkpoint, mean_std, report_markdown, write_report
 from models.summary import SUMMARY_FILE
 
 
@@ -55,6 +56,17 @@ def _write_runs(out: Path) -> list[Path]:
             summary = _summary(name, seed, loss, loads, speed)
             (folder / SUMMARY_FILE).write_text(json.dumps(summary))
     return configs
+
+
+def test_last_checkpoint_is_the_newest(tmp_path):
+    assert last_checkpoint(tmp_path) is None
+    old = tmp_path / "csv" / "version_0" / "checkpoints" / "last.ckpt"
+    new = tmp_path / "csv" / "version_1" / "checkpoints" / "last.ckpt"
+    for path in (old, new):
+        path.parent.mkdir(parents=True)
+        path.write_text("x")
+    os.utime(old, (1, 1))
+    assert last_checkpoint(tmp_path) == new
 
 
 def test_mean_std_is_the_sample_std():
@@ -158,3 +170,16 @@ def test_compare_end_to_end_and_resume(corpus_dir, tmp_path, capsys):
     capsys.readouterr()
     cli_main(args)  # every run finished already: only the report is rebuilt
     assert capsys.readouterr().out.count("done already") == 4
+
+    # An interrupted run (no finished summary) resumes from its last checkpoint.
+    path = next((out / "topk" / "seed1").glob(f"**/{SUMMARY_FILE}"))
+    interrupted = json.loads(path.read_text())
+    path.write_text(json.dumps({**interrupted, "finished": False}))
+    cli_main(args)
+    assert capsys.readouterr().out.count("done already") == 3
+    assert "--ckpt_path" in (out / "topk" / "seed1" / "train.log").read_text()
+    resumed = json.loads(
+        next((out / "topk" / "seed1").glob(f"csv/version_1/{SUMMARY_FILE}")).read_text()
+    )
+    assert resumed["finished"] and resumed["final_val"]["loss"] == interrupted["final_val"]["loss"]
+    assert resumed["val_curve"] == interrupted["val_curve"]
