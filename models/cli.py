@@ -40,11 +40,13 @@ class MoECLI(LightningCLI):
         super().__init__(MoELanguageModel, ByteCorpusDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
+        """Links the values that the data decides into the model config."""
         parser.link_arguments("data.seq_len", "model.model.max_seq_len")
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_seed_or_zero)
         parser.link_arguments("data.vocab_size", "model.model.vocab_size", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
+        """Default loggers and progress bar; rejects a fit without ``trainer.max_steps``."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         if trainer.logger is None or trainer.logger is True:
@@ -71,6 +73,7 @@ class MoECLI(LightningCLI):
             )
 
     def after_fit(self) -> None:
+        """Validates at the last step unless the schedule already did (the final table)."""
         model = self.model
         last = model.last_val
         if last is None or last["step"] != self.trainer.global_step:

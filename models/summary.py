@@ -89,14 +89,17 @@ class RunSummary(L.Callback):
         self._fit_done = False
 
     def state_dict(self) -> dict[str, Any]:
+        """The validation curve, so that a resumed run keeps it."""
         return {"curve": self.curve}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the validation curve from a checkpoint."""
         self.curve = list(state_dict.get("curve", []))
 
     # ----------------------------------------------------------------------------- throughput
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """Starts the clock after the warm-up batches; counts tokens."""
         self._batches += 1
         if self._batches == WARMUP_BATCHES + 1:
             _sync(pl_module)
@@ -106,11 +109,13 @@ class RunSummary(L.Callback):
             self._tokens += batch[:, 1:].numel() * trainer.world_size
 
     def on_validation_start(self, trainer, pl_module) -> None:
+        """Pauses the throughput clock during validation in fit."""
         if trainer.state.fn == TrainerFn.FITTING:
             _sync(pl_module)
             self._val_start = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:
+        """Training tokens per second, validation time excluded."""
         if self._start is not None:
             _sync(pl_module)
             seconds = time.perf_counter() - self._start - self._val_seconds
@@ -119,6 +124,7 @@ class RunSummary(L.Callback):
     # ----------------------------------------------------------------------------- validation
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        """Extends the curve, writes the summary (prints it in validate)."""
         if self._val_start is not None:
             self._val_seconds += time.perf_counter() - self._val_start
             self._val_start = None
@@ -133,6 +139,7 @@ class RunSummary(L.Callback):
             self._print(trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        """Writes the final summary and prints the table if it is current."""
         # A validation pass right after fit (the CLI's, at the last step) still extends the curve.
         self._fit_done = True
         self._write(trainer, pl_module, finished=True)
