@@ -1,0 +1,213 @@
+"""LightningModule: next-token loss + routing auxiliary losses, per-layer load-balance logging.
+
+Shape legend: B batch, S sequence, V vocabulary, E experts, L block length (S + 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import ModelConfig, OptimConfig
+from models.transformer import MoETransformer
+from moe_router.metrics import LoadBalanceMetrics, scalar_metrics
+
+# Scalars logged per layer at every training step; the full set is logged for validation.
+TRAIN_STEP_KEYS = ("max_vio_batch_last", "load_cv", "router_entropy", "active_experts_per_token")
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup from 0, then cosine decay to ``min_ratio``.
+
+    Args:
+        step: Optimizer steps taken so far.
+        warmup_steps: Length of the warmup.
+        total_steps: Step at which the decay reaches ``min_ratio``.
+        min_ratio: Final multiplier.
+
+    Returns:
+        The multiplier in [0, 1].
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class MoELanguageModel(L.LightningModule):
+    """Byte-level MoE language model trained with Lightning.
+
+    The loss is next-token cross entropy plus the sum of every MoE layer's auxiliary losses
+    (already scaled by their coefficients in the router). After each optimizer step the
+    routers' expert biases are updated from the loads summed over that step's micro-batches
+    (the router all-reduces them over data-parallel ranks) and their temperature schedules
+    advance.
+
+    Args:
+        model: Transformer sizes and gate.
+        optim: AdamW and learning-rate schedule.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig = ModelConfig(),  # noqa: B008 - read-only default, as in LightningCLI docs
+        optim: OptimConfig = OptimConfig(),  # noqa: B008
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config = model
+        self.optim_config = optim
+        self.net = MoETransformer(model)
+        self.moe_layer_names = [f"layer{i}" for i in range(model.n_layers) if model.is_moe_block(i)]
+        num_moe = len(self.moe_layer_names)
+        self.train_balance = nn.ModuleList(
+            LoadBalanceMetrics(model.num_experts) for _ in range(num_moe)
+        )
+        self.val_balance = nn.ModuleList(
+            LoadBalanceMetrics(model.num_experts) for _ in range(num_moe)
+        )
+        # Loads of the micro-batches of the current optimizer step, for the expert bias.
+        self.register_buffer(
+            "step_loads_LE", torch.zeros(num_moe, model.num_experts), persistent=False
+        )
+        # Last validation pass, for the final table and the run summary.
+        self.last_val: dict[str, Any] | None = None
+        self._summary_callback = None
+
+    # -------------------------------------------------------------------------------- forward
+
+    def forward(self, tokens_BS: Tensor):
+        """Logits and routing records, see ``MoETransformer.forward``."""
+        return self.net(tokens_BS)
+
+    def _loss(self, blocks_BL: Tensor):
+        inputs_BS, targets_BS = blocks_BL[:, :-1], blocks_BL[:, 1:].long()
+        logits_BSV, routings = self.net(inputs_BS)
+        # Cross entropy in fp32 even under bf16 autocast (F.cross_entropy autocasts to fp32).
+        lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
+        return lm_loss, routings
+
+    # ------------------------------------------------------------------------------- training
+
+    def training_step(self, blocks_BL: Tensor, batch_idx: int) -> Tensor:
+        """Next-token loss + auxiliary losses of one micro-batch; logs per-layer metrics."""
+        lm_loss, routings = self._loss(blocks_BL)
+        batch_size = blocks_BL.shape[0]
+        aux_total = lm_loss.new_zeros(())
+        logs: dict[str, Tensor] = {"train/lm_loss": lm_loss}
+        for index, (name, routing) in enumerate(zip(self.moe_layer_names, routings, strict=False)):
+            aux_total = aux_total + routing.aux_loss
+            for aux_name, value in routing.aux_losses.items():
+                logs[f"train/{name}/aux_{aux_name}"] = value.detach()
+            self.step_loads_LE[index] += routing.tokens_per_expert_E.detach().float()
+            batch_values = self.train_balance[index](routing)
+            for key in TRAIN_STEP_KEYS:
+                logs[f"train/{name}/{key}"] = batch_values[key]
+        loss = lm_loss + aux_total
+        logs["train/aux_loss"] = aux_total.detach()
+        logs["train/loss"] = loss.detach()
+        self.log_dict(logs, batch_size=batch_size)
+        self.log(
+            "train/lm_loss_bar",
+            lm_loss.detach(),
+            prog_bar=True,
+            logger=False,
+            batch_size=batch_size,
+        )
+        return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Optimizer step, then the routers' aux-loss-free bias update and schedule step.
+
+        Lightning calls this once per optimizer step, after the closure has run the forward
+        and backward of the step's last micro-batch, so ``step_loads_LE`` then holds the
+        loads of every micro-batch of the step.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        with torch.no_grad():
+            for index, layer in enumerate(self.net.moe_layers):
+                layer.router.update_expert_bias(self.step_loads_LE[index])
+                layer.router.step_schedule()
+            self.step_loads_LE.zero_()
+
+    def on_train_epoch_end(self) -> None:
+        for metric in self.train_balance:
+            metric.reset()
+
+    # ----------------------------------------------------------------------------- validation
+
+    def validation_step(self, blocks_BL: Tensor, batch_idx: int) -> None:
+        """LM loss and load-balance state of one validation batch."""
+        lm_loss, routings = self._loss(blocks_BL)
+        batch_size = blocks_BL.shape[0]
+        self.log("val/loss", lm_loss, batch_size=batch_size, prog_bar=True, sync_dist=True)
+        for index, (name, routing) in enumerate(zip(self.moe_layer_names, routings, strict=False)):
+            self.val_balance[index].update(routing)
+            for aux_name, value in routing.aux_losses.items():
+                self.log(f"val/{name}/aux_{aux_name}", value, batch_size=batch_size, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """Logs each layer's metrics over the whole validation pass and keeps them."""
+        layers: dict[str, dict[str, Any]] = {}
+        for name, metric in zip(self.moe_layer_names, self.val_balance, strict=False):
+            values = metric.compute()
+            self.log_dict(scalar_metrics(values, prefix=f"val/{name}/"))
+            layers[name] = {key: value.detach().cpu() for key, value in values.items()}
+            metric.reset()
+        val_loss = self.trainer.callback_metrics.get("val/loss")
+        if val_loss is not None:
+            self.log("val/perplexity", torch.exp(val_loss))
+        self.last_val = {
+            "step": self.global_step,
+            "loss": None if val_loss is None else float(val_loss),
+            "layers": layers,
+        }
+
+    # ------------------------------------------------------------------------------ optimizer
+
+    def configure_optimizers(self):
+        """AdamW (no decay for norms, biases and 1-d parameters) with warmup + cosine."""
+        optim = self.optim_config
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if not param.requires_grad:
+                continue
+            (decay if param.ndim >= 2 else no_decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": optim.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
+        )
+        total_steps = self.trainer.max_steps
+        if total_steps is None or total_steps < 0:
+            total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, optim.warmup_steps, total_steps, optim.min_lr_ratio),
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def configure_callbacks(self):
+        """The run summary (throughput, validation curve, final table) is always on.
+
+        One instance for the module's lifetime, so that a ``validate`` after ``fit`` on the
+        same module extends the run's summary instead of starting a new one.
+        """
+        from models.summary import RunSummary
+
+        if self._summary_callback is None:
+            self._summary_callback = RunSummary()
+        return [self._summary_callback]

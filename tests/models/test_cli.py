@@ -1,0 +1,127 @@
+"""train.py: shipped configs, fit / validate tables, bad configs stopped before training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from models_testing import tiny_config
+
+from models.cli import MoECLI, cli_main
+from models.data import ByteCorpusDataModule
+from models.lit_module import MoELanguageModel
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {path.stem for path in CONFIGS}
+    assert {"quickstart", "topk", "soft_topk", "sparse_soft_topk", "gpu"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.stem}_yaml")
+def test_shipped_configs_build(config, tmp_path):
+    args = ["--config", str(config), "--trainer.default_root_dir", str(tmp_path)]
+    if config.stem == "gpu":  # built on CPU here: only the device settings change
+        args += [
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.precision",
+            "32-true",
+            "--trainer.devices",
+            "1",
+            "--trainer.strategy",
+            "auto",
+        ]
+    cli = MoECLI(args=args, run=False)
+    assert isinstance(cli.model, MoELanguageModel)
+    assert isinstance(cli.datamodule, ByteCorpusDataModule)
+    assert cli.model.model_config.max_seq_len == cli.datamodule.seq_len
+    assert cli.trainer.max_steps > 0
+
+
+def test_compare_configs_differ_only_in_the_gate():
+    import yaml
+
+    def settings(name):
+        config = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+        config["trainer"].pop("default_root_dir")
+        model = config["model"]["model"]
+        return config, model.pop("gate"), model.pop("moe")
+
+    base, base_gate, _ = settings("topk")
+    for name in ("soft_topk", "sparse_soft_topk"):
+        other, gate, _ = settings(name)
+        assert other == base and gate == name != base_gate
+
+
+def test_fit_prints_the_table_and_validate_reproduces_it(corpus_dir, tmp_path, capsys):
+    config = tiny_config(tmp_path, corpus_dir)
+    cli_main(["fit", "--config", str(config)])
+    fit_out = capsys.readouterr().out
+    assert "validation loss" in fit_out and "| layer0 |" in fit_out and "| layer1 |" in fit_out
+    summaries = list((tmp_path / "run").glob("csv/version_*/summary.json"))
+    assert len(summaries) == 1
+    summary = json.loads(summaries[0].read_text())
+    assert summary["finished"] and summary["global_step"] == 6
+    assert [point["step"] for point in summary["val_curve"]] == [3, 6]
+    assert summary["tokens_per_s"] > 0
+    assert (tmp_path / "run" / "tb").is_dir()
+
+    checkpoint = next((tmp_path / "run").glob("csv/version_0/checkpoints/last.ckpt"))
+    cli_main(["validate", "--config", str(config), "--ckpt_path", str(checkpoint)])
+    validate_out = capsys.readouterr().out
+    loss_line = next(line for line in fit_out.splitlines() if "validation loss" in line)
+    loss_text = loss_line.split("validation loss ")[1].split(" ")[0]
+    assert f"validation loss {loss_text}" in validate_out
+    assert "| layer0 |" in validate_out
+
+
+def test_fit_validates_at_the_last_step_when_the_schedule_does_not(corpus_dir, tmp_path, capsys):
+    config = tiny_config(tmp_path, corpus_dir, max_steps=4, val_check_interval=3)
+    cli_main(["fit", "--config", str(config)])
+    assert "step 4" in capsys.readouterr().out
+    summary = json.loads(next((tmp_path / "run").glob("csv/*/summary.json")).read_text())
+    assert [point["step"] for point in summary["val_curve"]] == [3, 4]
+    assert summary["finished"]
+
+
+def _error_text(args: list[str], capsys) -> str:
+    try:
+        cli_main(args)
+    except ValueError as err:
+        return str(err)
+    except SystemExit as exit_:
+        assert exit_.code != 0
+        return capsys.readouterr().err
+    raise AssertionError("the bad config was accepted")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["--model.model.gate", "bogus"], "gate='bogus' is invalid"),
+        (["--model.model.k", "5"], "k=5 is not allowed: it must be <= num_experts=4"),
+        (["--data.files", "[/no/such/dir/*.txt]"], "matches no file"),
+        (["--trainer.max_steps", "-1"], "trainer.max_steps=-1"),
+    ],
+    ids=["unknown_gate", "k_above_E", "missing_path", "no_max_steps"],
+)
+def test_bad_configs_stop_before_training(corpus_dir, tmp_path, capsys, overrides, expected):
+    config = tiny_config(tmp_path, corpus_dir)
+    message = _error_text(["fit", "--config", str(config), *overrides], capsys)
+    assert expected in message
+    assert not list(tmp_path.glob("run/**/*.ckpt")) and not list(tmp_path.glob("run/**/*.csv"))
+
+
+def test_empty_corpus_stops_before_training(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    (empty / "b.txt").write_text("")
+    config = tiny_config(tmp_path, empty)
+    message = _error_text(["fit", "--config", str(config)], capsys)
+    assert "is empty: no bytes to train on" in message
+    assert not list(tmp_path.glob("run/**/*.ckpt"))

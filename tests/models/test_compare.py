@@ -1,0 +1,185 @@
+"""train.py compare: aggregation over seeds, report files, resume, argument errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+from models_testing import tiny_config
+
+from models.cli import cli_main
+from models.compare import last_checkpoint, mean_std, report_markdown, write_report
+from models.summary import SUMMARY_FILE
+
+
+def _summary(gate: str, seed: int, loss: float, loads: list[list[float]], tokens_per_s: float):
+    layers = {}
+    for index, counts in enumerate(loads):
+        mean = sum(counts) / len(counts)
+        layers[f"layer{index}"] = {
+            "tokens_per_expert": counts,
+            "max_vio_global": (max(counts) - mean) / mean,
+            "max_vio_batch_mean": 0.0,
+            "load_cv": statistics.pstdev(counts) / mean,
+            "dead_expert_fraction": sum(c == 0 for c in counts) / len(counts),
+            "active_experts_per_token": 2.0,
+        }
+    return {
+        "gate": gate,
+        "seed": seed,
+        "num_experts": len(loads[0]),
+        "k": 2,
+        "global_step": 10,
+        "max_steps": 10,
+        "tokens_per_s": tokens_per_s,
+        "finished": True,
+        "val_curve": [{"step": 5, "loss": loss + 0.5}, {"step": 10, "loss": loss}],
+        "final_val": {"step": 10, "loss": loss, "layers": layers},
+    }
+
+
+def _write_runs(out: Path) -> list[Path]:
+    runs = {
+        "topk": [(2.0, [[10, 30, 0, 40]], 1000.0), (2.2, [[20, 20, 20, 20]], 1200.0)],
+        "soft_topk": [(1.9, [[25, 15, 20, 20]], 800.0), (2.0, [[20, 20, 20, 20]], 900.0)],
+    }
+    configs = []
+    for name, seeds in runs.items():
+        configs.append(Path(f"{name}.yaml"))
+        for seed, (loss, loads, speed) in enumerate(seeds):
+            folder = out / name / f"seed{seed}" / "csv" / "version_0"
+            folder.mkdir(parents=True)
+            summary = _summary(name, seed, loss, loads, speed)
+            (folder / SUMMARY_FILE).write_text(json.dumps(summary))
+    return configs
+
+
+def test_last_checkpoint_is_the_newest(tmp_path):
+    assert last_checkpoint(tmp_path) is None
+    old = tmp_path / "csv" / "version_0" / "checkpoints" / "last.ckpt"
+    new = tmp_path / "csv" / "version_1" / "checkpoints" / "last.ckpt"
+    for path in (old, new):
+        path.parent.mkdir(parents=True)
+        path.write_text("x")
+    os.utime(old, (1, 1))
+    assert last_checkpoint(tmp_path) == new
+
+
+def test_mean_std_is_the_sample_std():
+    assert mean_std([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, statistics.stdev([1.0, 2.0, 4.0])))
+    assert mean_std([3.0]) == (3.0, 0.0)
+
+
+def test_report_aggregates_over_seeds(tmp_path):
+    configs = _write_runs(tmp_path)
+    md_path, png_path = write_report(tmp_path, configs, [0, 1])
+    text = md_path.read_text()
+    assert png_path.stat().st_size > 10_000
+    topk_row = next(line for line in text.splitlines() if line.startswith("| topk | topk |"))
+    cells = [cell.strip() for cell in topk_row.strip("|").split("|")]
+    assert cells[3] == f"2.1000 ± {statistics.stdev([2.0, 2.2]):.4f}"
+    assert cells[4] == (
+        f"{statistics.fmean([math.exp(2.0), math.exp(2.2)]):.3f} ± "
+        f"{statistics.stdev([math.exp(2.0), math.exp(2.2)]):.3f}"
+    )
+    assert cells[5] == f"1100 ± {statistics.stdev([1000.0, 1200.0]):.0f}"
+    assert cells[6] == f"0.500 ± {statistics.stdev([1.0, 0.0]):.3f}"  # (40 - 20) / 20 and 0
+    assert cells[8] == f"0.5 ± {statistics.stdev([1.0, 0.0]):.1f}"  # one dead expert, then none
+    delta_row = next(line for line in text.splitlines() if line.startswith("| soft_topk | -"))
+    assert f"-0.1500 ± {statistics.stdev([-0.1, -0.2]):.4f}" in delta_row and "2/2" in delta_row
+    assert json.loads((tmp_path / "report.json").read_text())["soft_topk"][1]["seed"] == 1
+
+
+def test_report_skips_unfinished_runs(tmp_path):
+    configs = _write_runs(tmp_path)
+    path = tmp_path / "soft_topk" / "seed1" / "csv" / "version_0" / SUMMARY_FILE
+    summary = json.loads(path.read_text())
+    summary["finished"] = False
+    path.write_text(json.dumps(summary))
+    md_path, _ = write_report(tmp_path, configs, [0, 1])
+    row = next(
+        line
+        for line in md_path.read_text().splitlines()
+        if line.startswith("| soft_topk | soft_topk |")
+    )
+    assert "| 1 | 1.9000 ± 0.0000 |" in row
+
+
+def test_report_markdown_without_runs_marks_missing_configs():
+    from models.compare import ConfigResult
+
+    text = report_markdown([ConfigResult("topk")], title="t", notes=[])
+    assert "| topk | ? | 0 | n/a |" in text
+
+
+def test_compare_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        cli_main(["compare", "--configs", str(tmp_path / "nope.yaml")])
+    config = tmp_path / "a.yaml"
+    config.write_text("{}")
+    with pytest.raises(ValueError, match="--seeds=0"):
+        cli_main(["compare", "--configs", str(config), "--seeds", "0"])
+    with pytest.raises(ValueError, match="no finished run"):
+        cli_main(
+            ["compare", "--configs", str(config), "--out", str(tmp_path / "o"), "--report_only"]
+        )
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_and_resume(corpus_dir, tmp_path, capsys):
+    configs = [
+        tiny_config(
+            tmp_path,
+            corpus_dir,
+            gate="topk",
+            max_steps=4,
+            name="topk.yaml",
+            moe={"aux_loss_coef": 0.01, "z_loss_coef": 0.001},
+        ),
+        tiny_config(
+            tmp_path,
+            corpus_dir,
+            gate="soft_topk",
+            max_steps=4,
+            name="soft.yaml",
+            moe={"expert_bias": True, "bias_update_rate": 0.01},
+        ),
+    ]
+    out = tmp_path / "cmp"
+    args = [
+        "compare",
+        "--configs",
+        *map(str, configs),
+        "--seeds",
+        "2",
+        "--out",
+        str(out),
+        "--trainer.max_steps",
+        "3",
+    ]
+    cli_main(args)
+    text = (out / "report.md").read_text()
+    assert "| topk | topk | 2 |" in text and "| soft | soft_topk | 2 |" in text
+    assert (out / "report.png").is_file()
+    summary = json.loads(next((out / "soft" / "seed1").glob(f"**/{SUMMARY_FILE}")).read_text())
+    assert summary["global_step"] == 3 and summary["seed"] == 1  # the override reached the run
+    capsys.readouterr()
+    cli_main(args)  # every run finished already: only the report is rebuilt
+    assert capsys.readouterr().out.count("done already") == 4
+
+    # An interrupted run (no finished summary) resumes from its last checkpoint.
+    path = next((out / "topk" / "seed1").glob(f"**/{SUMMARY_FILE}"))
+    interrupted = json.loads(path.read_text())
+    path.write_text(json.dumps({**interrupted, "finished": False}))
+    cli_main(args)
+    assert capsys.readouterr().out.count("done already") == 3
+    assert "--ckpt_path" in (out / "topk" / "seed1" / "train.log").read_text()
+    resumed = json.loads(
+        next((out / "topk" / "seed1").glob(f"csv/version_1/{SUMMARY_FILE}")).read_text()
+    )
+    assert resumed["finished"] and resumed["final_val"]["loss"] == interrupted["final_val"]["loss"]
+    assert resumed["val_curve"] == interrupted["val_curve"]

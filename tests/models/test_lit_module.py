@@ -1,0 +1,217 @@
+"""LightningModule: schedule, bias update after the optimizer step, exact resume, DDP state."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from models_testing import tiny_config
+
+from models.config import ModelConfig, OptimConfig
+from models.data import ByteCorpusDataModule
+from models.lit_module import MoELanguageModel, warmup_cosine
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Every piece of router state that must survive a resume: expert bias, tau schedule.
+STATEFUL_MOE = {
+    "expert_bias": True,
+    "bias_update_rate": 0.05,
+    "tau_schedule": "anneal",
+    "tau_final": 0.3,
+    "anneal_steps": 6,
+    "z_loss_coef": 1e-3,
+}
+
+
+def test_warmup_cosine_reference():
+    values = [warmup_cosine(step, 4, 14, 0.1) for step in range(16)]
+    assert values[:4] == pytest.approx([1 / 5, 2 / 5, 3 / 5, 4 / 5])
+    assert values[4] == pytest.approx(1.0)
+    assert values[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert values[14] == pytest.approx(0.1) and values[15] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[4:], values[5:], strict=False))
+
+
+def _module(gate: str = "soft_topk", moe: dict | None = None) -> MoELanguageModel:
+    config = ModelConfig(
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        num_experts=4,
+        k=2,
+        expert_d_ff=16,
+        max_seq_len=16,
+        gate=gate,
+        moe=dict(STATEFUL_MOE if moe is None else moe),
+    )
+    return MoELanguageModel(config, OptimConfig(lr=0.01, warmup_steps=2))
+
+
+def _datamodule(corpus_dir: Path, tmp_path: Path) -> ByteCorpusDataModule:
+    return ByteCorpusDataModule(
+        files=[str(corpus_dir / "*.txt")],
+        seq_len=16,
+        batch_size=4,
+        max_val_blocks=8,
+        cache_dir=str(tmp_path / "hf"),
+    )
+
+
+def _trainer(root: Path, max_steps: int, callbacks=(), **kwargs) -> L.Trainer:
+    settings = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": max_steps,
+        "val_check_interval": 3,
+        "check_val_every_n_epoch": None,
+        "num_sanity_val_steps": 0,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(root),
+        "enable_checkpointing": False,
+        **kwargs,
+    }
+    return L.Trainer(callbacks=list(callbacks), **settings)
+
+
+def test_bias_update_gets_the_loads_of_every_micro_batch(corpus_dir, tmp_path):
+    L.seed_everything(0)
+    module = _module()
+    recorded_loads = {i: [] for i in range(2)}
+    updates = {i: [] for i in range(2)}
+    for index, layer in enumerate(module.net.moe_layers):
+        router = layer.router
+
+        def record_forward(mod, args, routing, index=index):
+            if mod.training:
+                recorded_loads[index].append(routing.tokens_per_expert_E.detach().clone())
+
+        router.register_forward_hook(record_forward)
+        original_update = router.update_expert_bias
+
+        def record_update(loads_E, index=index, router=router, original=original_update):
+            updates[index].append((loads_E.clone(), router.expert_bias.bias_E.clone()))
+            original(loads_E)
+
+        router.update_expert_bias = record_update
+    trainer = _trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=_datamodule(corpus_dir, tmp_path))
+
+    tokens_per_micro_batch = 4 * 16 * 2  # B * S * K
+    for index, layer in enumerate(module.net.moe_layers):
+        loads = recorded_loads[index]
+        assert len(loads) == 6 and len(updates[index]) == 3
+        bias_E = torch.zeros(4)
+        for step, (passed_E, bias_before_E) in enumerate(updates[index]):
+            expected_E = loads[2 * step] + loads[2 * step + 1]
+            torch.testing.assert_close(passed_E, expected_E)
+            assert passed_E.sum() == 2 * tokens_per_micro_batch
+            # Slow reference of the DeepSeek-V3 update, replayed from the recorded loads.
+            torch.testing.assert_close(bias_before_E, bias_E)
+            bias_E = bias_E + 0.05 * torch.sign(expected_E.mean() - expected_E)
+            bias_E = bias_E - bias_E.mean()
+        torch.testing.assert_close(layer.router.expert_bias.bias_E, bias_E)
+        assert bias_E.abs().sum() > 0
+        assert int(layer.router.schedule_step) == 3  # one schedule step per optimizer step
+    assert not module.step_loads_LE.any()
+
+
+class _StopAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _run(corpus_dir, tmp_path, root: Path, *, stop_at=None, ckpt_path=None):
+    L.seed_everything(0)
+    module = _module()
+    callbacks = [
+        ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_last=True, save_top_k=-1)
+    ]
+    if stop_at is not None:
+        callbacks.append(_StopAt(stop_at))
+    trainer = _trainer(
+        root, max_steps=6, callbacks=callbacks, enable_checkpointing=True, gradient_clip_val=1.0
+    )
+    trainer.fit(module, datamodule=_datamodule(corpus_dir, tmp_path), ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def test_resume_from_a_mid_run_checkpoint_is_exact(corpus_dir, tmp_path):
+    full, _ = _run(corpus_dir, tmp_path, tmp_path / "full")
+    stopped, stopped_trainer = _run(corpus_dir, tmp_path, tmp_path / "part", stop_at=3)
+    assert stopped_trainer.global_step == 3
+    last = tmp_path / "part" / "ckpt" / "last.ckpt"
+    resumed, resumed_trainer = _run(corpus_dir, tmp_path, tmp_path / "resumed", ckpt_path=last)
+    assert resumed_trainer.global_step == 6
+
+    full_state, resumed_state = full.state_dict(), resumed.state_dict()
+    assert full_state.keys() == resumed_state.keys()
+    assert any("expert_bias.bias_E" in name for name in full_state)
+    assert any("schedule_step" in name for name in full_state)
+    for name, value in full_state.items():
+        torch.testing.assert_close(resumed_state[name], value, rtol=0, atol=0, msg=name)
+    # The half-way weights really differ, so the equality above is not vacuous.
+    assert not torch.equal(stopped.state_dict()["net.embed.weight"], full_state["net.embed.weight"])
+    assert resumed.last_val["step"] == full.last_val["step"] == 6
+    assert resumed.last_val["loss"] == full.last_val["loss"]
+    for name, values in full.last_val["layers"].items():
+        for key, value in values.items():
+            assert torch.equal(resumed.last_val["layers"][name][key], value), (name, key)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_ranks_keep_identical_router_state(corpus_dir, tmp_path):
+    config = tiny_config(tmp_path, corpus_dir, moe=STATEFUL_MOE, max_steps=4)
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["callbacks"].append({"class_path": "ddp_probe.RouterStateProbe"})
+    config.write_text(yaml.safe_dump(settings))
+    env = {
+        **os.environ,
+        "MOE_PROBE_DIR": str(tmp_path / "probe"),
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), str(REPO), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.strategy",
+            "ddp",
+            "--trainer.devices",
+            "2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "probe" / "rank0.pt")
+    rank1 = torch.load(tmp_path / "probe" / "rank1.pt")
+    bias_names = [name for name in rank0 if name.endswith("expert_bias.bias_E")]
+    assert len(bias_names) == 2
+    for name in bias_names:
+        assert rank0[name].abs().sum() > 0  # the bias did move
+    for name, value in rank0.items():
+        assert torch.equal(rank1[name], value), name
+    assert "validation loss" in result.stdout
