@@ -1,6 +1,73 @@
-"""moe_router: Mixture-of-Experts routing with a differentiable soft top-k gate."""
+"""moe_router: Mixture-of-Experts routing with a differentiable soft top-k gate.
 
+The op (`soft_topk`), the router (`Router`, one interface for every gate), the dropless MoE
+layer (`MoELayer`), load-balancing losses, and torchmetrics load-balance metrics with a
+markdown / heatmap report. `moe_router` never imports Lightning, `datasets` or `models`.
+"""
+
+from moe_router.balancing import (
+    ExpertBias,
+    load_balancing_loss,
+    router_z_loss,
+    sequence_load_balancing_loss,
+)
+from moe_router.metrics import (
+    ActiveExpertsPerToken,
+    DeadExpertFraction,
+    DropRate,
+    EffectiveExperts,
+    LoadBalanceMetrics,
+    LoadCV,
+    LoadEntropy,
+    MaxViolation,
+    RouterEntropy,
+    SoftMassOutside,
+    TokensPerExpert,
+    scalar_metrics,
+)
+from moe_router.moe import MoEConfig, MoELayer, SwiGLU, capacity_keep_mask, grouped_matmul
 from moe_router.ops import soft_topk
+from moe_router.report import (
+    LoadBalanceReport,
+    load_balance_table,
+    plot_load_heatmap,
+    plot_load_heatmaps,
+    write_load_balance_report,
+)
+from moe_router.router import GATES, Router, RouterConfig, select_experts
 from moe_router.routing import Routing
 
-__all__ = ["Routing", "soft_topk"]
+__all__ = [
+    "GATES",
+    "ActiveExpertsPerToken",
+    "DeadExpertFraction",
+    "DropRate",
+    "EffectiveExperts",
+    "ExpertBias",
+    "LoadBalanceMetrics",
+    "LoadBalanceReport",
+    "LoadCV",
+    "LoadEntropy",
+    "MaxViolation",
+    "MoEConfig",
+    "MoELayer",
+    "Router",
+    "RouterConfig",
+    "RouterEntropy",
+    "Routing",
+    "SoftMassOutside",
+    "SwiGLU",
+    "TokensPerExpert",
+    "capacity_keep_mask",
+    "grouped_matmul",
+    "load_balance_table",
+    "load_balancing_loss",
+    "plot_load_heatmap",
+    "plot_load_heatmaps",
+    "router_z_loss",
+    "scalar_metrics",
+    "select_experts",
+    "sequence_load_balancing_loss",
+    "soft_topk",
+    "write_load_balance_report",
+]

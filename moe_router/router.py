@@ -403,6 +403,15 @@ class Router(nn.Module):
         return masked_TGX.flatten(-2)  # (T, E)
 
     def forward(self, hidden_states: Tensor, padding_mask: Tensor | None = None) -> Routing:
+        """Route a batch of tokens, in fp32 even inside the caller's autocast region.
+
+        Autocast would otherwise run the router's linear in bf16/fp16 whatever the input dtype;
+        the router math (logits, gate, aux losses) is precision-sensitive, so it is disabled here.
+        """
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            return self._route(hidden_states, padding_mask)
+
+    def _route(self, hidden_states: Tensor, padding_mask: Tensor | None = None) -> Routing:
         """Route a batch of tokens.
 
         Args:

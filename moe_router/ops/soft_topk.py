@@ -44,12 +44,17 @@ def _triton_available() -> bool:
     return True
 
 
-def _use_triton(scores_RN: Tensor, backend: str) -> bool:
+def _use_triton(scores_RN: Tensor, method: str, backend: str) -> bool:
+    """backend="auto": Triton for CUDA tensors the kernels support (N <= 1024, not float64)."""
     if backend == "torch":
         return False
     if backend == "triton":
         return True
-    return scores_RN.is_cuda and _triton_available()
+    if not scores_RN.is_cuda:
+        return False
+    from moe_router.ops._triton_soft_topk import is_supported
+
+    return is_supported(scores_RN, method)
 
 
 def _check_values_eagerly(scores_RN: Tensor, k_R: Tensor, tau_R: Tensor, k_is_number: bool) -> None:
@@ -81,12 +86,12 @@ def _soft_topk_threshold(
     backend: str,
 ) -> Tensor:
     _check_values_eagerly(scores_RN, k_R, tau_R, max_k is not None)
-    if _use_triton(scores_RN, backend):
+    if _use_triton(scores_RN, method, backend):
         from moe_router.ops._triton_soft_topk import triton_soft_topk_forward
 
-        return triton_soft_topk_forward(scores_RN.contiguous(), k_R, tau_R, method).to(
-            scores_RN.dtype
-        )
+        p_RN = triton_soft_topk_forward(scores_RN.contiguous(), k_R, tau_R, method)
+        # the kernels leave k <= 0 undefined; match the torch path's documented zeros
+        return torch.where((k_R <= 0).unsqueeze(-1), 0.0, p_RN).to(scores_RN.dtype)
     p_RN, _ = solve_threshold(scores_RN / tau_R.unsqueeze(-1), k_R, method, max_k)
     return p_RN
 
@@ -115,7 +120,7 @@ class _SoftTopKThreshold(torch.autograd.Function):
         scores_RN, k_R, tau_R, method, max_k, backend = inputs
         ctx.save_for_backward(output, tau_R)
         ctx.method = method
-        ctx.use_triton = _use_triton(scores_RN, backend)
+        ctx.use_triton = _use_triton(scores_RN, method, backend)
 
     @staticmethod
     def backward(ctx, grad_RN):
