@@ -303,7 +303,9 @@ def solve_threshold(
     # (Sterbenz) for the entries near the threshold, which carry the mass, while both z - max
     # and lam are only good to the ulp of the score range (1e-4 to 1e-3 errors in p at scales
     # 1e2-1e4 otherwise). The segment, by rank, comes from the solver.
-    row_max_R = torch.where(torch.isfinite(z_RN), z_RN, -math.inf).amax(-1)
+    # amax propagates NaN and +inf, so the bad rows are read off [R] values, not [R, N] masks
+    row_max_R = z_RN.amax(-1)
+    bad_row_R = torch.isnan(row_max_R) | torch.isposinf(row_max_R)
     row_max_R = torch.where(torch.isfinite(row_max_R), row_max_R, 0.0)
     lam_R, above_RN, linear_RN = _SOLVERS[method](z_RN - row_max_R.unsqueeze(-1), k_R, max_k)
     anchor_R = row_max_R + lam_R
@@ -311,16 +313,14 @@ def solve_threshold(
     offset_R = _solve_offset(u_RN, k_R, method, above_RN, linear_RN)
     p_RN = apply_f(u_RN - offset_R.unsqueeze(-1), method)
     lam_R = anchor_R + offset_R
-    finite_RN = torch.isfinite(z_RN)
-    num_finite_R = finite_RN.sum(-1).to(z_RN.dtype)
-    saturated_R = num_finite_R <= k_R
+    finite_RN = z_RN > -math.inf  # NaN / +inf rows are overwritten below
+    saturated_R = finite_RN.sum(-1).to(z_RN.dtype) <= k_R
     p_RN = torch.where(saturated_R.unsqueeze(-1), finite_RN.to(z_RN.dtype), p_RN)
     p_RN = torch.where((k_R <= 0).unsqueeze(-1), torch.zeros_like(p_RN), p_RN)
     lam_R = torch.where(saturated_R, -math.inf, lam_R)
     lam_R = torch.where(k_R <= 0, math.inf, lam_R)
-    nan_row_R = torch.isnan(z_RN).any(-1) | torch.isposinf(z_RN).any(-1)
-    p_RN = torch.where(nan_row_R.unsqueeze(-1), math.nan, p_RN)
-    lam_R = torch.where(nan_row_R | torch.isnan(k_R), math.nan, lam_R)
+    p_RN = torch.where(bad_row_R.unsqueeze(-1), math.nan, p_RN)
+    lam_R = torch.where(bad_row_R | torch.isnan(k_R), math.nan, lam_R)
     return p_RN, lam_R
 
 
