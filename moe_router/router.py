@@ -459,9 +459,6 @@ class Router(nn.Module):
             padding_mask_T = padding_mask.reshape(-1).to(torch.bool)
             valid_TK = valid_TK & ~padding_mask_T.unsqueeze(-1)
             weights_TK = weights_TK * valid_TK
-        tokens_per_expert_E = torch.zeros(config.num_experts, device=logits_TE.device)
-        tokens_per_expert_E.index_add_(0, expert_ids_TK.reshape(-1), valid_TK.reshape(-1).float())
-
         aux_losses = self._aux_losses(
             lead_shape, logits_TE, scores_TE, expert_ids_TK, valid_TK, padding_mask_T
         )
@@ -471,8 +468,7 @@ class Router(nn.Module):
             scores_TE=scores_TE,
             logits_TE=logits_TE,
             aux_losses=aux_losses,
-            tokens_per_expert_E=tokens_per_expert_E,
-            valid_TK=valid_TK,
+            valid_TK=valid_TK,  # the record counts tokens_per_expert_E from the valid slots
             padding_mask_T=padding_mask_T,
         )
 
