@@ -8,19 +8,25 @@ The operator (DESIGN.md, seed 002 "ThreTopK"): for z = x / tau find the threshol
 
     sum_i f(z_i - lambda) = k,        p_i = f(z_i - lambda),
 
-for a monotone f: R -> [0, 1]. Every f used here is the pointwise minimum of an "above" branch
-f_A and a "below" branch f_B (exp: min(1, e^u); laplace: min(1 - e^-u / 2, e^u / 2);
-sparse: min(1, relu(u))). That gives an exact, sort-light solver: for *any* set A of entries,
-the surrogate G_A(lambda) = sum_{i in A} f_A(z_i - lambda) + sum_{i not in A} f_B(z_i - lambda)
-is >= F(lambda) everywhere, so its root lambda_A is an upper bound on the true threshold, with
-equality when A is the set of entries above the threshold. Since that set is always one of the
-"top-m" sets, lambda* = min over m of lambda_{top-m}: no consistency test that rounding could
-break, and only the m that can hold are needed (m < k for exp, m < 2k for laplace since
-f >= 1/2 above the threshold), so a partial sort (torch.topk) of ceil(2k) + 1 values is enough.
-`sigmoid` has no closed form; laplace brackets it within +-log 2 (sigma(u) lies between
-laplace(u - log 2) and laplace(u + log 2)), and a safeguarded Newton step in w = e^-lambda (where
-sum_i sigma(z_i - lambda) is concave and increasing, so Newton from the upper end never
-overshoots) converges in a handful of iterations.
+for a monotone f: R -> [0, 1]. Each method solves it with a partial sort (torch.topk) of only
+the candidates that can hold, then closed forms:
+
+- exp, f = min(1, e^u), and sparse, f = min(1, relu(u)), are the pointwise minimum of an
+  "above" branch f_A and a "below" branch f_B. So for *any* set A of entries, the surrogate
+  G_A(lambda) = sum_{i in A} f_A(z_i - lambda) + sum_{i not in A} f_B(z_i - lambda) is
+  >= F(lambda), and its root is an upper bound on the threshold, equal to it when A is the set
+  of entries above. That set is a "top-m" set, so lambda* = min over m of the segment roots: no
+  consistency test that rounding could break. exp needs m < k (top ceil(k) values); sparse's
+  support has no bound in k, so it sorts whole rows.
+- laplace is not such a minimum (e^u/2 >= 1 - e^-u/2 everywhere); its segment is found from F
+  at the breakpoints, which increases with m, and m < 2k since f >= 1/2 above the threshold
+  (top ceil(2k) values).
+- sigmoid has no closed form; laplace brackets it within +-log 2 (sigma(u) lies between
+  laplace(u - log 2) and laplace(u + log 2)), and safeguarded Newton steps in w = e^-lambda
+  (where sum_i sigma(z_i - lambda) is concave and increasing, so Newton from the upper end
+  never overshoots) converge in a handful of iterations.
+
+All four then take one exact step in the threshold's own frame (solve_threshold).
 """
 
 from __future__ import annotations
@@ -370,8 +376,8 @@ def threshold_backward(
     With v = f'(u) / tau:  dL/dx = v*g - v * (sum v*g) / (sum v);  dL/dk = (sum v*g) / (sum v);
     dL/dtau = -sum_i z_i * dL/dx_i (z = x/tau, dz/dtau = -z/tau and dL/dz = tau * dL/dx), where
     z may be replaced by u = z - lam = f^{-1}(p) because dL/dx sums to zero. sum v = 0 gives
-    zero gradients. Written with differentiable torch ops on
-    the saved output, so double backward works.
+    zero gradients. Written with differentiable torch ops on the saved output, so double
+    backward works.
 
     Returns:
         (grad_scores_RN, grad_k_R or None, grad_tau_R or None).

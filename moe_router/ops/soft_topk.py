@@ -57,23 +57,26 @@ def _use_triton(scores_RN: Tensor, method: str, backend: str) -> bool:
     return is_supported(scores_RN, method)
 
 
-def _check_values_eagerly(scores_RN: Tensor, k_R: Tensor, tau_R: Tensor, k_is_number: bool) -> None:
-    """Value checks that need the data. Run on CPU only, where reading a value costs no device
-    sync; on CUDA the documented fallbacks apply instead of an error."""
-    if scores_RN.device.type != "cpu":
-        return
-    if not bool(((tau_R > 0) & torch.isfinite(tau_R)).all()):
-        bad = tau_R[~((tau_R > 0) & torch.isfinite(tau_R))][0].item()
-        raise ValueError(f"tau must be positive and finite, got a tau value of {bad}")
-    if k_is_number and scores_RN.numel() > 0:
-        num_finite_R = torch.isfinite(scores_RN).sum(-1)
-        short_R = num_finite_R.to(k_R.dtype) <= k_R
-        if bool(short_R.any()):
-            row = int(short_R.nonzero()[0, 0])
-            raise ValueError(
-                f"k={k_R[row].item():g} needs more than k finite scores per row, but row {row} "
-                f"has only {int(num_finite_R[row])} (the others are -inf)"
-            )
+def _check_tau(tau_R: Tensor) -> None:
+    """tau > 0 and finite. Only called on CPU, where reading a value costs no device sync."""
+    bad_R = ~((tau_R > 0) & torch.isfinite(tau_R))
+    if bool(bad_R.any()):
+        raise ValueError(
+            f"tau must be positive and finite, got a tau value of {tau_R[bad_R][0].item()}"
+        )
+
+
+def _check_enough_finite(scores_RN: Tensor, k_R: Tensor, lam_R: Tensor) -> None:
+    """A number k needs more than k finite scores per row. The solver already marks the rows
+    that have too few with lam = -inf, so this reads [R] values, not a second [R, N] count.
+    CPU only; on CUDA the documented fallback applies instead of an error."""
+    short_R = torch.isneginf(lam_R)
+    if bool(short_R.any()):
+        row = int(short_R.nonzero()[0, 0])
+        raise ValueError(
+            f"k={k_R[row].item():g} needs more than k finite scores per row, but row {row} "
+            f"has only {int(torch.isfinite(scores_RN[row]).sum())} (the others are -inf)"
+        )
 
 
 @torch.library.custom_op("moe_router::soft_topk_threshold", mutates_args=())
@@ -85,14 +88,24 @@ def _soft_topk_threshold(
     max_k: float | None,
     backend: str,
 ) -> Tensor:
-    _check_values_eagerly(scores_RN, k_R, tau_R, max_k is not None)
+    # Value checks that read data run on CPU only, where that costs no device sync.
+    on_cpu = scores_RN.device.type == "cpu"
+    check_finite = on_cpu and max_k is not None
+    if on_cpu:
+        _check_tau(tau_R)
     if _use_triton(scores_RN, method, backend):
         from moe_router.ops._triton_soft_topk import triton_soft_topk_forward
 
-        p_RN = triton_soft_topk_forward(scores_RN.contiguous(), k_R, tau_R, method)
+        out = triton_soft_topk_forward(
+            scores_RN.contiguous(), k_R, tau_R, method, return_threshold=check_finite
+        )
+        p_RN, lam_R = out if check_finite else (out, None)
         # the kernels leave k <= 0 undefined; match the torch path's documented zeros
-        return torch.where((k_R <= 0).unsqueeze(-1), 0.0, p_RN).to(scores_RN.dtype)
-    p_RN, _ = solve_threshold(scores_RN / tau_R.unsqueeze(-1), k_R, method, max_k)
+        p_RN = torch.where((k_R <= 0).unsqueeze(-1), 0.0, p_RN).to(scores_RN.dtype)
+    else:
+        p_RN, lam_R = solve_threshold(scores_RN / tau_R.unsqueeze(-1), k_R, method, max_k)
+    if check_finite:
+        _check_enough_finite(scores_RN, k_R, lam_R)
     return p_RN
 
 
@@ -220,7 +233,8 @@ def soft_topk(
             requires grad receives dL/dk. Rows of a tensor k with k <= 0 give p = 0, and rows
             with at most k finite scores give p = 1 on their finite entries (sum < k): the
             nearest the constraint allows. With a number k such rows raise ValueError on CPU;
-            on CUDA they take the same fallback, as checking would need a device sync.
+            on CUDA they take the same fallback, as checking would need a device sync. The
+            reference methods round a tensor k to integers.
         tau: Temperature > 0, a number or a tensor broadcastable like k (learned or per-row
             temperatures receive gradients). tau -> 0 gives the hard top-k mask.
         dim: The dimension to select along.
