@@ -247,10 +247,14 @@ def _solve_offset(
     tiny = torch.finfo(u_RN.dtype).tiny
     zero_RN = torch.zeros_like(u_RN)
     if method == "sigmoid":
-        # one Newton step (the solver's iterate is converged; this repairs lam0's rounding)
-        p_RN = torch.sigmoid(u_RN)
-        slope_R = (p_RN * (1 - p_RN)).sum(-1)
-        offset_R = (p_RN.sum(-1) - k_R) / slope_R.clamp_min(tiny)
+        # one Newton step (the solver's iterate is converged; this repairs lam0's rounding).
+        # sum p = #(u >= 0) - sum_{u >= 0} sigma(-u) + sum_{u < 0} sigma(u): each term <= 1/2,
+        # so a k in the hundreds keeps its last bits in fp32 (sum_i p_i would not).
+        q_RN = torch.sigmoid(-u_RN.abs())
+        positive_RN = u_RN >= 0
+        total_R = positive_RN.sum(-1).to(u_RN.dtype) + torch.where(positive_RN, -q_RN, q_RN).sum(-1)
+        slope_R = (q_RN * (1 - q_RN)).sum(-1)
+        offset_R = (total_R - k_R) / slope_R.clamp_min(tiny)
         bound_R = torch.full_like(offset_R, 1e-2)
         offset_R = torch.maximum(torch.minimum(offset_R, bound_R), -bound_R)
         return torch.where(slope_R > 0, offset_R, torch.zeros_like(offset_R))

@@ -7,9 +7,11 @@ tau -> 0 (DESIGN.md, "The soft top-k operator"; seeds 000, 002, 004).
 Threshold methods ("sigmoid", "laplace", "exp", "sparse") run as one registered custom op
 (`moe_router::soft_topk_threshold`, forward with a fake and a vmap rule) inside an
 autograd.Function with the hand-written one-pass backward, so they work under
-`torch.compile(fullgraph=True)`, `torch.func.vmap` and `torch.func.grad`. The reference
-methods ("iterative",
-"grad") are plain PyTorch differentiated by autograd.
+`torch.compile(fullgraph=True)`, `torch.func.vmap` and `torch.func.grad`. Three
+implementations, checked against each other: the readable PyTorch path (`_threshold.py`), fused
+C++ CPU kernels (`csrc/soft_topk_cpu.cpp`, built on first use by `_cpu_kernels.py`) and Triton
+GPU kernels (`_triton_soft_topk.py`). The reference methods ("iterative", "grad") are plain
+PyTorch differentiated by autograd.
 
 Shape legend: R rows (all dims but `dim`, flattened), N entries per row.
 """
@@ -27,7 +29,7 @@ from moe_router.ops._reference import REFERENCE_METHODS, grad_soft_topk, iterati
 from moe_router.ops._threshold import THRESHOLD_METHODS, solve_threshold, threshold_backward
 
 METHODS = THRESHOLD_METHODS + REFERENCE_METHODS
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "cpp", "triton")
 
 __all__ = ["BACKENDS", "METHODS", "soft_topk"]
 
@@ -42,6 +44,23 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _use_cpp(scores_RN: Tensor, backend: str, build: bool = True) -> bool:
+    """backend="auto": the fused C++ kernels for CPU float32/float64 rows, once they build.
+
+    build=False only reads whether they are loaded: code that torch.compile traces (the
+    autograd.Function's setup_context) cannot build them. The op's forward runs eagerly first.
+    """
+    if backend == "cpp":
+        return True
+    if backend != "auto" or scores_RN.device.type != "cpu":
+        return False
+    if scores_RN.dtype not in (torch.float32, torch.float64):
+        return False
+    from moe_router.ops import _cpu_kernels
+
+    return _cpu_kernels.available() if build else _cpu_kernels.loaded()
 
 
 def _use_triton(scores_RN: Tensor, method: str, backend: str) -> bool:
@@ -93,7 +112,11 @@ def _soft_topk_threshold(
     check_finite = on_cpu and max_k is not None
     if on_cpu:
         _check_tau(tau_R)
-    if _use_triton(scores_RN, method, backend):
+    if _use_cpp(scores_RN, backend):
+        from moe_router.ops import _cpu_kernels
+
+        p_RN, lam_R = _cpu_kernels.forward(scores_RN, k_R, tau_R, method)
+    elif _use_triton(scores_RN, method, backend):
         from moe_router.ops._triton_soft_topk import triton_soft_topk_forward
 
         out = triton_soft_topk_forward(
@@ -133,15 +156,23 @@ class _SoftTopKThreshold(torch.autograd.Function):
         scores_RN, k_R, tau_R, method, max_k, backend = inputs
         ctx.save_for_backward(output, tau_R)
         ctx.method = method
-        ctx.use_triton = _use_triton(scores_RN, method, backend)
+        ctx.use_cpp = _use_cpp(scores_RN, backend, build=False)
+        ctx.use_triton = not ctx.use_cpp and _use_triton(scores_RN, method, backend)
 
     @staticmethod
     def backward(ctx, grad_RN):
         p_RN, tau_R = ctx.saved_tensors
         _, need_k_grad, need_tau_grad = ctx.needs_input_grad[:3]
-        # The Triton backward is first-order only; double backward takes the torch formula,
+        # The fused backwards are first-order only; double backward takes the torch formula,
         # which is written in differentiable ops on the saved output.
-        if ctx.use_triton and not torch.is_grad_enabled():
+        if ctx.use_cpp and not torch.is_grad_enabled():
+            from moe_router.ops import _cpu_kernels
+
+            grad_x_RN, grad_k_R, grad_tau_R = _cpu_kernels.backward(
+                p_RN, grad_RN, tau_R, ctx.method, need_tau_grad
+            )
+            grad_k_R = grad_k_R if need_k_grad else None
+        elif ctx.use_triton and not torch.is_grad_enabled():
             from moe_router.ops._triton_soft_topk import triton_soft_topk_backward
 
             grad_x_RN, grad_k_R, grad_tau_R = triton_soft_topk_backward(
@@ -239,8 +270,11 @@ def soft_topk(
             temperatures receive gradients). tau -> 0 gives the hard top-k mask.
         dim: The dimension to select along.
         method: One of "sigmoid", "laplace", "exp", "sparse", "iterative", "grad".
-        backend: "auto" (Triton for CUDA tensors when Triton is installed, else PyTorch),
-            "torch", or "triton" (threshold methods only; on CPU only under TRITON_INTERPRET=1).
+        backend: Implementation of the threshold methods. "auto": the fused C++ kernels for
+            CPU tensors (built once on first use; PyTorch if they cannot be built), Triton for
+            CUDA tensors when Triton is installed, else PyTorch. "torch": the readable PyTorch
+            path. "cpp": the C++ kernels (CPU only). "triton": the Triton kernels (CUDA, or
+            CPU under TRITON_INTERPRET=1).
 
     Returns:
         Tensor of the shape and dtype of `scores`.
@@ -282,6 +316,19 @@ def soft_topk(
         isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < tau < math.inf
     ):
         raise ValueError(f"tau must be a positive finite number or a tensor, got tau={tau!r}")
+    if backend == "cpp":
+        if method not in THRESHOLD_METHODS:
+            raise ValueError(f"backend='cpp' supports {THRESHOLD_METHODS}, not {method!r}")
+        if scores.device.type != "cpu":
+            raise ValueError(f"backend='cpp' needs CPU tensors, got device={scores.device}")
+        from moe_router.ops import _cpu_kernels
+
+        built = _cpu_kernels.loaded() if torch.compiler.is_compiling() else None
+        if not (built if built is not None else _cpu_kernels.available()):
+            raise ValueError(
+                "backend='cpp' needs the C++ kernels, which could not be built here (see the "
+                "warning above, or MOE_ROUTER_CPU_KERNELS=0 is set); use backend='torch'"
+            )
     if backend == "triton":
         if method not in THRESHOLD_METHODS:
             raise ValueError(f"backend='triton' supports {THRESHOLD_METHODS}, not {method!r}")

@@ -18,6 +18,8 @@ from moe_router import soft_topk
 from moe_router.ops._threshold import apply_f
 
 THRESHOLD = ["sigmoid", "laplace", "exp", "sparse"]
+# the two CPU implementations of the threshold methods: the PyTorch path and the C++ kernels
+CPU_BACKENDS = ["torch", "cpp"]
 REFERENCE = ["iterative", "grad"]
 ALL = THRESHOLD + REFERENCE
 
@@ -49,10 +51,11 @@ def hard_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     [(8, 2), (64, 8), (256, 8), (64, 1), (64, 32), (64, 63), (64, 2.5), (5, 0.3)],
 )
 @pytest.mark.parametrize("scale", [0.01, 1.0, 10.0, 100.0])
-def test_fp32_matches_float64_reference(method, num_entries, k, scale):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fp32_matches_float64_reference(method, num_entries, k, scale, backend):
     torch.manual_seed(0)
     scores = torch.randn(64, num_entries) * scale
-    p = soft_topk(scores, k, method=method)
+    p = soft_topk(scores, k, method=method, backend=backend)
     assert p.dtype == torch.float32
     assert (p.double().sum(-1) - k).abs().max() <= 1e-5 * max(k, 1)
     torch.testing.assert_close(
@@ -61,11 +64,12 @@ def test_fp32_matches_float64_reference(method, num_entries, k, scale):
 
 
 @pytest.mark.parametrize("method", THRESHOLD)
-def test_per_row_k_matches_reference(method):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_per_row_k_matches_reference(method, backend):
     torch.manual_seed(1)
     scores = torch.randn(64, 16)
     k_R = torch.rand(64) * 14 + 0.5  # fractional, one budget per row
-    p = soft_topk(scores, k_R, method=method)
+    p = soft_topk(scores, k_R, method=method, backend=backend)
     torch.testing.assert_close(p.sum(-1), k_R, atol=1e-5 * 15, rtol=0)
     torch.testing.assert_close(
         p.double(), bisection_reference(scores, k_R, 1.0, method), atol=1e-5, rtol=0
@@ -73,16 +77,17 @@ def test_per_row_k_matches_reference(method):
 
 
 @pytest.mark.parametrize("method", THRESHOLD)
-def test_tau_and_dim_and_leading_dims(method):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tau_and_dim_and_leading_dims(method, backend):
     torch.manual_seed(2)
     scores = torch.randn(3, 10, 4, 5)  # select along dim 1
-    p = soft_topk(scores, 3, tau=0.3, dim=1, method=method)
+    p = soft_topk(scores, 3, tau=0.3, dim=1, method=method, backend=backend)
     assert p.shape == scores.shape
     expected = bisection_reference(scores.movedim(1, -1), 3, 0.3, method).movedim(-1, 1)
     torch.testing.assert_close(p.double(), expected, atol=1e-5, rtol=0)
     # per-row tau, broadcast over the batch shape (3, 4, 5)
     tau = torch.rand(4, 5) + 0.2
-    p = soft_topk(scores, 3, tau=tau, dim=1, method=method)
+    p = soft_topk(scores, 3, tau=tau, dim=1, method=method, backend=backend)
     for i in range(4):
         for j in range(5):
             expected = bisection_reference(scores[:, :, i, j], 3, tau[i, j].item(), method)
@@ -212,12 +217,13 @@ def test_gradcheck_batched_dim_not_last(method):
 
 
 @pytest.mark.parametrize("method", THRESHOLD)
-def test_gradcheck_per_row_k_and_tau(method):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradcheck_per_row_k_and_tau(method, backend):
     x = _double(3, 6, 4, seed=11)
     torch.manual_seed(11)
     k = (torch.rand(3, 4, dtype=torch.float64) * 4 + 0.5).requires_grad_()
     tau = (torch.rand(3, 4, dtype=torch.float64) + 0.5).requires_grad_()
-    fn = lambda a, b, c: soft_topk(a, b, tau=c, dim=1, method=method)  # noqa: E731
+    fn = lambda a, b, c: soft_topk(a, b, tau=c, dim=1, method=method, backend=backend)  # noqa: E731
     assert gradcheck(fn, (x, k, tau), eps=1e-6, atol=1e-6)
     assert gradgradcheck(fn, (x, k, tau), eps=1e-6, atol=1e-5)
 
@@ -234,7 +240,8 @@ def test_reference_methods_accept_integer_per_row_k(method):
 
 
 @pytest.mark.parametrize("method", THRESHOLD)
-def test_backward_matches_explicit_jacobian(method):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backward_matches_explicit_jacobian(method, backend):
     """The one-pass formula v*g - v*(v.g)/sum v against the explicit Jacobian
     diag(v) - v v^T / sum v
     (seed 004: the off-diagonal term), built row by row in the slowest way."""
@@ -242,7 +249,7 @@ def test_backward_matches_explicit_jacobian(method):
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
     g = torch.randn(4, 7, dtype=torch.float64)
     tau = 0.8
-    p = soft_topk(x, 3, tau=tau, method=method)
+    p = soft_topk(x, 3, tau=tau, method=method, backend=backend)
     (grad,) = torch.autograd.grad(p, x, g)
     from moe_router.ops._threshold import f_prime_from_p
 
@@ -256,9 +263,10 @@ def test_backward_matches_explicit_jacobian(method):
 
 
 @pytest.mark.parametrize("method", THRESHOLD)
-def test_saturated_rows_give_zero_gradient_not_nan(method):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_saturated_rows_give_zero_gradient_not_nan(method, backend):
     x = torch.tensor([[100.0, 100.0, -100.0, -100.0]], requires_grad=True)
-    p = soft_topk(x, 2, tau=1e-3, method=method)
+    p = soft_topk(x, 2, tau=1e-3, method=method, backend=backend)
     (grad,) = torch.autograd.grad((p * torch.arange(4.0)).sum(), x)
     assert torch.equal(grad, torch.zeros_like(grad))
 

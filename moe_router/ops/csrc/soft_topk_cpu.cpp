@@ -1,0 +1,875 @@
+// Fused CPU kernels of the threshold soft top-k family (sigmoid, laplace, exp, sparse).
+//
+// The same math as moe_router/ops/_threshold.py (the readable reference path; read it first),
+// one row at a time with the row in cache: a partial selection of the top candidates by
+// insertion, the closed forms on those candidates in double, then the exact final step in the
+// threshold's own frame and p, in a handful of passes over the row. Rows run in parallel
+// (at::parallel_for). Built on first use by moe_router/ops/_cpu_kernels.py.
+//
+// Shape legend: R rows, N entries per row, K candidates (top values) per row.
+//
+// Ops (schemas in TORCH_LIBRARY below), scores/p/grad [R, N] contiguous, k/tau [R], float32
+// or float64:
+//   threshold_forward(scores, k, tau, method, sparse_newton_steps=12) -> (p, lam)
+//   threshold_backward(p, grad, tau, method, need_tau_grad) -> (grad_scores, grad_k, grad_tau)
+// method: 0 sigmoid, 1 laplace, 2 exp, 3 sparse. lam is in units of scores / tau.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace moe_router_cpu {
+namespace {
+
+enum Method : int64_t { kSigmoid = 0, kLaplace = 1, kExp = 2, kSparse = 3 };
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kLog2 = 0.69314718055994530942;
+// Newton steps of the sigmoid solve after the laplace bracket (as SIGMOID_NEWTON_STEPS); the
+// loop stops early once a step moves lam by less than kSigmoidStepTol (z units), since the
+// final step (one more Newton step in the threshold's frame) squares that error. (A test on
+// |sum p - k| would not do: with k near N the slope is tiny and lam can be far off.)
+constexpr int kSigmoidNewtonSteps = 6;
+constexpr double kSigmoidStepTol = 1e-4;
+// Candidate counts up to this size are selected by insertion into a sorted buffer (a few
+// compares per entry); larger ones by std::partial_sort.
+constexpr int64_t kInsertionMaxK = 32;
+// Newton steps of the sparse solve before a row takes the exact sorted path (solve_sparse).
+constexpr int64_t kSparseNewtonSteps = 12;
+
+// ------------------------------------------------------------------------------------------
+// SIMD: GCC/Clang vector extensions, 32 bytes (8 floats / 4 doubles), lowered to whatever the
+// target has (-march=native). Rows live in scratch buffers padded to a multiple of the width
+// with -inf scores and 0 masks, which every pass below maps to a zero contribution.
+
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float vec __attribute__((vector_size(32)));
+  typedef int32_t ivec __attribute__((vector_size(32)));
+  static constexpr int64_t width = 8;
+};
+template <>
+struct Lanes<double> {
+  typedef double vec __attribute__((vector_size(32)));
+  typedef int64_t ivec __attribute__((vector_size(32)));
+  static constexpr int64_t width = 4;
+};
+template <typename T>
+using Vec = typename Lanes<T>::vec;
+template <typename T>
+constexpr int64_t kWidth = Lanes<T>::width;
+
+template <typename T>
+inline Vec<T> load(const T* ptr) {
+  Vec<T> v;
+  std::memcpy(&v, ptr, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void store(T* ptr, Vec<T> v) {
+  std::memcpy(ptr, &v, sizeof(v));
+}
+template <typename T>
+inline Vec<T> splat(T x) {
+  Vec<T> v;
+  for (int64_t l = 0; l < kWidth<T>; ++l) v[l] = x;
+  return v;
+}
+// (templates on the vector type V: Vec<T> is not deducible)
+template <typename V>
+using ElemOf = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<V>()[0])>>;
+template <typename V>
+inline ElemOf<V> hsum(V v) {
+  ElemOf<V> total = 0;
+  for (int64_t l = 0; l < kWidth<ElemOf<V>>; ++l) total += v[l];
+  return total;
+}
+template <typename V>
+inline V vmin(V a, V b) {
+  return a < b ? a : b;
+}
+template <typename V>
+inline V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+template <typename V>
+inline V vabs(V a) {
+  return a < ElemOf<V>(0) ? -a : a;
+}
+inline int64_t round_up(int64_t n, int64_t width) { return (n + width - 1) / width * width; }
+
+// e^x: float32 through Cody-Waite reduction by ln 2 and a degree-5 minimax polynomial (~1 ulp
+// on [-87, 88]); arguments below -87 (-inf included) give 0. float64 through std::exp per
+// lane. The callers never pass NaN.
+inline Vec<float> vexp(Vec<float> x) {
+  typedef Lanes<float>::ivec ivec;
+  const Vec<float> lo = splat(-87.0f);
+  const Vec<float> xc = vmin(vmax(x, lo), splat(88.0f));
+  // round to nearest by adding and subtracting 1.5 * 2^23
+  const Vec<float> n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  Vec<float> r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  Vec<float> poly = splat(1.9875691500e-4f);
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const Vec<float> y = poly * r * r + r + 1.0f;
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  const Vec<float> scaled = y * (Vec<float>)bits;  // same-size vector cast: the bits
+  return x < lo ? splat(0.0f) : scaled;
+}
+
+inline Vec<double> vexp(Vec<double> x) {
+  Vec<double> out;
+  for (int64_t l = 0; l < kWidth<double>; ++l) out[l] = std::exp(x[l]);
+  return out;
+}
+
+template <typename V>
+inline V vsigmoid(V u) {
+  typedef ElemOf<V> T;
+  const V e = vexp(-vabs(u));
+  const V r = T(1) / (e + T(1));
+  return u >= T(0) ? r : e * r;
+}
+
+// The method is a template argument throughout, so that each pass compiles to one loop.
+template <typename T, int64_t M>
+inline Vec<T> apply_f(Vec<T> u) {
+  if constexpr (M == kSigmoid) {
+    return vsigmoid(u);
+  } else if constexpr (M == kLaplace) {
+    const Vec<T> e = vexp(-vabs(u));
+    return u >= T(0) ? T(1) - T(0.5) * e : T(0.5) * e;
+  } else if constexpr (M == kExp) {
+    return vexp(vmin(u, splat<T>(0)));
+  } else {
+    return vmin(vmax(u, splat<T>(0)), splat<T>(1));
+  }
+}
+
+inline float exp_scalar(float x) { return std::exp(x); }
+inline double exp_scalar(double x) { return std::exp(x); }
+
+// ------------------------------------------------------------------------------------------
+// per-row scratch and the candidate selection
+
+template <typename T>
+struct Scratch {
+  explicit Scratch(int64_t n)
+      : padded(round_up(n, kWidth<T>)),
+        z(padded),
+        y(padded),
+        out(padded),
+        mark(padded),
+        linear(padded),
+        top_val(n),
+        top_idx(n),
+        candidates(n),
+        pairs(n) {
+    std::fill(z.begin() + n, z.end(), -std::numeric_limits<T>::infinity());
+    std::fill(y.begin() + n, y.end(), -std::numeric_limits<T>::infinity());
+  }
+  int64_t padded;
+  int64_t sparse_newton_steps = kSparseNewtonSteps;  // tests set 0 to check exact_sparse
+  std::vector<T> z, y, out;  // the row / tau, a shifted copy (y, then u), f of it; pads -inf
+  // per entry, 1 or 0 (in T, so that masked sums are plain arithmetic); pads 0
+  std::vector<T> mark;    // among the selected / "above" (capped, for sparse) entries
+  std::vector<T> linear;  // sparse: on the linear piece
+  std::vector<T> top_val;  // the K largest values, descending; -inf pads
+  std::vector<int64_t> top_idx;
+  std::vector<int64_t> candidates;
+  std::vector<std::pair<T, int64_t>> pairs;
+  std::vector<double> prefix;  // sparse: prefix sums of the sorted candidates
+};
+
+// A value `cut` with at least `num` entries >= cut: the least of `cols` >= num column maxima
+// of the row seen as blocks of `cols` entries (each column max is a different entry). Only the
+// entries >= cut can be among the top `num`; for num << n they are a few more than num.
+template <typename T>
+T selection_cut(const T* y, int64_t padded, int64_t num) {
+  constexpr int64_t width = kWidth<T>;
+  const int64_t cols = round_up(num, width);
+  const int64_t blocks = padded / cols;
+  if (blocks < 2 || cols > 4 * width) return -std::numeric_limits<T>::infinity();
+  Vec<T> colmax[4] = {};
+  for (int64_t c = 0; c < cols / width; ++c) colmax[c] = load(y + c * width);
+  for (int64_t b = 1; b < blocks; ++b) {
+    for (int64_t c = 0; c < cols / width; ++c) {
+      colmax[c] = vmax(colmax[c], load(y + b * cols + c * width));
+    }
+  }
+  Vec<T> least = colmax[0];
+  for (int64_t c = 1; c < cols / width; ++c) least = vmin(least, colmax[c]);
+  T cut = least[0];
+  for (int64_t l = 1; l < width; ++l) cut = std::min(cut, least[l]);
+  return cut;
+}
+
+// The K largest of y[0..n) in descending order (ties: the earlier index first), into
+// s.top_val / s.top_idx; positions past the finite entries hold -inf and index -1.
+template <typename T>
+void select_top(const T* y, int64_t n, int64_t num, Scratch<T>& s) {
+  T* val = s.top_val.data();
+  int64_t* idx = s.top_idx.data();
+  if (num <= kInsertionMaxK) {
+    std::fill(val, val + num, -std::numeric_limits<T>::infinity());
+    std::fill(idx, idx + num, int64_t(-1));
+    // branch-free compaction of the entries >= cut, then insertion of those into the buffer
+    const T cut = selection_cut(y, s.padded, num);
+    int64_t* cand = s.candidates.data();
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      cand[count] = i;
+      count += y[i] >= cut ? 1 : 0;
+    }
+    for (int64_t c = 0; c < count; ++c) {
+      const int64_t i = cand[c];
+      const T yi = y[i];
+      if (!(yi > val[num - 1])) continue;
+      int64_t j = num - 1;
+      while (j > 0 && yi > val[j - 1]) {
+        val[j] = val[j - 1];
+        idx[j] = idx[j - 1];
+        --j;
+      }
+      val[j] = yi;
+      idx[j] = i;
+    }
+    return;
+  }
+  auto* pairs = s.pairs.data();
+  for (int64_t i = 0; i < n; ++i) pairs[i] = {y[i], i};
+  std::partial_sort(pairs, pairs + num, pairs + n, [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  });
+  for (int64_t j = 0; j < num; ++j) {
+    const bool finite = pairs[j].first > -std::numeric_limits<T>::infinity();
+    val[j] = pairs[j].first;
+    idx[j] = finite ? pairs[j].second : int64_t(-1);
+  }
+}
+
+// mark[i] = 1 for the first `count` selected entries, 0 elsewhere (pads included).
+template <typename T>
+void mark_top(int64_t count, Scratch<T>& s) {
+  std::fill(s.mark.begin(), s.mark.end(), T(0));
+  for (int64_t j = 0; j < count; ++j) {
+    if (s.top_idx[j] >= 0) s.mark[s.top_idx[j]] = T(1);
+  }
+}
+
+// tail_rel[j] = sum_{rank >= j} e^{s_rank - s_j} for j < K (each in [1, N]): the sum over the
+// entries below candidate j, relative to s_j, without under- or overflow. The entries outside
+// the top K enter through one masked pass relative to s_{K-1}.
+template <typename T>
+void relative_tails(const T* y, int64_t n, int64_t num, Scratch<T>& s, std::vector<double>& tail) {
+  const T* val = s.top_val.data();
+  tail.assign(num, 1.0);
+  T rest = 0;
+  const T ref = val[num - 1];
+  if (ref > -std::numeric_limits<T>::infinity() && num < n) {
+    mark_top(num, s);
+    const T* mark = s.mark.data();
+    Vec<T> acc = splat<T>(0);
+    for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
+      acc += (T(1) - load(mark + i)) * vexp(vmin(load(y + i) - ref, splat<T>(0)));
+    }
+    rest = hsum(acc);
+  }
+  tail[num - 1] = 1.0 + rest;
+  for (int64_t j = num - 2; j >= 0; --j) {
+    const double gap = static_cast<double>(val[j + 1]) - static_cast<double>(val[j]);
+    tail[j] = val[j + 1] > -std::numeric_limits<T>::infinity()
+                  ? 1.0 + tail[j + 1] * exp_scalar(static_cast<T>(gap))
+                  : 1.0;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// the solvers: lam0 in the frame y = z - max z, and the segment by rank (s.mark = "above" /
+// capped entries; `linear` = the sparse support past the capped ones)
+
+struct Segment {
+  double lam = 0.0;
+  int64_t above = 0;  // entries on the "above" branch (exp, laplace) or capped (sparse)
+  int64_t end = 0;    // sparse: the support is ranks [0, end)
+};
+
+// f = min(1, e^u): the min over the candidate counts m < k of the segment roots
+// lam_m = log(sum_{rank >= m} e^{s}) - log(k - m).
+template <typename T>
+Segment solve_exp(const T* y, int64_t n, double k, Scratch<T>& s, std::vector<double>& tail) {
+  const int64_t num = std::min<int64_t>(n, static_cast<int64_t>(std::ceil(k)));
+  select_top(y, n, num, s);
+  relative_tails(y, n, num, s, tail);
+  Segment seg;
+  seg.lam = kInf;
+  for (int64_t m = 0; m < num && k - m > 0; ++m) {
+    const double lam = s.top_val[m] + std::log(tail[m]) - std::log(k - m);
+    if (lam < seg.lam) {
+      seg.lam = lam;
+      seg.above = m;
+    }
+  }
+  return seg;
+}
+
+// log(c + sqrt(c^2 + e^L)) for c >= 0 without overflow or cancellation for any L
+// (as _log_c_plus_root): L = -inf gives log(2c), c = 0 gives L / 2.
+inline double log_c_plus_root(double c, double log_prod) {
+  const double half = 0.5 * log_prod;
+  if (c == 0) return half;
+  const double log_c = std::log(c);
+  const double gap = log_prod - 2 * log_c;
+  if (gap >= 0) return half + std::asinh(std::exp(log_c - half));
+  return log_c + std::log1p(std::sqrt(1 + std::exp(gap)));
+}
+
+// f = 1 - e^-u/2 above, e^u/2 below: the segment from F at the breakpoints,
+// F(s_j) = j - A_j / 2 + T_j / 2 with A_j = sum_{i<j} e^{s_j - s_i} and T_j = tail_rel[j],
+// counted where F(s_j) < k; then the closed form of seed 002 around pivots that keep every
+// sum in [1, N] (as _log_c_plus_root does in log space).
+template <typename T>
+Segment solve_laplace(const T* y, int64_t n, double k, Scratch<T>& s, std::vector<double>& tail) {
+  // F(s_j) increases with j, so the count is the first j with F(s_j) >= k. It is < ceil(2k)
+  // always and < ceil(k) + 1 nearly always: try the short list first.
+  const int64_t full = std::min<int64_t>(n, static_cast<int64_t>(std::ceil(2 * k)));
+  int64_t num = std::min<int64_t>(full, static_cast<int64_t>(std::ceil(k)) + 1);
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  const T* val = s.top_val.data();
+  int64_t above = 0;
+  while (true) {
+    select_top(y, n, num, s);
+    relative_tails(y, n, num, s, tail);
+    above = 0;
+    double a_rel = 0.0;  // A_j
+    for (int64_t j = 0; j < num && val[j] > neg_inf; ++j) {
+      if (j > 0) a_rel = (a_rel + 1.0) * std::exp(static_cast<double>(val[j]) - val[j - 1]);
+      if (!(j - 0.5 * a_rel + 0.5 * tail[j] < k)) break;
+      ++above;
+    }
+    if (above < num || num == full) break;
+    num = full;
+  }
+  // above <= ceil(2k) - 1 (F(s_{K-1}) >= K / 2 >= k), so s_above exists unless K = N.
+  const double c = k - above;
+  Segment seg;
+  seg.above = above;
+  if (above == 0) {
+    seg.lam = val[0] + std::log(tail[0]) - std::log(2 * c);
+    return seg;
+  }
+  const double pivot = val[above - 1];
+  double a = 1.0;  // sum_{i < above} e^{pivot - s_i}
+  for (int64_t i = 0; i < above - 1; ++i) a += std::exp(pivot - val[i]);
+  // S_B relative to the pivot; no entry below when all are above (K = N) or the rest is -inf
+  const double log_b = above < num && val[above] > neg_inf
+                           ? (val[above] - pivot) + std::log(tail[above])
+                           : -kInf;
+  // e^-mu = (c + sqrt(c^2 + a b)) / b for c >= 0; e^mu = (|c| + sqrt(c^2 + a b)) / a for c < 0
+  const double log_a = std::log(a);
+  const double root = log_c_plus_root(std::abs(c), log_a + log_b);
+  seg.lam = pivot + (c >= 0 ? log_b - root : root - log_a);
+  return seg;
+}
+
+// The capped-simplex threshold of a sorted list v[0..count) (prefix sums in `prefix`):
+// min over capped counts a < min(k, count) of max over support ends e of
+// (sum_{a <= i < e} v_i - (k - a)) / (e - a). For each a the max is found by a scan that stops
+// where the value falls: lam_e rises while v_e > lam_{e-1} and falls from then on.
+inline Segment capped_simplex(const std::vector<double>& prefix, int64_t count, double k) {
+  Segment seg;
+  seg.lam = kInf;
+  for (int64_t a = 0; a < count && k - a > 0; ++a) {
+    double best = -kInf;
+    int64_t best_end = a + 1;
+    for (int64_t e = a + 1; e <= count; ++e) {
+      const double lam = (prefix[e] - prefix[a] - (k - a)) / static_cast<double>(e - a);
+      if (!(lam > best)) break;
+      best = lam;
+      best_end = e;
+    }
+    if (best < seg.lam) {
+      seg.lam = best;
+      seg.above = a;
+      seg.end = best_end;
+    }
+  }
+  return seg;
+}
+
+
+// f = clip(u, 0, 1): projection onto the capped simplex. F is piecewise linear: on the cell
+// of lam, F = c + sum_L (y - lam) with c entries capped (y >= lam + 1) and L linear
+// (lam < y < lam + 1). Safeguarded Newton in the bracket [s_{K-1} - 1, s_{K-1}] (K = ceil k:
+// F >= K there, <= K - 1 here) jumps to the root of the current cell's line; when the next
+// point lies in the same cell, that is the root. A few vector passes; rows that have not
+// settled after kSparseNewtonSteps take the exact sorted path (exact_sparse).
+
+template <typename T>
+Segment exact_sparse(const T* y, int64_t n, double k, Scratch<T>& s) {
+  const int64_t num = std::min<int64_t>(n, static_cast<int64_t>(std::ceil(k)));
+  // the entries within 1 of the ceil(k)-th largest: lam* >= s_{K-1} - 1, so the others get
+  // p = 0 and cannot move a segment root below lam*
+  const T cut = s.top_val[num - 1] - T(1);
+  auto* pairs = s.pairs.data();
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (y[i] > cut) pairs[count++] = {y[i], i};
+  }
+  std::sort(pairs, pairs + count, [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  });
+  s.prefix.resize(count + 1);
+  s.prefix[0] = 0.0;
+  for (int64_t j = 0; j < count; ++j) s.prefix[j + 1] = s.prefix[j] + pairs[j].first;
+  const Segment seg = capped_simplex(s.prefix, count, k);
+  std::fill(s.mark.begin(), s.mark.end(), T(0));
+  std::fill(s.linear.begin(), s.linear.end(), T(0));
+  for (int64_t j = 0; j < seg.end; ++j) (j < seg.above ? s.mark : s.linear)[pairs[j].second] = T(1);
+  return seg;
+}
+
+template <typename T>
+Segment solve_sparse(const T* y, int64_t n, double k, Scratch<T>& s) {
+  typedef typename Lanes<T>::ivec IVec;
+  const int64_t num = std::min<int64_t>(n, static_cast<int64_t>(std::ceil(k)));
+  select_top(y, n, num, s);
+  double lo = static_cast<double>(s.top_val[num - 1]) - 1.0;
+  double hi = static_cast<double>(s.top_val[num - 1]);
+  double lam = lo;
+  int64_t prev_capped = -1;
+  int64_t prev_linear = -1;
+  for (int64_t step = 0; step < s.sparse_newton_steps; ++step) {
+    const T lam_t = static_cast<T>(lam);
+    IVec capped_v = {};  // counts down: a true comparison is -1
+    IVec linear_v = {};
+    Vec<T> linear_sum_v = splat<T>(0);
+    for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
+      const Vec<T> yi = load(y + i);
+      const auto capped = yi >= lam_t + T(1);
+      const auto linear = (yi > lam_t) & ~capped;
+      capped_v += capped;
+      linear_v += linear;
+      linear_sum_v += linear ? yi : splat<T>(0);
+    }
+    int64_t num_capped = 0;
+    int64_t num_linear = 0;
+    for (int64_t l = 0; l < kWidth<T>; ++l) {
+      num_capped -= capped_v[l];
+      num_linear -= linear_v[l];
+    }
+    if (num_capped == prev_capped && num_linear == prev_linear) {
+      // lam is the root of this cell's line: the answer
+      Segment seg;
+      seg.lam = lam;
+      seg.above = num_capped;
+      seg.end = num_capped + num_linear;
+      T* mark = s.mark.data();
+      T* linear = s.linear.data();
+      for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
+        const Vec<T> yi = load(y + i);
+        const auto capped = yi >= lam_t + T(1);
+        store(mark + i, capped ? splat<T>(1) : splat<T>(0));
+        store(linear + i, ((yi > lam_t) & ~capped) ? splat<T>(1) : splat<T>(0));
+      }
+      return seg;
+    }
+    const double linear_sum = hsum(linear_sum_v);
+    const double total = num_capped + linear_sum - num_linear * lam;
+    if (total > k) {
+      lo = lam;
+    } else {
+      hi = lam;
+    }
+    const double root = num_linear > 0 ? (linear_sum + num_capped - k) / num_linear : kInf;
+    prev_capped = num_capped;
+    prev_linear = num_linear;
+    lam = (root >= lo && root <= hi) ? root : 0.5 * (lo + hi);
+    if (!(root >= lo && root <= hi)) {
+      prev_capped = -1;  // a bisection step proves nothing about the cell
+      prev_linear = -1;
+    }
+  }
+  return exact_sparse(y, n, k, s);
+}
+
+// sum_i sigma(y_i - lam) and sum_i sigma' over a padded row. The sum is taken as
+// #(u >= 0) - sum_{u >= 0} sigma(-u) + sum_{u < 0} sigma(u): every float term is <= 1/2 and
+// mostly tiny, so k in the hundreds keeps its last bits (sum_i p_i in float would not).
+template <typename T>
+std::pair<double, double> sigmoid_sums(const T* y, int64_t padded, double lam) {
+  typedef typename Lanes<T>::ivec IVec;
+  const T lam_t = static_cast<T>(lam);
+  IVec positive_v = {};  // counts down: a true comparison is -1
+  Vec<T> signed_tail = splat<T>(0);
+  Vec<T> slope = splat<T>(0);
+  for (int64_t i = 0; i < padded; i += kWidth<T>) {
+    const Vec<T> u = load(y + i) - lam_t;
+    const Vec<T> e = vexp(-vabs(u));
+    const Vec<T> q = e / (e + T(1));  // sigma(-|u|) <= 1/2
+    const auto positive = u >= T(0);
+    positive_v += positive;
+    signed_tail += positive ? -q : q;
+    slope += q * (T(1) - q);
+  }
+  int64_t num_positive = 0;
+  for (int64_t l = 0; l < kWidth<T>; ++l) num_positive -= positive_v[l];
+  return {static_cast<double>(num_positive) + hsum(signed_tail), hsum(slope)};
+}
+
+// Safeguarded Newton in w = e^-lam inside the bracket lam_laplace -+ log 2 (as _solve_sigmoid).
+template <typename T>
+double solve_sigmoid(const T* y, int64_t n, double k, Scratch<T>& s, std::vector<double>& tail) {
+  const double lam_laplace = solve_laplace(y, n, k, s, tail).lam;
+  double lo = lam_laplace - kLog2;
+  double hi = lam_laplace + kLog2;
+  double lam = hi;
+  for (int step = 0; step < kSigmoidNewtonSteps; ++step) {
+    const auto [total, slope] = sigmoid_sums(y, s.padded, lam);
+    if (total == k) break;  // exact hit (or a flat row): stay
+    if (total > k) {
+      lo = lam;
+    } else {
+      hi = lam;
+    }
+    const double newton = lam - std::log1p(std::max((k - total) / slope, -0.5));
+    const double next =
+        (std::isfinite(newton) && newton >= lo && newton <= hi) ? newton : 0.5 * (lo + hi);
+    const bool converged = std::abs(next - lam) <= kSigmoidStepTol;
+    lam = next;
+    if (converged) break;
+  }
+  return lam;
+}
+
+// ------------------------------------------------------------------------------------------
+// the final step: u = z - anchor, the offset d with sum_i f(u_i - d) = k given the segment
+// (as _solve_offset), then p = f(u - d). Sums over e^{-|u|} <~ 1 only.
+
+template <typename T, int64_t M>
+double final_offset(const T* u, double k, const Segment& seg, const Scratch<T>& s) {
+  constexpr double tiny = std::numeric_limits<T>::min();
+  const Vec<T> zero = splat<T>(0);
+  if constexpr (M == kSigmoid) {
+    const auto [total, slope] = sigmoid_sums(u, s.padded, 0.0);
+    if (!(slope > 0)) return 0.0;
+    const double offset = (total - k) / std::max(slope, tiny);
+    return std::min(std::max(offset, -1e-2), 1e-2);
+  }
+  if constexpr (M == kSparse) {
+    Vec<T> acc = zero;
+    for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
+      acc += load(s.linear.data() + i) > T(0) ? load(u + i) : zero;  // not 0 * -inf
+    }
+    const int64_t num_linear = seg.end - seg.above;
+    return num_linear > 0 ? (hsum(acc) - (k - seg.above)) / num_linear : 0.0;
+  }
+  // above: e^{-u}, below: e^{u} (the sign flip is 1 - 2 mark); -inf entries give 0
+  Vec<T> above_acc = zero;
+  Vec<T> below_acc = zero;
+  for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
+    const Vec<T> mark = load(s.mark.data() + i);
+    const Vec<T> e = vexp(vmin((T(1) - T(2) * mark) * load(u + i), splat<T>(88)));
+    above_acc += mark * e;
+    below_acc += (T(1) - mark) * e;
+  }
+  const double sum_above = hsum(above_acc);  // laplace only
+  const double sum_below = hsum(below_acc);
+  const double budget = k - seg.above;
+  if constexpr (M == kExp) {
+    return sum_below > 0 ? std::log(sum_below) - std::log(std::max(budget, tiny)) : 0.0;
+  }
+  // laplace: k - m = -(e^d / 2) S_A + (e^-d / 2) S_B, in the form free of cancellation
+  const double root = std::sqrt(budget * budget + sum_above * sum_below);
+  if (budget >= 0) {
+    return sum_below > 0 ? std::log(sum_below) - std::log(std::max(budget + root, tiny)) : 0.0;
+  }
+  return sum_above > 0 ? std::log(std::max(root - budget, tiny)) - std::log(sum_above) : 0.0;
+}
+
+// One row of the forward pass.
+template <typename T, int64_t M>
+void forward_row(const T* x, T* p, T* lam_out, T k_t, T tau, Scratch<T>& s,
+                 std::vector<double>& tail, int64_t n) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  typedef typename Lanes<T>::ivec IVec;
+  T* z = s.z.data();
+  T* y = s.y.data();
+  for (int64_t i = 0; i < n; ++i) z[i] = x[i] / tau;
+  Vec<T> zmax_v = splat(-inf);
+  IVec bad_v = {};
+  IVec finite_v = {};  // counts down: a true comparison is -1
+  for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
+    const Vec<T> zi = load(z + i);
+    zmax_v = vmax(zmax_v, zi);
+    bad_v |= (zi != zi) | (zi == inf);
+    finite_v += zi > -inf;
+  }
+  T zmax = zmax_v[0];
+  int64_t bad = 0;
+  int64_t num_finite = 0;
+  for (int64_t l = 0; l < kWidth<T>; ++l) {
+    zmax = std::max(zmax, zmax_v[l]);
+    bad |= bad_v[l];
+    num_finite -= finite_v[l];
+  }
+  const double k = static_cast<double>(k_t);
+  // the same order of precedence as solve_threshold: NaN / +inf rows, k <= 0, saturated rows
+  if (bad || std::isnan(k)) {
+    std::fill(p, p + n, std::numeric_limits<T>::quiet_NaN());
+    *lam_out = std::numeric_limits<T>::quiet_NaN();
+    return;
+  }
+  if (k <= 0) {
+    std::fill(p, p + n, T(0));
+    *lam_out = inf;
+    return;
+  }
+  if (static_cast<double>(num_finite) <= k) {
+    for (int64_t i = 0; i < n; ++i) p[i] = z[i] > -inf ? T(1) : T(0);
+    *lam_out = -inf;
+    return;
+  }
+  for (int64_t i = 0; i < s.padded; i += kWidth<T>) store(y + i, load(z + i) - zmax);
+  Segment seg;
+  if constexpr (M == kSigmoid) {
+    seg.lam = solve_sigmoid(y, n, k, s, tail);
+  } else if constexpr (M == kLaplace) {
+    seg = solve_laplace(y, n, k, s, tail);
+    mark_top(seg.above, s);
+  } else if constexpr (M == kExp) {
+    seg = solve_exp(y, n, k, s, tail);
+    mark_top(seg.above, s);
+  } else {
+    seg = solve_sparse(y, n, k, s);
+  }
+  // Exact final step in the threshold's own frame: u = z - anchor is exact (Sterbenz) for the
+  // entries near the threshold, which carry the mass.
+  const T anchor = zmax + static_cast<T>(seg.lam);
+  T* u = y;
+  for (int64_t i = 0; i < s.padded; i += kWidth<T>) store(u + i, load(z + i) - anchor);
+  const T offset = static_cast<T>(final_offset<T, M>(u, k, seg, s));
+  T* out = s.out.data();
+  for (int64_t i = 0; i < s.padded; i += kWidth<T>) store(out + i, apply_f<T, M>(load(u + i) - offset));
+  std::memcpy(p, out, n * sizeof(T));
+  *lam_out = anchor + offset;
+}
+
+template <typename T, int64_t M>
+void forward_impl(const at::Tensor& scores, const at::Tensor& k, const at::Tensor& tau,
+                  int64_t sparse_newton_steps, at::Tensor& p, at::Tensor& lam) {
+  const int64_t rows = scores.size(0);
+  const int64_t n = scores.size(1);
+  const T* x = scores.const_data_ptr<T>();
+  const T* k_ptr = k.const_data_ptr<T>();
+  const T* tau_ptr = tau.const_data_ptr<T>();
+  T* p_ptr = p.mutable_data_ptr<T>();
+  T* lam_ptr = lam.mutable_data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    Scratch<T> scratch(n);
+    scratch.sparse_newton_steps = sparse_newton_steps;
+    std::vector<double> tail;
+    for (int64_t r = begin; r < end; ++r) {
+      forward_row<T, M>(x + r * n, p_ptr + r * n, lam_ptr + r, k_ptr[r], tau_ptr[r], scratch,
+                        tail, n);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// backward (threshold_backward): with w = f'(u) written through p and v = w / tau,
+// dL/dx = v * (g - mean), mean = sum v g / sum v (0 when sum v = 0), dL/dk = mean,
+// dL/dtau = -sum_i u_i dL/dx_i with u = f^{-1}(p) where w > 0.
+
+template <typename T, int64_t M>
+inline T f_prime(T p) {
+  if constexpr (M == kSigmoid) {
+    return p * (T(1) - p);
+  } else if constexpr (M == kLaplace) {
+    return std::min(p, T(1) - p);
+  } else if constexpr (M == kExp) {
+    return p < T(1) ? p : T(0);
+  } else {
+    return (p > T(0) && p < T(1)) ? T(1) : T(0);
+  }
+}
+
+template <typename T, int64_t M>
+inline T f_inverse(T p) {
+  if constexpr (M == kSigmoid) {
+    return std::log(p) - std::log1p(-p);
+  } else if constexpr (M == kLaplace) {
+    return p < T(0.5) ? std::log(T(2) * p) : -std::log(T(2) * (T(1) - p));
+  } else if constexpr (M == kExp) {
+    return std::log(p);
+  } else {
+    return p;
+  }
+}
+
+template <typename T, int64_t M>
+void backward_impl(const at::Tensor& p, const at::Tensor& grad, const at::Tensor& tau,
+                   bool need_tau, at::Tensor& grad_x, at::Tensor& grad_k, at::Tensor& grad_tau) {
+  const int64_t rows = p.size(0);
+  const int64_t n = p.size(1);
+  const T* p_ptr = p.const_data_ptr<T>();
+  const T* g_ptr = grad.const_data_ptr<T>();
+  const T* tau_ptr = tau.const_data_ptr<T>();
+  T* gx_ptr = grad_x.mutable_data_ptr<T>();
+  T* gk_ptr = grad_k.mutable_data_ptr<T>();
+  T* gt_ptr = need_tau ? grad_tau.mutable_data_ptr<T>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* pr = p_ptr + r * n;
+      const T* gr = g_ptr + r * n;
+      T* gxr = gx_ptr + r * n;
+      double sum_w = 0.0;
+      double sum_wg = 0.0;
+#pragma omp simd reduction(+ : sum_w, sum_wg)
+      for (int64_t i = 0; i < n; ++i) {
+        const T w = f_prime<T, M>(pr[i]);
+        sum_w += w;
+        sum_wg += static_cast<double>(w) * gr[i];
+      }
+      // as the torch formula: sum v = 0 divides by 1 (mean 0); NaN stays NaN
+      const T mean = static_cast<T>(sum_wg / (sum_w > 0 ? sum_w : 1.0));
+      const T inv_tau = T(1) / tau_ptr[r];
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) gxr[i] = (f_prime<T, M>(pr[i]) * inv_tau) * (gr[i] - mean);
+      gk_ptr[r] = mean;
+      if (need_tau) {
+        double acc = 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+          // u = 0 off the support (as f_inverse), so a NaN gradient still reaches the sum
+          const T u = f_prime<T, M>(pr[i]) > T(0) ? f_inverse<T, M>(pr[i]) : T(0);
+          acc += static_cast<double>(u) * gxr[i];
+        }
+        gt_ptr[r] = static_cast<T>(-acc);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// op entry points
+
+void check_inputs(const at::Tensor& rows_RN, const at::Tensor& k, const at::Tensor& tau,
+                  int64_t method) {
+  TORCH_CHECK(rows_RN.device().is_cpu(), "moe_router_cpu: expected CPU tensors");
+  TORCH_CHECK(rows_RN.dim() == 2 && rows_RN.is_contiguous(),
+              "moe_router_cpu: expected a contiguous [R, N] tensor");
+  TORCH_CHECK(rows_RN.scalar_type() == at::kFloat || rows_RN.scalar_type() == at::kDouble,
+              "moe_router_cpu: expected float32 or float64, got ", rows_RN.scalar_type());
+  TORCH_CHECK(k.scalar_type() == rows_RN.scalar_type() && tau.scalar_type() == rows_RN.scalar_type(),
+              "moe_router_cpu: k and tau must have the dtype of the rows");
+  TORCH_CHECK(k.dim() == 1 && k.size(0) == rows_RN.size(0) && k.is_contiguous(),
+              "moe_router_cpu: k must be a contiguous [R] tensor");
+  TORCH_CHECK(tau.dim() == 1 && tau.size(0) == rows_RN.size(0) && tau.is_contiguous(),
+              "moe_router_cpu: tau must be a contiguous [R] tensor");
+  TORCH_CHECK(method >= 0 && method <= 3, "moe_router_cpu: method must be 0..3, got ", method);
+}
+
+// Calls fn(T{}, std::integral_constant<int64_t, method>{}) for the runtime dtype and method.
+template <typename Fn>
+void dispatch_method(int64_t method, Fn&& fn) {
+  switch (method) {
+    case kSigmoid:
+      return fn(std::integral_constant<int64_t, kSigmoid>{});
+    case kLaplace:
+      return fn(std::integral_constant<int64_t, kLaplace>{});
+    case kExp:
+      return fn(std::integral_constant<int64_t, kExp>{});
+    default:
+      return fn(std::integral_constant<int64_t, kSparse>{});
+  }
+}
+
+template <typename Fn>
+void dispatch(at::ScalarType dtype, int64_t method, Fn&& fn) {
+  dispatch_method(method, [&](auto method_c) {
+    if (dtype == at::kFloat) {
+      fn(float{}, method_c);
+    } else {
+      fn(double{}, method_c);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> threshold_forward(const at::Tensor& scores,
+                                                     const at::Tensor& k, const at::Tensor& tau,
+                                                     int64_t method,
+                                                     int64_t sparse_newton_steps) {
+  check_inputs(scores, k, tau, method);
+  at::Tensor p = at::empty_like(scores);
+  at::Tensor lam = at::empty({scores.size(0)}, scores.options());
+  if (scores.numel() == 0) return {p, lam};
+  dispatch(scores.scalar_type(), method, [&](auto scalar, auto method_c) {
+    forward_impl<decltype(scalar), decltype(method_c)::value>(scores, k, tau,
+                                                              sparse_newton_steps, p, lam);
+  });
+  return {p, lam};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_backward(const at::Tensor& p,
+                                                                  const at::Tensor& grad,
+                                                                  const at::Tensor& tau,
+                                                                  int64_t method,
+                                                                  bool need_tau_grad) {
+  check_inputs(p, tau, tau, method);
+  TORCH_CHECK(grad.sizes() == p.sizes() && grad.is_contiguous() &&
+                  grad.scalar_type() == p.scalar_type(),
+              "moe_router_cpu: grad must be a contiguous tensor like p");
+  at::Tensor grad_x = at::empty_like(p);
+  at::Tensor grad_k = at::empty({p.size(0)}, p.options());
+  at::Tensor grad_tau = at::zeros({need_tau_grad ? p.size(0) : 0}, p.options());
+  if (p.numel() == 0) {
+    grad_k.zero_();
+    grad_tau.zero_();
+    return {grad_x, grad_k, grad_tau};
+  }
+  dispatch(p.scalar_type(), method, [&](auto scalar, auto method_c) {
+    backward_impl<decltype(scalar), decltype(method_c)::value>(p, grad, tau, need_tau_grad,
+                                                               grad_x, grad_k, grad_tau);
+  });
+  return {grad_x, grad_k, grad_tau};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moe_router_cpu, m) {
+  m.def(
+      "threshold_forward(Tensor scores, Tensor k, Tensor tau, int method,"
+      " int sparse_newton_steps=12) -> (Tensor, Tensor)");
+  m.def(
+      "threshold_backward(Tensor p, Tensor grad, Tensor tau, int method, bool need_tau_grad)"
+      " -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(moe_router_cpu, CPU, m) {
+  m.impl("threshold_forward", &threshold_forward);
+  m.impl("threshold_backward", &threshold_backward);
+}
+
+}  // namespace moe_router_cpu

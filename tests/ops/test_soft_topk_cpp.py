@@ -1,0 +1,201 @@
+"""The fused C++ CPU kernels (moe_router/ops/csrc) against the PyTorch path (_threshold.py).
+
+The PyTorch path is itself checked against a float64 bisection in test_soft_topk.py (which also
+runs its accuracy and gradcheck tests through both backends); here the two implementations are
+compared row by row on inputs built to reach every branch of the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe_router import soft_topk
+from moe_router.ops import _cpu_kernels
+from moe_router.ops._threshold import solve_threshold, threshold_backward
+
+THRESHOLD = ["sigmoid", "laplace", "exp", "sparse"]
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="no C++ compiler to build the kernels with",
+)
+
+
+def stress_rows(num_entries: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Rows for every branch: several scales, heavy ties, all equal, values spaced by exactly 1
+    (the kinks of `sparse` coincide), -inf masks, one NaN row and one +inf row."""
+    gen = torch.Generator().manual_seed(seed)
+    n = num_entries
+    rows = [torch.randn(n, generator=gen) * scale for scale in (1e-3, 0.1, 1.0, 10.0, 1e3)]
+    rows.append(torch.randint(0, 3, (n,), generator=gen).float())
+    rows.append(torch.zeros(n))
+    rows.append(torch.arange(n).float().flip(0))
+    masked = torch.randn(n, generator=gen)
+    masked[::3] = -math.inf
+    rows.append(masked)
+    with_nan = torch.randn(n, generator=gen)
+    with_nan[n // 2] = math.nan
+    rows.append(with_nan)
+    with_inf = torch.randn(n, generator=gen)
+    with_inf[0] = math.inf
+    rows.append(with_inf)
+    return torch.stack(rows).to(dtype)
+
+
+def per_row_budgets(num_rows: int, num_entries: int, dtype: torch.dtype, seed: int = 0):
+    """Fractional and integer k in (0, n), plus k = 0 and k = n rows (the documented fallbacks)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    k_R = torch.rand(num_rows, generator=gen, dtype=torch.float64) * num_entries
+    k_R[1::2] = k_R[1::2].ceil().clamp(max=max(num_entries - 1, 1))
+    k_R[0] = 0.0
+    k_R[-3] = num_entries
+    tau_R = torch.rand(num_rows, generator=gen, dtype=torch.float64) + 0.1
+    return k_R.to(dtype), tau_R.to(dtype)
+
+
+def assert_same_threshold(lam_a: torch.Tensor, lam_b: torch.Tensor, scale: torch.Tensor) -> None:
+    both_finite = torch.isfinite(lam_a) & torch.isfinite(lam_b)
+    assert torch.equal(torch.isnan(lam_a), torch.isnan(lam_b))
+    assert torch.equal(
+        lam_a[~both_finite & ~torch.isnan(lam_a)], lam_b[~both_finite & ~torch.isnan(lam_b)]
+    )
+    tol = 1e-4 * (1 + scale[both_finite])
+    assert ((lam_a - lam_b)[both_finite].abs() <= tol).all()
+
+
+def test_kernels_build_and_auto_uses_them():
+    assert _cpu_kernels.available()
+    scores = torch.randn(16, 32)
+    for method in THRESHOLD:
+        auto = soft_topk(scores, 4, method=method)
+        torch.testing.assert_close(
+            auto, soft_topk(scores, 4, method=method, backend="cpp"), atol=0, rtol=0
+        )
+
+
+@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("num_entries", [1, 2, 5, 8, 13, 64, 257, 1030])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_matches_torch_path(method, num_entries, dtype):
+    scores_RN = stress_rows(num_entries, dtype)
+    k_R, tau_R = per_row_budgets(scores_RN.shape[0], num_entries, dtype)
+    p_RN, lam_R = _cpu_kernels.forward(scores_RN, k_R, tau_R, method)
+    z_RN = scores_RN / tau_R.unsqueeze(-1)
+    # the reference: the PyTorch path in float64 on the same z (in fp32 it is the less
+    # accurate of the two at large k, where its sums of p round)
+    p_ref_RN, lam_ref_R = solve_threshold(z_RN.double(), k_R.double(), method, None)
+    p_ref_RN, lam_ref_R = p_ref_RN.to(dtype), lam_ref_R.to(dtype)
+    atol = 5e-6 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(p_RN, p_ref_RN, atol=atol, rtol=0, equal_nan=True)
+    scale_R = z_RN.masked_fill(~torch.isfinite(z_RN), 0).abs().amax(-1)
+    assert_same_threshold(lam_R, lam_ref_R, scale_R)
+
+
+@pytest.mark.parametrize("num_entries", [5, 64, 257])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_exact_sorted_path_matches(num_entries, dtype):
+    """sparse_newton_steps=0 sends every row to the exact sorted fallback of the Newton solve."""
+    scores_RN = stress_rows(num_entries, dtype, seed=3)
+    k_R, tau_R = per_row_budgets(scores_RN.shape[0], num_entries, dtype, seed=3)
+    p_RN, _ = _cpu_kernels.forward(scores_RN, k_R, tau_R, "sparse", sparse_newton_steps=0)
+    p_newton_RN, _ = _cpu_kernels.forward(scores_RN, k_R, tau_R, "sparse")
+    z_RN = (scores_RN / tau_R.unsqueeze(-1)).double()
+    p_ref_RN = solve_threshold(z_RN, k_R.double(), "sparse", None)[0].to(dtype)
+    atol = 5e-6 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(p_RN, p_ref_RN, atol=atol, rtol=0, equal_nan=True)
+    torch.testing.assert_close(p_newton_RN, p_ref_RN, atol=atol, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_matches_torch_formula(method, dtype):
+    scores_RN = stress_rows(37, dtype, seed=5)
+    k_R, tau_R = per_row_budgets(scores_RN.shape[0], 37, dtype, seed=5)
+    p_RN, _ = _cpu_kernels.forward(scores_RN, k_R, tau_R, method)
+    grad_RN = torch.randn(p_RN.shape, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    grad_x, grad_k, grad_tau = _cpu_kernels.backward(p_RN, grad_RN, tau_R, method, True)
+    ref_x, ref_k, ref_tau = threshold_backward(p_RN, grad_RN, tau_R, method)
+    atol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(grad_x, ref_x, atol=atol, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(grad_k, ref_k, atol=atol, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(grad_tau, ref_tau, atol=atol, rtol=1e-4, equal_nan=True)
+    assert _cpu_kernels.backward(p_RN, grad_RN, tau_R, method, False)[2] is None
+
+
+@pytest.mark.parametrize("method", THRESHOLD)
+def test_public_gradients_match_torch_backend(method):
+    gen = torch.Generator().manual_seed(7)
+    scores = torch.randn(4, 9, 12, generator=gen)
+    k = torch.rand(4, 12, generator=gen) * 6 + 0.5
+    tau = torch.rand(4, 12, generator=gen) + 0.3
+    weight = torch.randn(4, 9, 12, generator=gen)
+    grads = {}
+    for backend in ("torch", "cpp"):
+        leaves = [t.clone().requires_grad_() for t in (scores, k, tau)]
+        p = soft_topk(leaves[0], leaves[1], tau=leaves[2], dim=1, method=method, backend=backend)
+        (p * weight).sum().backward()
+        grads[backend] = [leaf.grad for leaf in leaves]
+    for ours, ref in zip(grads["cpp"], grads["torch"], strict=True):
+        torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_thread_count_does_not_change_results():
+    scores_RN = torch.randn(3000, 40)
+    k_R = torch.full((3000,), 5.0)
+    tau_R = torch.ones(3000)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = {m: _cpu_kernels.forward(scores_RN, k_R, tau_R, m)[0] for m in THRESHOLD}
+        torch.set_num_threads(max(2, threads))
+        for method in THRESHOLD:
+            assert torch.equal(
+                _cpu_kernels.forward(scores_RN, k_R, tau_R, method)[0], single[method]
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_failed_build_warns_and_falls_back(monkeypatch):
+    def broken_build(verbose=False):
+        raise RuntimeError("Error building extension 'moe_router_cpu': no compiler")
+
+    _cpu_kernels.available.cache_clear()
+    monkeypatch.setattr(_cpu_kernels, "build", broken_build)
+    try:
+        with pytest.warns(RuntimeWarning, match="using the PyTorch path instead"):
+            assert not _cpu_kernels.available()
+        scores = torch.randn(8, 16)
+        torch.testing.assert_close(soft_topk(scores, 3), soft_topk(scores, 3, backend="torch"))
+        with pytest.raises(ValueError, match="backend='cpp' needs the C\\+\\+ kernels"):
+            soft_topk(scores, 3, backend="cpp")
+    finally:
+        monkeypatch.undo()
+        _cpu_kernels.available.cache_clear()
+        assert _cpu_kernels.available()
+
+
+def test_environment_switch_turns_them_off():
+    code = (
+        "import torch, warnings; warnings.simplefilter('error');"
+        "from moe_router import soft_topk; from moe_router.ops import _cpu_kernels;"
+        "assert not _cpu_kernels.available();"
+        "x = torch.randn(4, 8); soft_topk(x, 2)"
+    )
+    env = dict(os.environ, MOE_ROUTER_CPU_KERNELS="0")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+
+
+def test_cpp_backend_rejects_what_it_cannot_run():
+    with pytest.raises(ValueError, match="backend='cpp' supports"):
+        soft_topk(torch.randn(4, 8), 2, method="iterative", backend="cpp")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CPU tensors"):
+            soft_topk(torch.randn(4, 8, device="cuda"), 2, backend="cpp")
