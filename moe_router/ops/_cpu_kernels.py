@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moe_router.ops._vmap import batch_first
+
 __all__ = ["available", "backward", "build", "forward"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "soft_topk_cpu.cpp"
@@ -157,9 +159,7 @@ def _register_transform_rules() -> None:
         batch = info.batch_size
 
         def batched(tensor: Tensor, in_dim: int | None) -> Tensor:
-            if in_dim is None:
-                return tensor.unsqueeze(0).expand(batch, *tensor.shape)
-            return tensor.movedim(in_dim, 0)
+            return batch_first(tensor, in_dim, batch)
 
         p_BRN = batched(p_RN, in_dims[0])
         num_rows, num_entries = p_BRN.shape[1:]

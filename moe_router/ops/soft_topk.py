@@ -27,6 +27,7 @@ from torch import Tensor
 
 from moe_router.ops._reference import REFERENCE_METHODS, grad_soft_topk, iterative_soft_topk
 from moe_router.ops._threshold import THRESHOLD_METHODS, solve_threshold, threshold_backward
+from moe_router.ops._vmap import batch_first
 
 METHODS = THRESHOLD_METHODS + REFERENCE_METHODS
 BACKENDS = ("auto", "torch", "cpp", "triton")
@@ -192,9 +193,7 @@ def _(info, in_dims, scores_RN, k_R, tau_R, method, max_k, backend):
     batch = info.batch_size
 
     def batched(tensor: Tensor, in_dim: int | None) -> Tensor:
-        if in_dim is None:
-            return tensor.unsqueeze(0).expand(batch, *tensor.shape)
-        return tensor.movedim(in_dim, 0)
+        return batch_first(tensor, in_dim, batch)
 
     scores_BRN = batched(scores_RN, in_dims[0])
     num_rows, num_entries = scores_BRN.shape[1:]
