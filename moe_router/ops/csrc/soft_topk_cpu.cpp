@@ -202,6 +202,7 @@ struct Scratch {
   std::vector<int64_t> top_idx;
   std::vector<int64_t> candidates;
   std::vector<std::pair<T, int64_t>> pairs;
+  std::vector<double> tail;    // relative_tails: per candidate, the sum below it
   std::vector<double> prefix;  // sparse: prefix sums of the sorted candidates
 };
 
@@ -285,8 +286,9 @@ void mark_top(int64_t count, Scratch<T>& s) {
 // entries below candidate j, relative to s_j, without under- or overflow. The entries outside
 // the top K enter through one masked pass relative to s_{K-1}.
 template <typename T>
-void relative_tails(const T* y, int64_t n, int64_t num, Scratch<T>& s, std::vector<double>& tail) {
+void relative_tails(const T* y, int64_t n, int64_t num, Scratch<T>& s) {
   const T* val = s.top_val.data();
+  std::vector<double>& tail = s.tail;
   tail.assign(num, 1.0);
   T rest = 0;
   const T ref = val[num - 1];
@@ -321,10 +323,11 @@ struct Segment {
 // f = min(1, e^u): the min over the candidate counts m < k of the segment roots
 // lam_m = log(sum_{rank >= m} e^{s}) - log(k - m).
 template <typename T>
-Segment solve_exp(const T* y, int64_t n, double k, Scratch<T>& s, std::vector<double>& tail) {
+Segment solve_exp(const T* y, int64_t n, double k, Scratch<T>& s) {
   const int64_t num = std::min<int64_t>(n, static_cast<int64_t>(std::ceil(k)));
   select_top(y, n, num, s);
-  relative_tails(y, n, num, s, tail);
+  relative_tails(y, n, num, s);
+  const std::vector<double>& tail = s.tail;
   Segment seg;
   seg.lam = kInf;
   for (int64_t m = 0; m < num && k - m > 0; ++m) {
@@ -353,17 +356,18 @@ inline double log_c_plus_root(double c, double log_prod) {
 // counted where F(s_j) < k; then the closed form of seed 002 around pivots that keep every
 // sum in [1, N] (as _log_c_plus_root does in log space).
 template <typename T>
-Segment solve_laplace(const T* y, int64_t n, double k, Scratch<T>& s, std::vector<double>& tail) {
+Segment solve_laplace(const T* y, int64_t n, double k, Scratch<T>& s) {
   // F(s_j) increases with j, so the count is the first j with F(s_j) >= k. It is < ceil(2k)
   // always and < ceil(k) nearly always: try the short list first.
   const int64_t full = std::min<int64_t>(n, static_cast<int64_t>(std::ceil(2 * k)));
   int64_t num = std::min<int64_t>(full, static_cast<int64_t>(std::ceil(k)));
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   const T* val = s.top_val.data();
+  const std::vector<double>& tail = s.tail;
   int64_t above = 0;
   while (true) {
     select_top(y, n, num, s);
-    relative_tails(y, n, num, s, tail);
+    relative_tails(y, n, num, s);
     above = 0;
     double a_rel = 0.0;  // A_j
     for (int64_t j = 0; j < num && val[j] > neg_inf; ++j) {
@@ -543,8 +547,8 @@ std::pair<double, double> sigmoid_sums(const T* y, int64_t padded, double lam) {
 
 // Safeguarded Newton in w = e^-lam inside the bracket lam_laplace -+ log 2 (as _solve_sigmoid).
 template <typename T>
-double solve_sigmoid(const T* y, int64_t n, double k, Scratch<T>& s, std::vector<double>& tail) {
-  const double lam_laplace = solve_laplace(y, n, k, s, tail).lam;
+double solve_sigmoid(const T* y, int64_t n, double k, Scratch<T>& s) {
+  const double lam_laplace = solve_laplace(y, n, k, s).lam;
   double lo = lam_laplace - kLog2;
   double hi = lam_laplace + kLog2;
   double lam = hi;
@@ -613,8 +617,7 @@ double final_offset(const T* u, double k, const Segment& seg, const Scratch<T>& 
 
 // One row of the forward pass.
 template <typename T, int64_t M>
-void forward_row(const T* x, T* p, T* lam_out, T k_t, T tau, Scratch<T>& s,
-                 std::vector<double>& tail, int64_t n) {
+void forward_row(const T* x, T* p, T* lam_out, T k_t, T tau, Scratch<T>& s, int64_t n) {
   constexpr T inf = std::numeric_limits<T>::infinity();
   typedef typename Lanes<T>::ivec IVec;
   T* z = s.z.data();
@@ -657,12 +660,12 @@ void forward_row(const T* x, T* p, T* lam_out, T k_t, T tau, Scratch<T>& s,
   for (int64_t i = 0; i < s.padded; i += kWidth<T>) store(y + i, load(z + i) - zmax);
   Segment seg;
   if constexpr (M == kSigmoid) {
-    seg.lam = solve_sigmoid(y, n, k, s, tail);
+    seg.lam = solve_sigmoid(y, n, k, s);
   } else if constexpr (M == kLaplace) {
-    seg = solve_laplace(y, n, k, s, tail);
+    seg = solve_laplace(y, n, k, s);
     mark_top(seg.above, s);
   } else if constexpr (M == kExp) {
-    seg = solve_exp(y, n, k, s, tail);
+    seg = solve_exp(y, n, k, s);
     mark_top(seg.above, s);
   } else {
     seg = solve_sparse(y, n, k, s);
@@ -693,10 +696,8 @@ void forward_impl(const at::Tensor& scores, const at::Tensor& k, const at::Tenso
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     Scratch<T> scratch(n);
     scratch.sparse_newton_steps = sparse_newton_steps;
-    std::vector<double> tail;
     for (int64_t r = begin; r < end; ++r) {
-      forward_row<T, M>(x + r * n, p_ptr + r * n, lam_ptr + r, k_ptr[r], tau_ptr[r], scratch,
-                        tail, n);
+      forward_row<T, M>(x + r * n, p_ptr + r * n, lam_ptr + r, k_ptr[r], tau_ptr[r], scratch, n);
     }
   });
 }
