@@ -55,6 +55,7 @@ from hypothesis import strategies as st  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from moe_router.ops import _triton_soft_topk as kernels  # noqa: E402
+from moe_router.ops._threshold import apply_f  # noqa: E402
 from moe_router.ops.soft_topk import soft_topk  # noqa: E402
 
 # The interpreter runs the kernels' guarded divisions and logs with numpy, which warns about the
@@ -97,17 +98,6 @@ def backward(p, g, tau_R, method, need_k=True, need_tau=True):
 # ----------------------------------------------------------------------------- references
 
 
-def _f(u, method):
-    if method == "sigmoid":
-        return torch.sigmoid(u)
-    if method == "laplace":
-        e = torch.exp(-u.abs())
-        return torch.where(u >= 0, 1 - 0.5 * e, 0.5 * e)
-    if method == "exp":
-        return torch.exp(u.clamp(max=0))
-    return u.clamp(0, 1)
-
-
 def _f_prime(u, method):
     if method == "sigmoid":
         s = torch.sigmoid(u)
@@ -148,7 +138,7 @@ def _reference_threshold(x_RN, k_R, tau_R, method):
     hi = torch.nan_to_num(finite_z.nan_to_num(float("-inf")).amax(1)) + 60
     for _ in range(200):
         mid = 0.5 * (lo + hi)
-        above = _f(z - mid[:, None], method).sum(1) > k
+        above = apply_f(z - mid[:, None], method).sum(1) > k
         lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
     lam = 0.5 * (lo + hi)
     lam = torch.where(present.sum(1) <= k, float("-inf"), lam)
@@ -159,7 +149,7 @@ def reference_forward(x_RN, k_R, tau_R, method):
     z = x_RN.double() / tau_R.double()[:, None]
     lam = reference_threshold(x_RN, k_R, tau_R, method)
     present = z > float("-inf")
-    p = _f(z - lam[:, None], method)
+    p = apply_f(z - lam[:, None], method)
     fallback = (present.sum(1) <= k_R.double())[:, None]
     p = torch.where(fallback, present.double(), p)
     return torch.where(torch.isnan(lam)[:, None], float("nan"), p)
@@ -307,7 +297,7 @@ def test_forward_threshold_units_and_fallback_value():
     x[4, 1:] = float("-inf")
     p, lam = forward(x, k_R, tau_R, "laplace", return_threshold=True)
     z = x.double() / tau_R.double()[:, None]
-    torch.testing.assert_close(p[:4].double(), _f(z[:4] - lam[:4, None].double(), "laplace"),
+    torch.testing.assert_close(p[:4].double(), apply_f(z[:4] - lam[:4, None].double(), "laplace"),
                                atol=1e-6, rtol=0)
     assert lam[4] == float("-inf")
 
