@@ -40,6 +40,11 @@ class Routing:
             counts them: it is the load the router asked for, the quantity drop rate and
             balance metrics are defined on.
         capacity: Assignments each expert could take (None when dropless).
+        overflow_T: Experts a support-exact sparse gate gave p > 0 to but could not compute
+            because the token's static slot cap (``max_active``) was full, per token (fp32);
+            None when the gate never overflows.
+        overflow_mass_T: Sum of p on those overflowed experts, per token (fp32); None with
+            ``overflow_T``.
     """
 
     expert_ids_TK: Tensor
@@ -52,6 +57,8 @@ class Routing:
     padding_mask_T: Tensor | None = None
     dropped_TK: Tensor | None = None
     capacity: int | None = None
+    overflow_T: Tensor | None = None
+    overflow_mass_T: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.valid_TK is None:
