@@ -65,17 +65,28 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small shapes, fewer repetitions")
-    mode.add_argument("--smoke", action="store_true",
-                      help="no GPU needed: tiny shapes on the Triton interpreter; writes nothing")
-    parser.add_argument("--methods", default="sigmoid,laplace,exp,sparse",
-                        help="comma-separated soft top-k methods (default: all four)")
+    mode.add_argument(
+        "--smoke",
+        action="store_true",
+        help="no GPU needed: tiny shapes on the Triton interpreter; writes nothing",
+    )
+    parser.add_argument(
+        "--methods",
+        default="sigmoid,laplace,exp,sparse",
+        help="comma-separated soft top-k methods (default: all four)",
+    )
     parser.add_argument("--k", type=float, default=2.0, help="budget per row (default 2)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="score dtype (default float32)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="score dtype (default float32)",
+    )
     parser.add_argument("--skip-torch", action="store_true", help="skip the PyTorch path")
     parser.add_argument("--skip-seed", action="store_true", help="skip the seed implementation")
-    parser.add_argument("--out", type=Path, default=RESULTS,
-                        help="output folder for soft_topk_gpu.{md,json}")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="output folder for soft_topk_gpu.{md,json}"
+    )
     return parser.parse_args(argv)
 
 
@@ -87,9 +98,11 @@ def main(argv=None) -> int:
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
-        print("bench_soft_topk_gpu: no CUDA device found. This benchmark times GPU kernels; run it "
-              "on a machine with an NVIDIA GPU (or use --smoke to check the script on CPU).",
-              file=sys.stderr)
+        print(
+            "bench_soft_topk_gpu: no CUDA device found. This benchmark times GPU kernels; run it "
+            "on a machine with an NVIDIA GPU (or use --smoke to check the script on CPU).",
+            file=sys.stderr,
+        )
         return 2
     try:
         import triton  # noqa: F401
@@ -115,8 +128,10 @@ def main(argv=None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:
         if method not in kernels.METHODS:
-            print(f"--methods: {method!r} has no Triton kernel; allowed: {kernels.METHODS}",
-                  file=sys.stderr)
+            print(
+                f"--methods: {method!r} has no Triton kernel; allowed: {kernels.METHODS}",
+                file=sys.stderr,
+            )
             return 2
     timer = _wall_clock if args.smoke else _do_bench(quick=args.quick)
 
@@ -128,8 +143,9 @@ def main(argv=None) -> int:
         k_R = torch.full((n_rows,), args.k, device=device)
         tau_R = torch.ones(n_rows, device=device)
         for method in methods:
-            row = _bench_shape(kernels, soft_topk, seed_soft_topk, timer, x, g, k_R, tau_R,
-                               args, method)
+            row = _bench_shape(
+                kernels, soft_topk, seed_soft_topk, timer, x, g, k_R, tau_R, args, method
+            )
             results.append(row)
             print(_line(row), flush=True)
             if device == "cuda":
@@ -163,8 +179,16 @@ def _bench_shape(kernels, soft_topk, seed_soft_topk, timer, x, g, k_R, tau_R, ar
     # reads tau and writes grad_x (fp32).
     fwd_bytes = n_rows * n * (x.element_size() + 4) + n_rows * 8
     bwd_bytes = n_rows * n * (p.element_size() + g.element_size() + 4) + n_rows * 4
-    row = Row(rows=n_rows, n=n, k=k, method=method, triton_fwd_ms=fwd_ms, triton_bwd_ms=bwd_ms,
-              triton_fwd_gbps=fwd_bytes / fwd_ms / 1e6, triton_bwd_gbps=bwd_bytes / bwd_ms / 1e6)
+    row = Row(
+        rows=n_rows,
+        n=n,
+        k=k,
+        method=method,
+        triton_fwd_ms=fwd_ms,
+        triton_bwd_ms=bwd_ms,
+        triton_fwd_gbps=fwd_bytes / fwd_ms / 1e6,
+        triton_bwd_gbps=bwd_bytes / bwd_ms / 1e6,
+    )
 
     def autograd_pair(fn, inputs, out_grad):
         """(forward ms, backward ms) of fn(*inputs) with autograd, backward timed alone."""
@@ -178,13 +202,15 @@ def _bench_shape(kernels, soft_topk, seed_soft_topk, timer, x, g, k_R, tau_R, ar
     if not args.skip_torch:
         try:
             row.torch_fwd_ms, row.torch_bwd_ms = autograd_pair(
-                lambda xx: soft_topk(xx, k, method=method), [x], lambda out: g.to(out.dtype))
+                lambda xx: soft_topk(xx, k, method=method), [x], lambda out: g.to(out.dtype)
+            )
         except torch.cuda.OutOfMemoryError:
             row.notes.append("torch path: out of memory")
     if seed_soft_topk is not None and method == "sigmoid" and float(k).is_integer():
         try:
             row.seed_fwd_ms, row.seed_bwd_ms = autograd_pair(
-                lambda xx: seed_soft_topk(xx, int(k)), [x.float()], lambda out: g.to(out.dtype))
+                lambda xx: seed_soft_topk(xx, int(k)), [x.float()], lambda out: g.to(out.dtype)
+            )
         except torch.cuda.OutOfMemoryError:
             row.notes.append("seed: out of memory")
 
@@ -192,7 +218,8 @@ def _bench_shape(kernels, soft_topk, seed_soft_topk, timer, x, g, k_R, tau_R, ar
         return torch.topk(torch.softmax(xx.float(), dim=-1), int(round(k)), dim=-1).values
 
     row.softmax_topk_fwd_ms, row.softmax_topk_bwd_ms = autograd_pair(
-        softmax_topk, [x], lambda out: torch.ones_like(out))
+        softmax_topk, [x], lambda out: torch.ones_like(out)
+    )
     if x.is_cuda:
         torch.cuda.synchronize()
     return row
@@ -224,19 +251,24 @@ def _ratio(baseline: float | None, ours: float) -> str:
 
 
 def _line(r: Row) -> str:
-    return (f"R={r.rows} N={r.n} {r.method}: triton fwd {r.triton_fwd_ms:.3f} ms "
-            f"({r.triton_fwd_gbps:.0f} GB/s), bwd {r.triton_bwd_ms:.3f} ms "
-            f"({r.triton_bwd_gbps:.0f} GB/s); torch {_fmt(r.torch_fwd_ms)}/{_fmt(r.torch_bwd_ms)}"
-            f"; seed {_fmt(r.seed_fwd_ms)}/{_fmt(r.seed_bwd_ms)}; softmax+topk "
-            f"{_fmt(r.softmax_topk_fwd_ms)}/{_fmt(r.softmax_topk_bwd_ms)}")
+    return (
+        f"R={r.rows} N={r.n} {r.method}: triton fwd {r.triton_fwd_ms:.3f} ms "
+        f"({r.triton_fwd_gbps:.0f} GB/s), bwd {r.triton_bwd_ms:.3f} ms "
+        f"({r.triton_bwd_gbps:.0f} GB/s); torch {_fmt(r.torch_fwd_ms)}/{_fmt(r.torch_bwd_ms)}"
+        f"; seed {_fmt(r.seed_fwd_ms)}/{_fmt(r.seed_bwd_ms)}; softmax+topk "
+        f"{_fmt(r.softmax_topk_fwd_ms)}/{_fmt(r.softmax_topk_bwd_ms)}"
+    )
 
 
 def _environment(torch, device: str) -> dict:
     import triton
 
     env = {
-        "device": (torch.cuda.get_device_name() if device == "cuda"
-                   else f"CPU ({platform.machine()}), Triton interpreter"),
+        "device": (
+            torch.cuda.get_device_name()
+            if device == "cuda"
+            else f"CPU ({platform.machine()}), Triton interpreter"
+        ),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),

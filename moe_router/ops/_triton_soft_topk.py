@@ -431,8 +431,10 @@ def _check_rows(t: Tensor, name: str) -> None:
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, entries), got shape {tuple(t.shape)}")
     if t.shape[1] > MAX_N:
-        raise ValueError(f"{name} has {t.shape[1]} entries per row; the Triton kernels allow "
-                         f"at most {MAX_N} (use the torch backend)")
+        raise ValueError(
+            f"{name} has {t.shape[1]} entries per row; the Triton kernels allow "
+            f"at most {MAX_N} (use the torch backend)"
+        )
     if t.dtype not in _INPUT_DTYPES:
         raise ValueError(f"{name} has dtype {t.dtype}; allowed: float16, bfloat16, float32")
     if t.shape[1] > 0 and t.stride(1) != 1:
@@ -478,15 +480,27 @@ def triton_soft_topk_forward(
     k_R = _per_row(k_R, n_rows, scores_RN.device, "k_R")
     tau_R = _per_row(tau_R, n_rows, scores_RN.device, "tau_R")
     p_RN = torch.empty((n_rows, n), dtype=torch.float32, device=scores_RN.device)
-    threshold_R = torch.empty((n_rows if return_threshold else 1,), dtype=torch.float32,
-                              device=scores_RN.device)
+    threshold_R = torch.empty(
+        (n_rows if return_threshold else 1,), dtype=torch.float32, device=scores_RN.device
+    )
     if n_rows > 0 and n > 0:
         block_n, rows, num_warps = _launch_config(n)
         grid = (triton.cdiv(n_rows, rows),)
         _traceable(_soft_topk_fwd_kernel)[grid](
-            scores_RN, k_R, tau_R, p_RN, threshold_R, n_rows, n, scores_RN.stride(0),
-            METHOD=method_code, ROWS=rows, BLOCK_N=block_n, ITERS=MAX_ITERS,
-            WRITE_LAM=return_threshold, num_warps=num_warps,
+            scores_RN,
+            k_R,
+            tau_R,
+            p_RN,
+            threshold_R,
+            n_rows,
+            n,
+            scores_RN.stride(0),
+            METHOD=method_code,
+            ROWS=rows,
+            BLOCK_N=block_n,
+            ITERS=MAX_ITERS,
+            WRITE_LAM=return_threshold,
+            num_warps=num_warps,
         )
     elif return_threshold:
         threshold_R.fill_(float("-inf"))
@@ -537,18 +551,29 @@ def triton_soft_topk_backward(
     device = p_RN.device
     grad_scores_RN = torch.empty((n_rows, n), dtype=torch.float32, device=device)
     grad_k_R = torch.empty((n_rows,), dtype=torch.float32, device=device) if need_k_grad else None
-    grad_tau_R = (torch.empty((n_rows,), dtype=torch.float32, device=device)
-                  if need_tau_grad else None)
+    grad_tau_R = (
+        torch.empty((n_rows,), dtype=torch.float32, device=device) if need_tau_grad else None
+    )
     if n_rows > 0 and n > 0:
         block_n, rows, num_warps = _launch_config(n)
         grid = (triton.cdiv(n_rows, rows),)
         _traceable(_soft_topk_bwd_kernel)[grid](
-            p_RN, grad_RN, tau_R, grad_scores_RN,
+            p_RN,
+            grad_RN,
+            tau_R,
+            grad_scores_RN,
             grad_k_R if need_k_grad else grad_scores_RN,
             grad_tau_R if need_tau_grad else grad_scores_RN,
-            n_rows, n, p_RN.stride(0), grad_RN.stride(0),
-            METHOD=method_code, ROWS=rows, BLOCK_N=block_n,
-            NEED_K=need_k_grad, NEED_TAU=need_tau_grad, num_warps=num_warps,
+            n_rows,
+            n,
+            p_RN.stride(0),
+            grad_RN.stride(0),
+            METHOD=method_code,
+            ROWS=rows,
+            BLOCK_N=block_n,
+            NEED_K=need_k_grad,
+            NEED_TAU=need_tau_grad,
+            num_warps=num_warps,
         )
     else:
         for out in (grad_k_R, grad_tau_R):

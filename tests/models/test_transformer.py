@@ -153,6 +153,7 @@ def test_router_stays_fp32_under_bf16_autocast(gate):
     # guaranteed, but the logits must be what an fp32 linear of the router input gives.
     layer = net.moe_layers[0]
     captured = {}
+
     def capture_input(module, args, kwargs):
         captured.setdefault("x", args[0])  # returns None: the inputs are left as they are
 

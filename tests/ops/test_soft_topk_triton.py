@@ -83,15 +83,17 @@ def _mode():
 def forward(x, k_R, tau_R, method, return_threshold=False):
     """The kernel on DEVICE, results back on the CPU."""
     with _mode():
-        out = kernels.triton_soft_topk_forward(x.to(DEVICE), k_R.to(DEVICE), tau_R.to(DEVICE),
-                                               method, return_threshold)
+        out = kernels.triton_soft_topk_forward(
+            x.to(DEVICE), k_R.to(DEVICE), tau_R.to(DEVICE), method, return_threshold
+        )
     return tuple(t.cpu() for t in out) if return_threshold else out.cpu()
 
 
 def backward(p, g, tau_R, method, need_k=True, need_tau=True):
     with _mode():
-        out = kernels.triton_soft_topk_backward(p.to(DEVICE), g.to(DEVICE), tau_R.to(DEVICE),
-                                                method, need_k, need_tau)
+        out = kernels.triton_soft_topk_backward(
+            p.to(DEVICE), g.to(DEVICE), tau_R.to(DEVICE), method, need_k, need_tau
+        )
     return tuple(None if t is None else t.cpu() for t in out)
 
 
@@ -187,7 +189,7 @@ def finite_difference_grad_x(x_RN, k_R, tau_R, g_RN, method, h=1e-6):
     k = k_R.repeat_interleave(n)
     tau = tau_R.repeat_interleave(n)
     g = g_RN.double().repeat_interleave(n, dim=0)
-    diff = (reference_forward(x_plus, k, tau, method) - reference_forward(x_minus, k, tau, method))
+    diff = reference_forward(x_plus, k, tau, method) - reference_forward(x_minus, k, tau, method)
     return ((diff * g).sum(1) / (2 * h)).reshape(n_rows, n)
 
 
@@ -297,8 +299,9 @@ def test_forward_threshold_units_and_fallback_value():
     x[4, 1:] = float("-inf")
     p, lam = forward(x, k_R, tau_R, "laplace", return_threshold=True)
     z = x.double() / tau_R.double()[:, None]
-    torch.testing.assert_close(p[:4].double(), apply_f(z[:4] - lam[:4, None].double(), "laplace"),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        p[:4].double(), apply_f(z[:4] - lam[:4, None].double(), "laplace"), atol=1e-6, rtol=0
+    )
     assert lam[4] == float("-inf")
 
 
@@ -441,8 +444,7 @@ def test_backward_optional_outputs_are_none():
     ],
 )
 def test_forward_rejects_bad_input(kwargs, match):
-    args = {"x": torch.zeros(2, 4), "k_R": torch.ones(2), "tau_R": torch.ones(2),
-            "method": "exp"}
+    args = {"x": torch.zeros(2, 4), "k_R": torch.ones(2), "tau_R": torch.ones(2), "method": "exp"}
     if "scores_RN" in kwargs:
         kwargs["x"] = kwargs.pop("scores_RN")
     args.update(kwargs)
@@ -505,8 +507,9 @@ def _run_python(args, env_update, timeout):
     env.update(env_update)
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_kernels_compile_for_sm90_without_a_gpu():
@@ -520,8 +523,18 @@ def test_interpreter_suite_in_subprocess():
     if RUNNABLE or os.environ.get(_SUBPROCESS_FLAG):
         pytest.skip("the kernel tests run in this process")
     result = _run_python(
-        ["-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-         "-k", "not subprocess and not sm90"],
+        [
+            "-m",
+            "pytest",
+            __file__,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not gpu",
+            "-k",
+            "not subprocess and not sm90",
+        ],
         {"TRITON_INTERPRET": "1", _SUBPROCESS_FLAG: "1"},
         timeout=600,
     )
@@ -548,8 +561,7 @@ def test_gpu_full_size_against_torch_path(method, n_rows, n):
     sum_err = (p.double().sum(1) - k_R.double()).abs()
     assert (sum_err <= 1e-5 * k_R.double().clamp(min=1)).all()
     g = torch.randn_like(p)
-    grad_x, _, grad_tau = kernels.triton_soft_topk_backward(p, g, tau_R, method,
-                                                                     False, True)
+    grad_x, _, grad_tau = kernels.triton_soft_topk_backward(p, g, tau_R, method, False, True)
     ref_x, ref_tau = torch.autograd.grad((p_ref * g.double()).sum(), (x64, tau64))
     torch.testing.assert_close(grad_x.double(), ref_x, atol=5e-5, rtol=1e-3)
     torch.testing.assert_close(grad_tau.double(), ref_tau, atol=2e-4, rtol=2e-3)
