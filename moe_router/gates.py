@@ -287,8 +287,9 @@ def balance_thresholds(
     (lambda_t: the per-token threshold) and column sums ``T_real K / E`` over the real tokens,
     by alternating the two threshold problems, rows (tokens) then columns (experts): Newton
     steps on each side (one for the rows, two for the columns per alternation), a fixed number
-    of alternations, no host sync, no gradient. Without a warm start the columns start from the hard quantile (the
-    ``T_real K / E``-th largest of each column), which is the exact answer as tau -> 0.
+    of alternations, no host sync, no gradient. Without a warm start the columns start from the
+    hard quantile (the ``T_real K / E``-th largest of each column), which is the exact answer
+    as tau -> 0.
 
     The gate then solves the rows exactly with the operator (``soft_topk(x - mu, K)``), so row
     sums are exact and the column sums are as good as mu.

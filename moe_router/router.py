@@ -386,11 +386,12 @@ class Router(nn.Module):
         if config.seq_aux_loss_coef > 0:
             # [B, S, D] input: one sequence per leading row; [T, D] input: one sequence.
             batch = lead_shape[0] if len(lead_shape) >= 2 else 1
-            token_mask_BS = None if token_mask_T is None else token_mask_T.view(batch, -1)
+            seq = math.prod(lead_shape[1:]) if len(lead_shape) >= 2 else logits_TE.shape[0]
+            token_mask_BS = None if token_mask_T is None else token_mask_T.view(batch, seq)
             losses["seq_load_balance"] = config.seq_aux_loss_coef * sequence_load_balancing_loss(
-                probs_TE.view(batch, -1, config.num_experts),
-                expert_ids_TK.view(batch, -1, expert_ids_TK.shape[-1]),
-                valid_TK.view(batch, -1, valid_TK.shape[-1]),
+                probs_TE.view(batch, seq, config.num_experts),
+                expert_ids_TK.view(batch, seq, expert_ids_TK.shape[-1]),
+                valid_TK.view(batch, seq, valid_TK.shape[-1]),
                 token_mask_BS,
             )
         if config.z_loss_coef > 0:
