@@ -12,17 +12,7 @@ from moe_router.balancing import (
     sequence_load_balancing_loss,
 )
 from moe_router.metrics import (
-    ActiveExpertsPerToken,
-    DeadExpertFraction,
-    DropRate,
-    EffectiveExperts,
     LoadBalanceMetrics,
-    LoadCV,
-    LoadEntropy,
-    MaxViolation,
-    RouterEntropy,
-    SoftMassOutside,
-    TokensPerExpert,
     scalar_metrics,
 )
 from moe_router.moe import MoEConfig, MoELayer, SwiGLU, capacity_keep_mask, grouped_matmul
@@ -39,25 +29,15 @@ from moe_router.routing import Routing
 
 __all__ = [
     "GATES",
-    "ActiveExpertsPerToken",
-    "DeadExpertFraction",
-    "DropRate",
-    "EffectiveExperts",
     "ExpertBias",
     "LoadBalanceMetrics",
     "LoadBalanceReport",
-    "LoadCV",
-    "LoadEntropy",
-    "MaxViolation",
     "MoEConfig",
     "MoELayer",
     "Router",
     "RouterConfig",
-    "RouterEntropy",
     "Routing",
-    "SoftMassOutside",
     "SwiGLU",
-    "TokensPerExpert",
     "capacity_keep_mask",
     "grouped_matmul",
     "load_balance_table",
