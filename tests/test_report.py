@@ -13,6 +13,7 @@ from matplotlib.image import imread
 from moe_router.metrics import LoadBalanceMetrics
 from moe_router.report import (
     TABLE_COLUMNS,
+    UNSELECTED_MASS_NOTE,
     _relative_load,
     load_balance_table,
     plot_load_heatmap,
@@ -67,7 +68,7 @@ def test_table_exact_markdown():
     )
     expected = (
         "| Layer | MaxVio (batch mean) | MaxVio (global) | CV | Load entropy | Eff. experts "
-        "| Dead frac. | Router entropy | Drop rate | Active experts/token | Soft mass outside |\n"
+        "| Dead frac. | Router entropy | Drop rate | Active experts/token | Unselected score mass |\n"
         "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n"
         "| layer0 | 0.500 | 0.250 | 0.125 | 1.386 | 4.000 "
         "| 0.000 | 0.988 | 0.000 | 2.000 | 0.031 |\n"
@@ -187,7 +188,7 @@ def test_write_report(tmp_path):
     assert report.markdown_path == tmp_path / "val" / "epoch3.md"
     assert report.table == load_balance_table(metrics)
     assert report.markdown_path.read_text() == (
-        f"# Validation\n\n{report.table}\n![Validation](epoch3.png)\n"
+        f"# Validation\n\n{report.table}\n{UNSELECTED_MASS_NOTE}\n\n![Validation](epoch3.png)\n"
     )
     assert report.heatmap_path.read_bytes().startswith(PNG_MAGIC)
     records = json.loads(report.json_path.read_text())
