@@ -194,8 +194,9 @@ class CheckpointOnSignal(L.Callback):
     optimizer step, only when there are several ranks).
 
     Attributes:
-        received: The signal number that stopped the run, or None.
-        checkpoint_path: Where the checkpoint was saved, or None.
+        received: The signal number this rank received, or None.
+        checkpoint_path: Where the checkpoint was saved when a signal stopped the run (on
+            every rank, also those that did not receive it), or None.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -334,6 +335,7 @@ class TextProgress(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         """Starts the clock."""
         self._start = time.perf_counter()
+        self._last_step = trainer.global_step
 
     def _line(self, trainer, text: str) -> None:
         if trainer.is_global_zero:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -175,12 +176,17 @@ class MoECLI(LightningCLI):
 
         model, trainer = self.model, self.trainer
         stopped = next(
-            (cb for cb in trainer.callbacks if isinstance(cb, CheckpointOnSignal) and cb.received),
+            (
+                cb
+                for cb in trainer.callbacks
+                if isinstance(cb, CheckpointOnSignal) and cb.checkpoint_path is not None
+            ),
             None,
         )
         if stopped is not None:
+            # Every rank stops here (a rank that got no signal itself exits as for SIGTERM).
             self._print_outputs()
-            raise SystemExit(128 + int(stopped.received))
+            raise SystemExit(128 + int(stopped.received or signal.SIGTERM))
         last = model.last_val
         if last is None or last["step"] != trainer.global_step:
             # The table reports the trained weights, so validate at the last step if the

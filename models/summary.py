@@ -134,6 +134,11 @@ class RunSummary(L.Callback):
         if self._start is not None:
             self._tokens += batch[:, 1:].numel() * trainer.world_size
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        """A resumed run's curve continues after the step it resumed at."""
+        self._train_curve_step = trainer.global_step
+        self._loss_sum, self._loss_count = None, 0
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Adds the micro-batch's LM loss; closes a training-curve point every log interval."""
         lm_loss = outputs.get("lm_loss") if isinstance(outputs, dict) else None

@@ -163,6 +163,7 @@ def test_sigint_saves_the_step_and_a_resume_loses_nothing(corpus_dir, tmp_path):
     assert not torch.equal(weights(stopped)["net.embed.weight"], weights(full)["net.embed.weight"])
 
 
+@pytest.mark.slow  # a fresh interpreter: ~15 s of imports before the first step
 def test_sigterm_to_a_training_process_saves_and_exits_143(corpus_dir, tmp_path):
     config = tiny_config(
         tmp_path, corpus_dir, max_steps=100, val_check_interval=100, checkpoint_every=100

@@ -184,8 +184,9 @@ def test_compare_end_to_end_and_resume(corpus_dir, tmp_path, capsys):
     assert (out / "report.png").is_file()
     summary = json.loads(next((out / "soft" / "seed1").glob(f"**/{SUMMARY_FILE}")).read_text())
     assert summary["global_step"] == 3 and summary["seed"] == 1  # the override reached the run
-    capsys.readouterr()
-    assert "[compare] topk seed 0 (1/4): step 3/3, training loss" in capsys.readouterr().out
+    first_out = capsys.readouterr().out  # progress of each run, with its place in the plan
+    assert "[compare] topk seed 0 (1/4): step 3/3, training loss" in first_out
+    assert "[compare] soft seed 1 (4/4): step 3/3, validation loss" in first_out
     cli_main(args)  # every run finished already: only the report is rebuilt
     assert capsys.readouterr().out.count("done already") == 4
 
