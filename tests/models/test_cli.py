@@ -221,3 +221,16 @@ def test_fit_exits_with_an_error_when_the_final_validation_is_nan(corpus_dir, tm
     callback = ["--trainer.callbacks+=models_testing.NaNFinalValidation"]
     with pytest.raises(RuntimeError, match="fit: the validation loss at step 3 is nan"):
         cli_main(["fit", "--config", str(config), *callback])
+
+
+def test_dense_width_follows_k_and_expert_width_from_the_command_line(corpus_dir, tmp_path):
+    # LightningCLI takes the model defaults from a ModelConfig() instance: a dense width filled
+    # in there would be a fixed 256 whatever k and expert_d_ff the command line sets.
+    from models.cli import MoECLI
+
+    config = tiny_config(tmp_path, corpus_dir)
+    cli = MoECLI(args=["--config", str(config), "--model.model.moe_every", "2"], run=False)
+    model_config = cli.model.model_config
+    assert model_config.dense_width == model_config.k * model_config.expert_d_ff
+    dense = [b.ffn for b in cli.model.net.blocks if not b.is_moe][0]
+    assert dense.w1_DF.shape[1] == model_config.k * model_config.expert_d_ff
