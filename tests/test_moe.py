@@ -40,8 +40,15 @@ def reference_capacity_keep(expert_ids, valid, priority, num_experts, capacity):
     return keep
 
 
-def naive_moe(layer, x, padding_mask=None):
-    """The obvious implementation: for each token, for each slot, run that expert."""
+def naive_moe(layer, x, padding_mask=None, router_state=None):
+    """The obvious implementation: for each token, for each slot, run that expert.
+
+    ``router_state``: buffers to restore first, so that a router whose training forward
+    warm-starts from its last solve (``balanced_soft_topk``) routes as in the layer's forward.
+    """
+    if router_state is not None:
+        for name, buffer in layer.router.named_buffers():
+            buffer.copy_(router_state[name])
     routing = layer.router(x, padding_mask=padding_mask)
     x_TD = x.reshape(-1, layer.config.d_model)
     weights, valid = routing.weights_TK, routing.valid_TK
@@ -80,6 +87,11 @@ def gradients(layer, x, out, seed=0):
     return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads, strict=True)]
 
 
+def router_state(layer):
+    """Every buffer of the layer's router (persistent or not), cloned."""
+    return {name: buffer.clone() for name, buffer in layer.router.named_buffers()}
+
+
 def make_layer(gate, seed=0, **kwargs):
     torch.manual_seed(seed)
     layer = MoELayer(D, FF, E, K, gate=gate, **kwargs)
@@ -102,8 +114,9 @@ VARIANTS = {
 def test_layer_matches_naive_loop(gate, variant, backend):
     layer = make_layer(gate, backend=backend, **VARIANTS[variant])
     x = torch.randn(3, 5, D, requires_grad=True)
+    state = router_state(layer)
     y, routing = layer(x, return_routing=True)
-    y_ref, valid_ref = naive_moe(layer, x)
+    y_ref, valid_ref = naive_moe(layer, x, router_state=state)
     assert y.shape == x.shape and y.dtype == x.dtype
     torch.testing.assert_close(routing.valid_TK, valid_ref)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
