@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -132,6 +133,26 @@ class _ConciseParser(LightningArgumentParser):
         self.exit(2)
 
 
+def check_checkpoint_file(path: str | None) -> None:
+    """Rejects a ``--ckpt_path`` that is not a readable checkpoint before anything is built.
+
+    Args:
+        path: The checkpoint path, or None (or Lightning's ``last`` / ``best`` aliases).
+
+    Raises:
+        ValueError: If the file is missing, empty, or not a torch checkpoint (a zip archive).
+    """
+    if path is None or path in ("last", "best", "hpc", "registry"):
+        return
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"ckpt_path={path!r} is not a file")
+    if file.stat().st_size == 0:
+        raise ValueError(f"ckpt_path={path!r} is empty: not a checkpoint")
+    if not zipfile.is_zipfile(file):
+        raise ValueError(f"ckpt_path={path!r} is not a torch checkpoint (no zip archive)")
+
+
 class MoECLI(LightningCLI):
     """LightningCLI for ``MoELanguageModel`` on ``ByteCorpusDataModule``.
 
@@ -187,6 +208,7 @@ class MoECLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Default loggers and progress bar; rejects a fit without ``trainer.max_steps``."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_checkpoint_file(getattr(config, "ckpt_path", None))
         trainer = config.trainer
         if trainer.logger is None or trainer.logger is True:
             root = trainer.default_root_dir or "."

@@ -234,3 +234,12 @@ def test_dense_width_follows_k_and_expert_width_from_the_command_line(corpus_dir
     assert model_config.dense_width == model_config.k * model_config.expert_d_ff
     dense = [b.ffn for b in cli.model.net.blocks if not b.is_moe][0]
     assert dense.w1_DF.shape[1] == model_config.k * model_config.expert_d_ff
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"], ids=["empty", "garbage"])
+def test_unreadable_checkpoint_is_one_clear_error(corpus_dir, tmp_path, capsys, content):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(content)
+    config = tiny_config(tmp_path, corpus_dir)
+    message = _error_text(["validate", "--config", str(config), "--ckpt_path", str(bad)], capsys)
+    assert f"ckpt_path='{bad}'" in message
