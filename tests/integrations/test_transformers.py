@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -515,3 +516,29 @@ def test_replace_routers_rejects_bad_input():
     with pytest.raises(ValueError, match="k="):
         replace_routers(model, gate="soft_topk", k=8)
     assert not any(isinstance(m, RoutedGate) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------- docs
+
+
+def _hf_section() -> str:
+    """The "Use with Hugging Face models" section: from the README once it is there."""
+    root = Path(__file__).resolve().parents[2]
+    for path in (root / "README.md", root / "docs" / "hf.md"):
+        text = path.read_text() if path.exists() else ""
+        match = re.search(
+            r"^(#+) Use with Hugging Face models\n(.*?)(?=^\1 |\Z)", text, re.M | re.S
+        )
+        if match:
+            return match.group(2)
+    raise AssertionError("no 'Use with Hugging Face models' section in README.md or docs/hf.md")
+
+
+def test_docs_snippets_run_as_written(tmp_path, monkeypatch):
+    snippets = re.findall(r"^```python\n(.*?)^```", _hf_section(), re.M | re.S)
+    assert len(snippets) >= 4
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for snippet in snippets:  # in order, one namespace, as a reader pastes them
+        exec(compile(snippet, "docs snippet", "exec"), namespace)
+    assert (tmp_path / "runs" / "hf_balance" / "load_balance.png").exists()
