@@ -135,6 +135,15 @@ ARCHS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: intra-op threads only add overhead (several x on a busy host)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build(arch: str, seed: int = 0):
     """The tiny model of ``arch`` in fp32 eval mode, same weights for the same seed."""
     torch.manual_seed(seed)
