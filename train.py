@@ -9,7 +9,7 @@
 before LightningCLI sees the command line since it drives several runs, not one Trainer.
 """
 
-from models.cli import cli_main
+from models.cli import main
 
 if __name__ == "__main__":
-    cli_main()
+    main()

@@ -8,9 +8,10 @@ allowed, at construction time, i.e. before any training starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+
+from moe_router.config import Gate, MoEConfig, MoEOptions, RouterConfig, RouterOptions
 
 
 def _require_positive(name: str, value: float) -> None:
@@ -36,10 +37,11 @@ class ModelConfig:
         expert_d_ff: Hidden width F of each expert.
         dense_d_ff: Hidden width of the dense SwiGLU FFNs; None gives ``k * expert_d_ff`` so a
             dense block has the same active parameters as an MoE block.
-        gate: Gate of every MoE layer: ``topk``, ``soft_topk``, ``sparse_soft_topk``, ... (the
-            list is owned by ``moe_router.moe.MoELayer``, which checks it).
-        moe: Further keyword arguments of ``MoELayer`` (temperature, auxiliary-loss
-            coefficients, expert bias, ...), passed through unchanged.
+        gate: Gate of every MoE layer: ``topk``, ``soft_topk``, ``sparse_soft_topk``,
+            ``balanced_soft_topk``, ... (see ``moe_router.gates``).
+        moe: Every other setting of the MoE layers and their routers (temperature, method,
+            auxiliary-loss coefficients, expert bias, budgets, capacity, ...):
+            ``moe_router.config.MoEOptions``; set from the CLI as ``--model.model.moe.tau``.
         init_std: Standard deviation of the normal initialisation of embeddings and linears.
     """
 
@@ -57,8 +59,8 @@ class ModelConfig:
     k: int = 2
     expert_d_ff: int = 128
     dense_d_ff: int | None = None
-    gate: str = "soft_topk"
-    moe: dict[str, Any] = field(default_factory=dict)
+    gate: Gate = "soft_topk"
+    moe: MoEOptions = field(default_factory=MoEOptions)
     # initialisation
     init_std: float = 0.02
 
@@ -93,9 +95,20 @@ class ModelConfig:
                 f"moe_every={self.moe_every} must be <= n_layers={self.n_layers}, "
                 "otherwise no block has an MoE FFN"
             )
+        if isinstance(self.moe, dict):  # a plain mapping from Python code or an old checkpoint
+            self.moe = MoEOptions(**self.moe)
+        if not isinstance(self.moe, MoEOptions):
+            raise ValueError(f"moe={self.moe!r} is invalid: a MoEOptions (or a dict of its fields)")
+        self.moe_layer_config()  # validates the gate and every option against the sizes
         if self.dense_d_ff is None:
             self.dense_d_ff = self.k * self.expert_d_ff
         _require_positive("dense_d_ff", self.dense_d_ff)
+
+    def moe_layer_config(self) -> MoEConfig:
+        """The ``MoEConfig`` of every MoE layer of this model."""
+        return self.moe.layer_config(
+            self.d_model, self.expert_d_ff, self.num_experts, self.k, self.gate
+        )
 
     def is_moe_block(self, index: int) -> bool:
         """Whether block ``index`` (0-based) uses the MoE FFN."""
@@ -142,4 +155,6 @@ class OptimConfig:
 
 # Checkpoints carry these configs as hyper-parameters; let `torch.load(weights_only=True)`
 # (the default, used by Lightning when resuming) rebuild them.
-torch.serialization.add_safe_globals([ModelConfig, OptimConfig])
+torch.serialization.add_safe_globals(
+    [ModelConfig, OptimConfig, MoEOptions, MoEConfig, RouterOptions, RouterConfig]
+)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from models.config import ModelConfig, OptimConfig
 from models.transformer import MoETransformer
 from moe_router.metrics import LoadBalanceMetrics, scalar_metrics
+from moe_router.stepping import register_optimizer_hooks
 
 # Scalars logged per layer at every training step; the full set is logged for validation.
 TRAIN_STEP_KEYS = ("max_vio_batch_last", "load_cv", "router_entropy", "active_experts_per_token")
@@ -44,10 +45,11 @@ class MoELanguageModel(L.LightningModule):
     """Byte-level MoE language model trained with Lightning.
 
     The loss is next-token cross entropy plus the sum of every MoE layer's auxiliary losses
-    (already scaled by their coefficients in the router). After each optimizer step the
-    routers' expert biases are updated from the loads summed over that step's micro-batches
-    (the router all-reduces them over data-parallel ranks) and their temperature schedules
-    advance.
+    (already scaled by their coefficients in the router). After each optimizer step every
+    router steps itself (``moe_router.register_optimizer_hooks``, registered in
+    ``configure_optimizers``): expert biases from the loads of that step's micro-batches
+    (all-reduced over data-parallel ranks), temperature schedules, budget controllers and
+    balance thresholds.
 
     Args:
         model: Transformer sizes and gate.
@@ -71,10 +73,6 @@ class MoELanguageModel(L.LightningModule):
         )
         self.val_balance = nn.ModuleList(
             LoadBalanceMetrics(model.num_experts) for _ in range(num_moe)
-        )
-        # Loads of the micro-batches of the current optimizer step, for the expert bias.
-        self.register_buffer(
-            "step_loads_LE", torch.zeros(num_moe, model.num_experts), persistent=False
         )
         # Last validation pass, for the final table and the run summary.
         self.last_val: dict[str, Any] | None = None
@@ -105,7 +103,6 @@ class MoELanguageModel(L.LightningModule):
             aux_total = aux_total + routing.aux_loss
             for aux_name, value in routing.aux_losses.items():
                 logs[f"train/{name}/aux_{aux_name}"] = value.detach()
-            self.step_loads_LE[index] += routing.tokens_per_expert_E.detach().float()
             batch_values = self.train_balance[index](routing)
             for key in TRAIN_STEP_KEYS:
                 logs[f"train/{name}/{key}"] = batch_values[key]
@@ -121,20 +118,6 @@ class MoELanguageModel(L.LightningModule):
             batch_size=batch_size,
         )
         return loss
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        """Optimizer step, then the routers' aux-loss-free bias update and schedule step.
-
-        Lightning calls this once per optimizer step, after the closure has run the forward
-        and backward of the step's last micro-batch, so ``step_loads_LE`` then holds the
-        loads of every micro-batch of the step.
-        """
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        with torch.no_grad():
-            for index, layer in enumerate(self.net.moe_layers):
-                layer.router.update_expert_bias(self.step_loads_LE[index])
-                layer.router.step_schedule()
-            self.step_loads_LE.zero_()
 
     def on_train_epoch_end(self) -> None:
         for metric in self.train_balance:
@@ -195,6 +178,8 @@ class MoELanguageModel(L.LightningModule):
             optimizer,
             lambda step: warmup_cosine(step, optim.warmup_steps, total_steps, optim.min_lr_ratio),
         )
+        # The routers' per-step state advances after every optimizer step, as in a plain loop.
+        register_optimizer_hooks(optimizer, self.net)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

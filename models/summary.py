@@ -7,6 +7,7 @@ of validation loss and per-layer load balance. ``models.compare`` reads these fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -155,7 +156,7 @@ class RunSummary(L.Callback):
         datamodule = trainer.datamodule
         return {
             "gate": config.gate,
-            "moe": dict(config.moe),
+            "moe": dataclasses.asdict(config.moe),
             "num_experts": config.num_experts,
             "k": config.k,
             "global_step": trainer.global_step,

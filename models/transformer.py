@@ -2,7 +2,8 @@
 
 Token embedding -> blocks of (RMSNorm, causal self-attention with rotary positions, RMSNorm,
 FFN) -> RMSNorm -> LM head tied to the embedding. The FFN of block ``i`` is an MoE layer when
-``config.is_moe_block(i)`` and a dense SwiGLU otherwise.
+``config.is_moe_block(i)`` and a dense ``moe_router.moe.SwiGLU`` (the same module as the MoE
+layer's shared expert) otherwise.
 
 Shape legend: B batch, S sequence, D model dim, H heads, Dh head dim, V vocabulary,
 F hidden width of a dense FFN.
@@ -18,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from models.config import ModelConfig
-from moe_router.moe import MoELayer
+from moe_router.moe import MoELayer, SwiGLU
 from moe_router.routing import Routing
 
 
@@ -94,32 +95,6 @@ class CausalSelfAttention(nn.Module):
         return self.out(rearrange(y_BHSDh, "b h s dh -> b s (h dh)"))
 
 
-class SwiGLU(nn.Module):
-    """Dense gated FFN, ``down(silu(gate(x)) * up(x))``.
-
-    Args:
-        d_model: Input and output width D.
-        d_ff: Hidden width F.
-    """
-
-    def __init__(self, d_model: int, d_ff: int) -> None:
-        super().__init__()
-        self.gate = nn.Linear(d_model, d_ff, bias=False)
-        self.up = nn.Linear(d_model, d_ff, bias=False)
-        self.down = nn.Linear(d_ff, d_model, bias=False)
-
-    def forward(self, x_BSD: Tensor) -> Tensor:
-        """Applies the FFN position-wise.
-
-        Args:
-            x_BSD: Normalised hidden states.
-
-        Returns:
-            FFN output, same shape as ``x_BSD``.
-        """
-        return self.down(F.silu(self.gate(x_BSD)) * self.up(x_BSD))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block whose FFN is an MoE layer or a dense SwiGLU.
 
@@ -135,14 +110,7 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.d_model)
         self.is_moe = config.is_moe_block(index)
         if self.is_moe:
-            self.ffn: nn.Module = MoELayer(
-                config.d_model,
-                config.expert_d_ff,
-                config.num_experts,
-                config.k,
-                gate=config.gate,
-                **config.moe,
-            )
+            self.ffn: nn.Module = MoELayer(config.moe_layer_config())
         else:
             self.ffn = SwiGLU(config.d_model, config.dense_d_ff)
 
@@ -196,9 +164,9 @@ class MoETransformer(nn.Module):
             nn.init.normal_(block.attn.out.weight, std=residual_std)
             if not block.is_moe:
                 # The MoE layer initialises its own experts and router.
-                for linear in (block.ffn.gate, block.ffn.up):
-                    nn.init.normal_(linear.weight, std=std)
-                nn.init.normal_(block.ffn.down.weight, std=residual_std)
+                for weight in (block.ffn.w1_DF, block.ffn.w3_DF):
+                    nn.init.normal_(weight, std=std)
+                nn.init.normal_(block.ffn.w2_FD, std=residual_std)
 
     @property
     def moe_layers(self) -> list[MoELayer]:

@@ -11,6 +11,8 @@ from moe_router.balancing import (
     router_z_loss,
     sequence_load_balancing_loss,
 )
+from moe_router.config import MoEOptions, RouterOptions
+from moe_router.gates import balance_thresholds, run_gate
 from moe_router.metrics import (
     ActiveExpertsPerToken,
     DeadExpertFraction,
@@ -36,6 +38,7 @@ from moe_router.report import (
 )
 from moe_router.router import GATES, Router, RouterConfig, select_experts
 from moe_router.routing import Routing
+from moe_router.stepping import register_optimizer_hooks, routers, step_routers
 
 __all__ = [
     "GATES",
@@ -51,23 +54,30 @@ __all__ = [
     "MaxViolation",
     "MoEConfig",
     "MoELayer",
+    "MoEOptions",
     "Router",
     "RouterConfig",
     "RouterEntropy",
+    "RouterOptions",
     "Routing",
     "SoftMassOutside",
     "SwiGLU",
     "TokensPerExpert",
+    "balance_thresholds",
     "capacity_keep_mask",
     "grouped_matmul",
     "load_balance_table",
     "load_balancing_loss",
     "plot_load_heatmap",
     "plot_load_heatmaps",
+    "register_optimizer_hooks",
     "router_z_loss",
+    "routers",
+    "run_gate",
     "scalar_metrics",
     "select_experts",
     "sequence_load_balancing_loss",
     "soft_topk",
+    "step_routers",
     "write_load_balance_report",
 ]

@@ -17,29 +17,28 @@ Dispatch (megablocks / torchtitan style, no token dropped unless a capacity is s
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_router.router import Router, RouterConfig
+from moe_router.config import DROP_POLICIES, GROUPED_MM_BACKENDS, MoEConfig, MoEOptions
+from moe_router.router import Router
 from moe_router.routing import Routing
 
 __all__ = [
     "DROP_POLICIES",
     "GROUPED_MM_BACKENDS",
     "MoEConfig",
+    "MoEOptions",
     "MoELayer",
     "SwiGLU",
     "capacity_keep_mask",
     "grouped_matmul",
     "grouped_mm_available",
 ]
-
-DROP_POLICIES = ("score", "position")
-GROUPED_MM_BACKENDS = ("auto", "grouped_mm", "loop")
 
 _grouped_mm_op = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -178,82 +177,18 @@ class SwiGLU(nn.Module):
         return f"d_model={self.w1_DF.shape[0]}, d_ff={self.w1_DF.shape[1]}"
 
 
-@dataclass
-class MoEConfig:
-    """Settings of a :class:`MoELayer`.
-
-    Attributes:
-        d_model: D.
-        d_ff: F, hidden width of each routed expert.
-        num_experts: E.
-        k: K.
-        gate: Router gate (see :mod:`moe_router.router`).
-        shared_d_ff: Hidden width of an always-on shared expert (DeepSeek); 0 = none.
-        capacity_factor: None = dropless; else each expert takes at most
-            ``ceil(capacity_factor * T * K / E)`` assignments per forward.
-        drop_policy: Which assignments a full expert drops: ``score`` (lowest gate score
-            first) or ``position`` (latest tokens first).
-        backend: Expert matmuls: ``auto`` (torch's grouped kernel where it applies),
-            ``grouped_mm`` or ``loop``.
-        router: Every other router setting; its d_model / num_experts / k / gate are
-            overwritten by the layer's.
-    """
-
-    d_model: int
-    d_ff: int
-    num_experts: int
-    k: int
-    gate: str = "soft_topk"
-    # experts
-    shared_d_ff: int = 0
-    # dispatch
-    capacity_factor: float | None = None
-    drop_policy: str = "score"
-    backend: str = "auto"
-    router: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.d_ff, int) and self.d_ff >= 1):
-            raise ValueError(f"d_ff={self.d_ff!r} is invalid: an int >= 1")
-        if not (isinstance(self.shared_d_ff, int) and self.shared_d_ff >= 0):
-            raise ValueError(f"shared_d_ff={self.shared_d_ff!r} is invalid: an int >= 0")
-        if self.capacity_factor is not None and not (
-            math.isfinite(self.capacity_factor) and self.capacity_factor > 0
-        ):
-            raise ValueError(
-                f"capacity_factor={self.capacity_factor!r} is invalid: None or a float > 0"
-            )
-        if self.drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop_policy={self.drop_policy!r} is invalid: one of {DROP_POLICIES}")
-        if self.backend not in GROUPED_MM_BACKENDS:
-            raise ValueError(f"backend={self.backend!r} is invalid: one of {GROUPED_MM_BACKENDS}")
-        # Validates d_model, num_experts, k, gate and every router option.
-        layer_fields = {"d_model": self.d_model, "num_experts": self.num_experts, "k": self.k}
-        self.router_config = RouterConfig(**{**self.router, **layer_fields, "gate": self.gate})
-
-    def capacity(self, num_tokens: int) -> int | None:
-        """Per-expert capacity for a batch of ``num_tokens`` tokens (None when dropless)."""
-        if self.capacity_factor is None:
-            return None
-        return math.ceil(self.capacity_factor * num_tokens * self.k / self.num_experts)
-
-
 class MoELayer(nn.Module):
     """Mixture-of-Experts feed-forward layer: router + SwiGLU experts + dropless dispatch.
 
+    Build it from a config (``MoELayer(MoEConfig(256, 512, 8, 2, gate="soft_topk"))``) or, as
+    a convenience, from the same arguments (``MoELayer(256, 512, 8, 2, gate="soft_topk",
+    tau=0.5)``).
+
     Args:
-        d_model: D.
-        d_ff: F, hidden width of each routed expert.
-        num_experts: E.
-        k: K.
-        gate: Router gate (``topk``, ``soft_topk``, ``soft_topk_dense``, ``sparse_soft_topk``,
-            ``straight_through``).
-        shared_d_ff: Hidden width of an always-on shared expert; 0 = none.
-        capacity_factor: None = dropless, else the per-expert capacity factor.
-        drop_policy: ``score`` or ``position`` (see :class:`MoEConfig`).
-        backend: ``auto``, ``grouped_mm`` or ``loop`` (see :func:`grouped_matmul`).
-        **router_options: Any other :class:`~moe_router.router.RouterConfig` field (``tau``,
-            ``renormalize``, ``aux_loss_coef``, ``expert_bias``, ...).
+        config: A :class:`~moe_router.config.MoEConfig`, or D (``d_model``) followed by
+            ``d_ff``, ``num_experts``, ``k`` and any other ``MoEConfig`` field as keywords
+            (``gate``, ``shared_d_ff``, ``capacity_factor``, ``tau``, ``renormalize``,
+            ``aux_loss_coef``, ``expert_bias``, ...).
 
     Raises:
         ValueError: On an invalid setting.
@@ -266,51 +201,34 @@ class MoELayer(nn.Module):
 
     def __init__(
         self,
-        d_model: int,
-        d_ff: int,
-        num_experts: int,
-        k: int,
-        *,
-        gate: str = "soft_topk",
-        shared_d_ff: int = 0,
-        capacity_factor: float | None = None,
-        drop_policy: str = "score",
-        backend: str = "auto",
-        **router_options: Any,
+        config: MoEConfig | int,
+        d_ff: int | None = None,
+        num_experts: int | None = None,
+        k: int | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
-        self.config = config = MoEConfig(
-            d_model,
-            d_ff,
-            num_experts,
-            k,
-            gate=gate,
-            shared_d_ff=shared_d_ff,
-            capacity_factor=capacity_factor,
-            drop_policy=drop_policy,
-            backend=backend,
-            router=router_options,
-        )
-        self.router = Router.from_config(config.router_config)
+        if not isinstance(config, MoEConfig):
+            config = MoEConfig(config, d_ff, num_experts, k, **options)
+        elif d_ff is not None or num_experts is not None or k is not None or options:
+            raise ValueError(
+                "MoELayer(config) takes no further arguments: set them in the MoEConfig"
+            )
+        self.config = config
+        d_model, d_ff, num_experts = config.d_model, config.d_ff, config.num_experts
+        self.router = Router(config.router_config)
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
-        self.shared_expert = SwiGLU(d_model, shared_d_ff) if shared_d_ff > 0 else None
+        self.shared_expert = (
+            SwiGLU(d_model, config.shared_d_ff) if config.shared_d_ff > 0 else None
+        )
         self.reset_parameters()
 
     @classmethod
     def from_config(cls, config: MoEConfig) -> MoELayer:
-        """Build a layer from a :class:`MoEConfig`."""
-        fields = asdict(replace(config))
-        router_options = fields.pop("router")
-        return cls(
-            fields.pop("d_model"),
-            fields.pop("d_ff"),
-            fields.pop("num_experts"),
-            fields.pop("k"),
-            **fields,
-            **router_options,
-        )
+        """Build a layer from a :class:`MoEConfig` (the same as ``MoELayer(config)``)."""
+        return cls(config)
 
     def reset_parameters(self) -> None:
         """Expert weights: uniform with nn.Linear's bounds per expert (1/sqrt(fan_in))."""

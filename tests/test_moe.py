@@ -203,7 +203,7 @@ def test_group_limited_layer_matches_naive_loop(gate):
 
 
 def test_two_dim_input_and_from_config():
-    cfg = MoEConfig(D, FF, E, K, gate="topk", shared_d_ff=4, router={"score_func": "sigmoid"})
+    cfg = MoEConfig(D, FF, E, K, gate="topk", shared_d_ff=4, score_func="sigmoid")
     layer = MoELayer.from_config(cfg)
     assert layer.router.config.score_func == "sigmoid" and layer.shared_expert is not None
     x = torch.randn(7, D)

@@ -1,0 +1,395 @@
+"""The gates: fp32 router logits in, a routing decision out.
+
+Shape legend: T tokens, E experts, K selected slots per token (``config.slots``).
+
+Every gate is one function in :data:`GATE_FUNCTIONS`, called as
+``gate(logits_TE, config, k=..., tau=..., bias_E=..., mu_E=...)`` and returning a
+:class:`Selection`; :func:`run_gate` looks the gate up in the table (:func:`select_experts` is
+the same with the four-tuple result). A new gate is a new
+function and a new entry (plus its name in :data:`moe_router.config.Gate`).
+
+============================  ==========================================================
+gate                          what it does
+============================  ==========================================================
+``topk``                      hard baseline: softmax / sigmoid scores, top-K, optional
+                              renormalisation. Unselected logits get no gradient from the
+                              combine weights (softmax without renormalisation leaks one
+                              through its normaliser only).
+``soft_topk``                 p = soft_topk(logits, K, tau); compute on the K largest p,
+                              combine weights = p there; gradient reaches all E logits
+                              through the threshold, but the experts outside the K largest
+                              get no output, so dL/dp is unknown there.
+``soft_topk_dense``           every expert weighted by p (K slots = E; small-E reference).
+``sparse_soft_topk``          method ``sparse`` (capped-simplex projection, exact zeros):
+                              support-exact, i.e. computes every expert with p > 0, up to
+                              ``max_active`` static slots (the rest is counted overflow).
+                              Its budget sum(p) is K, or a controller's ``k`` that holds the
+                              mean support at ``target_active`` (see ``Router``).
+``balanced_soft_topk``        two-sided: p = f((x - lambda_t - mu_e) / tau) with sum_e p = K
+                              per token and sum_t p = T K / E per expert, found by
+                              alternating row and column solves (:func:`balance_thresholds`);
+                              compute on the K largest p, or on the support (``sparse``).
+``straight_through``          forward weights are the hard 0/1 top-K mask (1/K each when
+                              renormalised), backward is the soft top-k Jacobian.
+============================  ==========================================================
+
+Why the support-exact gate is trainable and why its support is at least ceil(k): p_i =
+clip((z_i - lambda) / tau, 0, 1) with sum p = k and p <= 1 needs at least ceil(k) non-zero
+entries. Its Jacobian lives on the "free" entries v = 1[0 < p < 1]: an expert with p in (0, 1)
+is computed (it is in the support), so dL/dp_i is known for every expert whose logit gets a
+gradient. The gradient vanishes only when every p is 0 or 1 (support = k exactly, an integer
+k); a controller that keeps the budget below the target support keeps fractional entries, so
+the gradient stays alive.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from moe_router.config import RouterConfig
+from moe_router.ops import soft_topk
+from moe_router.ops._threshold import apply_f, f_prime_from_p
+
+__all__ = [
+    "GATE_FUNCTIONS",
+    "Selection",
+    "annealed_tau",
+    "balance_thresholds",
+    "run_gate",
+    "select_experts",
+]
+
+
+class Selection(NamedTuple):
+    """One gate's decision for a batch of tokens.
+
+    Attributes:
+        expert_ids_TK: Selected expert per token and slot.
+        weights_TK: Combine weight per slot (0 on invalid slots).
+        scores_TE: Full scores (softmax / sigmoid for ``topk``, the soft top-k p otherwise).
+        valid_TK: Which slots carry compute.
+        overflow_T: Support-exact gates: experts with p > 0 that did not fit in the slots;
+            None for the others.
+        overflow_mass_T: The p mass on those experts; None with ``overflow_T``.
+    """
+
+    expert_ids_TK: Tensor
+    weights_TK: Tensor
+    scores_TE: Tensor
+    valid_TK: Tensor
+    overflow_T: Tensor | None = None
+    overflow_mass_T: Tensor | None = None
+
+
+def annealed_tau(config: RouterConfig, step: Tensor) -> Tensor:
+    """Temperature of the ``anneal`` schedule after ``step`` optimizer steps (fp32 scalar)."""
+    progress = (step.float() / config.anneal_steps).clamp(0.0, 1.0)
+    start, end = config.tau, config.tau_final
+    if config.anneal_shape == "exponential":
+        return start * (end / start) ** progress
+    if config.anneal_shape == "linear":
+        return start + (end - start) * progress
+    return end + 0.5 * (start - end) * (1 + torch.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------ shared helpers
+
+
+def _guard_masked(selection_TE: Tensor, logits_TE: Tensor, config: RouterConfig) -> Tensor:
+    """Keeps experts outside the token's groups (-inf logits) unselectable, whatever a bias
+    added to their selection scores."""
+    if config.topk_groups < config.num_groups:
+        return selection_TE.masked_fill(logits_TE == float("-inf"), float("-inf"))
+    return selection_TE
+
+
+def _renormalize(weights_TK: Tensor) -> Tensor:
+    """Divides each token's weights by their sum. Plain differentiable ops, so autograd
+    carries the off-diagonal ``-w w^T / s^2`` term."""
+    return weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+
+
+def _finish(
+    expert_ids_TK: Tensor,
+    weights_TK: Tensor,
+    scores_TE: Tensor,
+    valid_TK: Tensor,
+    config: RouterConfig,
+    overflow_T: Tensor | None = None,
+    overflow_mass_T: Tensor | None = None,
+) -> Selection:
+    if config.renormalize:
+        weights_TK = _renormalize(weights_TK)
+    return Selection(
+        expert_ids_TK,
+        weights_TK * config.score_scale,
+        scores_TE,
+        valid_TK,
+        overflow_T,
+        overflow_mass_T,
+    )
+
+
+def _largest_p(
+    logits_TE: Tensor, p_TE: Tensor, config: RouterConfig, bias_E: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Compute on the K largest p (+ the selection-only bias): ids, weights p, all valid."""
+    selection_TE = p_TE.detach() if bias_E is None else p_TE.detach() + bias_E
+    expert_ids_TK = _guard_masked(selection_TE, logits_TE, config).topk(config.k, dim=-1).indices
+    weights_TK = p_TE.gather(-1, expert_ids_TK)
+    return expert_ids_TK, weights_TK, torch.ones_like(expert_ids_TK, dtype=torch.bool)
+
+
+def _support(
+    p_TE: Tensor, selection_TE: Tensor, config: RouterConfig
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Support-exact dispatch: the experts with ``selection > 0``, at most ``max_active`` of
+    them (largest first) in static slots.
+
+    Returns:
+        ``(expert_ids_TK, weights_TK, valid_TK, overflow_T, overflow_mass_T)``: the overflow
+        counts the experts in the support beyond the cap and their p mass.
+    """
+    top = selection_TE.topk(config.max_active, dim=-1)
+    expert_ids_TK, valid_TK = top.indices, top.values > 0
+    weights_TK = torch.where(valid_TK, p_TE.gather(-1, expert_ids_TK), 0.0)
+    with torch.no_grad():
+        in_support_TE = selection_TE > 0
+        overflow_T = in_support_TE.sum(-1).float() - valid_TK.sum(-1).float()
+        support_mass_T = torch.where(in_support_TE, p_TE, 0.0).sum(-1)
+        overflow_mass_T = (support_mass_T - weights_TK.sum(-1)).clamp_min(0.0)
+    return expert_ids_TK, weights_TK, valid_TK, overflow_T, overflow_mass_T
+
+
+# -------------------------------------------------------------------------------------- gates
+
+
+def _topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:  # noqa: ARG001
+    if config.score_func == "softmax":
+        scores_TE = logits_TE.softmax(-1)
+    else:
+        scores_TE = logits_TE.sigmoid()
+    selection_TE = scores_TE.detach() if bias_E is None else scores_TE.detach() + bias_E
+    expert_ids_TK = _guard_masked(selection_TE, logits_TE, config).topk(config.k, dim=-1).indices
+    valid_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+    if config.renormalize and config.score_func == "softmax":
+        # Same value as renormalising the gathered softmax, but (Mixtral style) leaves the
+        # unselected logits out of the graph instead of giving them a rounding-error grad.
+        weights_TK = logits_TE.gather(-1, expert_ids_TK).softmax(-1)
+    else:
+        weights_TK = scores_TE.gather(-1, expert_ids_TK)
+    return _finish(expert_ids_TK, weights_TK, scores_TE, valid_TK, config)
+
+
+def _soft_topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:  # noqa: ARG001
+    p_TE = soft_topk(logits_TE, k, tau=tau, method=config.soft_method)
+    expert_ids_TK, weights_TK, valid_TK = _largest_p(logits_TE, p_TE, config, bias_E)
+    return _finish(expert_ids_TK, weights_TK, p_TE, valid_TK, config)
+
+
+def _straight_through_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:  # noqa: ARG001
+    p_TE = soft_topk(logits_TE, k, tau=tau, method=config.soft_method)
+    expert_ids_TK, weights_TK, valid_TK = _largest_p(logits_TE, p_TE, config, bias_E)
+    # Value 1 per selected expert, gradient of the soft p (p_hard + p - sg(p)).
+    weights_TK = (weights_TK - weights_TK.detach()) + 1.0
+    return _finish(expert_ids_TK, weights_TK, p_TE, valid_TK, config)
+
+
+def _soft_topk_dense_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:  # noqa: ARG001
+    p_TE = soft_topk(logits_TE, k, tau=tau, method=config.soft_method)
+    expert_ids_TK = torch.arange(config.num_experts, device=logits_TE.device)
+    expert_ids_TK = expert_ids_TK.expand(logits_TE.shape[0], -1)
+    # Experts outside the token's groups (-inf) get no compute.
+    valid_TK = logits_TE > float("-inf")
+    return _finish(expert_ids_TK, p_TE, p_TE, valid_TK, config)
+
+
+def _sparse_soft_topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:  # noqa: ARG001
+    p_TE = soft_topk(logits_TE, k, tau=tau, method="sparse")
+    # With a bias the support comes from a biased solve (no gradient), the weights from p.
+    if bias_E is None:
+        selection_TE = p_TE.detach()
+    else:
+        with torch.no_grad():
+            selection_TE = soft_topk(logits_TE + bias_E, k, tau=tau, method="sparse")
+    expert_ids_TK, weights_TK, valid_TK, overflow_T, overflow_mass_T = _support(
+        p_TE, selection_TE, config
+    )
+    return _finish(expert_ids_TK, weights_TK, p_TE, valid_TK, config, overflow_T, overflow_mass_T)
+
+
+def _balanced_soft_topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:  # noqa: ARG001
+    if mu_E is None:
+        mu_E = balance_thresholds(logits_TE.detach(), config, tau)
+    # The gradient goes through the row solve with the per-expert thresholds held fixed.
+    shifted_TE = logits_TE - mu_E.detach()
+    p_TE = soft_topk(shifted_TE, k, tau=tau, method=config.method)
+    if config.method != "sparse":
+        expert_ids_TK, weights_TK, valid_TK = _largest_p(shifted_TE, p_TE, config, bias_E)
+        return _finish(expert_ids_TK, weights_TK, p_TE, valid_TK, config)
+    expert_ids_TK, weights_TK, valid_TK, overflow_T, overflow_mass_T = _support(
+        p_TE, p_TE.detach(), config
+    )
+    return _finish(expert_ids_TK, weights_TK, p_TE, valid_TK, config, overflow_T, overflow_mass_T)
+
+
+GateFunction = Callable[..., Selection]
+
+GATE_FUNCTIONS: dict[str, GateFunction] = {
+    "topk": _topk_gate,
+    "soft_topk": _soft_topk_gate,
+    "soft_topk_dense": _soft_topk_dense_gate,
+    "sparse_soft_topk": _sparse_soft_topk_gate,
+    "balanced_soft_topk": _balanced_soft_topk_gate,
+    "straight_through": _straight_through_gate,
+}
+
+
+# --------------------------------------------------------------------- two-sided thresholds
+
+
+def _newton_threshold(
+    z_RN: Tensor, target_R: Tensor, lam_R: Tensor, method: str, steps: int
+) -> Tensor:
+    """A few safeguarded Newton steps on ``sum_n f(z_n - lam) = target`` per row.
+
+    ``-inf`` entries give p = 0. A flat row (no entry on the slope of f, possible for the
+    piecewise methods) moves by at most one unit of z toward the solution instead of dividing
+    by zero; once an entry is on the slope the piecewise-linear ``sparse`` is exact.
+    """
+    for _ in range(steps):
+        u_RN = z_RN - lam_R.unsqueeze(-1)
+        p_RN = apply_f(u_RN, method)
+        slope_R = f_prime_from_p(p_RN, method).sum(-1)
+        excess_R = p_RN.sum(-1) - target_R
+        step_R = excess_R / slope_R.clamp_min(1e-6)
+        lam_R = lam_R + step_R.clamp(-1.0, 1.0)
+    return lam_R
+
+
+@torch.no_grad()
+def balance_thresholds(
+    logits_TE: Tensor,
+    config: RouterConfig,
+    tau: float | Tensor,
+    mu_E: Tensor | None = None,
+    token_mask_T: Tensor | None = None,
+    num_iters: int | None = None,
+) -> Tensor:
+    """Per-expert thresholds mu that balance the soft top-k over the batch.
+
+    Finds mu (logit units) such that ``p = f((x - lambda_t - mu_e) / tau)`` has row sums K
+    (lambda_t: the per-token threshold) and column sums ``T_real K / E`` over the real tokens,
+    by alternating the two threshold problems, rows (tokens) then columns (experts): Newton
+    steps on each side (one for the rows, two for the columns per alternation), a fixed number
+    of alternations, no host sync, no gradient. Without a warm start the columns start from the hard quantile (the
+    ``T_real K / E``-th largest of each column), which is the exact answer as tau -> 0.
+
+    The gate then solves the rows exactly with the operator (``soft_topk(x - mu, K)``), so row
+    sums are exact and the column sums are as good as mu.
+
+    Args:
+        logits_TE: fp32 router logits; ``-inf`` marks experts a token may not use.
+        config: The gate settings (``k``, ``method``, ``balance_iters``).
+        tau: Temperature (float or scalar tensor).
+        mu_E: Warm start (logit units); the hard quantiles when None.
+        token_mask_T: True for real tokens; padding tokens take no part in the column sums.
+        num_iters: Alternations; ``config.balance_iters`` when None.
+
+    Returns:
+        ``mu_E`` in logit units, fp32, with zero mean (only differences matter).
+    """
+    num_tokens, num_experts = logits_TE.shape
+    method, k = config.method, config.k
+    iters = config.balance_iters if num_iters is None else num_iters
+    tau_t = torch.as_tensor(tau, dtype=torch.float32, device=logits_TE.device)
+    z_TE = logits_TE.float() / tau_t
+    if token_mask_T is not None:
+        z_TE = z_TE.masked_fill(~token_mask_T.unsqueeze(-1), -math.inf)
+        num_real = token_mask_T.float().sum()
+    else:
+        num_real = torch.tensor(float(num_tokens), device=z_TE.device)
+    col_target_E = (num_real * k / num_experts).expand(num_experts)
+    row_target_T = torch.full((num_tokens,), float(k), device=z_TE.device)
+    if token_mask_T is not None:
+        row_target_T = torch.where(token_mask_T, row_target_T, 0.0)
+    if mu_E is None:
+        # Hard quantile: the (T_real K / E)-th largest z of each column (padding is -inf).
+        rank_E = col_target_E.ceil().long().clamp(1, num_tokens)
+        sorted_ET = z_TE.t().sort(dim=-1, descending=True).values
+        mu_z_E = sorted_ET.gather(-1, (rank_E - 1).unsqueeze(-1)).squeeze(-1)
+        mu_z_E = torch.where(torch.isfinite(mu_z_E), mu_z_E, 0.0)
+    else:
+        mu_z_E = mu_E.float() / tau_t
+    # Rows start from the hard K-th / (K+1)-th midpoint of z - mu.
+    top_TK1 = (z_TE - mu_z_E).topk(min(k + 1, num_experts), dim=-1).values
+    lam_T = top_TK1[:, k - 1 : k + 1].mean(-1) if k < num_experts else top_TK1[:, -1] - 1.0
+    lam_T = torch.where(torch.isfinite(lam_T), lam_T, 0.0)
+    z_ET = z_TE.t().contiguous()
+    for _ in range(iters):
+        lam_T = _newton_threshold(z_TE - mu_z_E, row_target_T, lam_T, method, steps=1)
+        mu_z_E = _newton_threshold(z_ET - lam_T, col_target_E, mu_z_E, method, steps=2)
+    mu_z_E = mu_z_E - mu_z_E.mean()
+    return mu_z_E * tau_t
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def run_gate(
+    logits_TE: Tensor,
+    config: RouterConfig,
+    tau: float | Tensor | None = None,
+    bias_E: Tensor | None = None,
+    *,
+    k: float | Tensor | None = None,
+    mu_E: Tensor | None = None,
+) -> Selection:
+    """The gate itself, as a function of fp32 logits (group masking already applied).
+
+    Args:
+        logits_TE: fp32 router logits; ``-inf`` marks experts a token may not use.
+        config: Gate settings.
+        tau: Temperature of the soft gates (float or scalar tensor, possibly learned);
+            ``config.tau`` when None.
+        bias_E: Selection-only expert bias (added to the scores used to pick experts).
+        k: Soft budget (sum of p) of the soft gates: a number or a scalar tensor (a budget
+            controller's); ``config.k`` when None. The slot count stays ``config.slots``.
+        mu_E: ``balanced_soft_topk``: per-expert thresholds (logit units); solved from this
+            batch when None.
+
+    Returns:
+        A :class:`Selection` with K = ``config.slots``.
+    """
+    gate = GATE_FUNCTIONS[config.gate]
+    return gate(
+        logits_TE,
+        config,
+        k=config.k if k is None else k,
+        tau=config.tau if tau is None else tau,
+        bias_E=bias_E,
+        mu_E=mu_E,
+    )
+
+
+def select_experts(
+    logits_TE: Tensor,
+    config: RouterConfig,
+    tau: float | Tensor | None = None,
+    bias_E: Tensor | None = None,
+    *,
+    k: float | Tensor | None = None,
+    mu_E: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`run_gate` without the overflow counts.
+
+    Returns:
+        ``(expert_ids_TK, weights_TK, scores_TE, valid_TK)`` with K = ``config.slots``.
+    """
+    selection = run_gate(logits_TE, config, tau, bias_E, k=k, mu_E=mu_E)
+    return selection.expert_ids_TK, selection.weights_TK, selection.scores_TE, selection.valid_TK

@@ -1,0 +1,278 @@
+"""The gates that make the gradient reach the experts they weight: support-exact
+``sparse_soft_topk`` with its budget controller, and two-sided ``balanced_soft_topk``."""
+
+import pytest
+import torch
+
+from moe_router import MoELayer, Router, RouterConfig, step_routers
+from moe_router.gates import balance_thresholds, run_gate
+from moe_router.ops import soft_topk
+
+NEW_GATES = ("sparse_soft_topk", "balanced_soft_topk")
+
+
+def config(gate, num_experts=8, k=2, **options):
+    return RouterConfig(d_model=4, num_experts=num_experts, k=k, gate=gate, **options)
+
+
+def max_violation(counts_E):
+    return ((counts_E.max() - counts_E.mean()) / counts_E.mean()).item()
+
+
+# ------------------------------------------------------------------ support-exact sparse gate
+
+
+def test_support_exact_dispatch_or_counted_overflow():
+    torch.manual_seed(0)
+    logits = torch.randn(300, 8) * 0.5  # wide supports: many tokens exceed a small cap
+    for max_active in (8, 3):
+        cfg = config("sparse_soft_topk", k=2, max_active=max_active, tau=1.0)
+        sel = run_gate(logits, cfg)
+        support_T = (sel.scores_TE > 0).sum(-1).float()
+        computed_T = sel.valid_TK.sum(-1).float()
+        torch.testing.assert_close(computed_T + sel.overflow_T, support_T)
+        # The computed experts are the largest p of the support.
+        for t in range(0, 300, 37):
+            chosen = set(sel.expert_ids_TK[t][sel.valid_TK[t]].tolist())
+            support = torch.nonzero(sel.scores_TE[t] > 0).flatten()
+            ranked = support[sel.scores_TE[t][support].argsort(descending=True)].tolist()
+            assert chosen == set(ranked[:max_active])
+        mass_outside_T = sel.scores_TE.sum(-1) - sel.weights_TK.sum(-1)
+        torch.testing.assert_close(sel.overflow_mass_T, mass_outside_T, atol=1e-5, rtol=0)
+        if max_active == 8:
+            assert (sel.overflow_T == 0).all() and (sel.overflow_mass_T < 1e-6).all()
+        else:
+            assert (sel.overflow_T > 0).any()
+
+
+def test_overflow_reaches_the_routing_record_and_padding_has_none():
+    router = Router(16, 8, 2, gate="sparse_soft_topk", max_active=2, init_std=0.01)
+    x = torch.randn(2, 5, 16)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1, 2:] = True
+    routing = router(x, padding_mask=padding)
+    assert routing.overflow_T.shape == (10,) and (routing.overflow_T[~padding.flatten()] > 0).all()
+    assert (routing.overflow_T[padding.flatten()] == 0).all()
+    assert (routing.overflow_mass_T[padding.flatten()] == 0).all()
+
+
+def dense_reference(layer, x_TD):
+    """Every expert weighted by p: sum_e p_e * SwiGLU_e(x), no dispatch at all."""
+    routing = layer.router(x_TD)
+    p_TE = routing.scores_TE
+    hidden_TEF = torch.nn.functional.silu(torch.einsum("td,edf->tef", x_TD, layer.w1_EDF))
+    hidden_TEF = hidden_TEF * torch.einsum("td,edf->tef", x_TD, layer.w3_EDF)
+    out_TED = torch.einsum("tef,efd->ted", hidden_TEF, layer.w2_EFD)
+    return torch.einsum("te,ted->td", p_TE, out_TED)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_support_exact_layer_equals_the_dense_reference(k):
+    torch.manual_seed(k)
+    layer = MoELayer(12, 10, 6, k, gate="sparse_soft_topk", max_active=6, init_std=0.5)
+    x = torch.randn(40, 12, requires_grad=True)
+    y = layer(x)
+    y_ref = dense_reference(layer, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    params = [x, layer.router.weight_ED, layer.w1_EDF, layer.w3_EDF, layer.w2_EFD]
+    grads = torch.autograd.grad((y * g).sum(), params)
+    grads_ref = torch.autograd.grad((y_ref * g).sum(), params)
+    for got, expected in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # The gradient reaches every logit in the support: the experts they weight are computed.
+    assert layer.router.weight_ED.grad is None  # autograd.grad does not accumulate
+
+
+def stationary_stream(router, steps, batch=256, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    supports = []
+    for _ in range(steps):
+        x = torch.randn(batch, router.config.d_model, generator=gen)
+        routing = router(x)
+        supports.append((routing.scores_TE > 0).sum(-1).float().mean().item())
+        step_routers(router)
+    return supports
+
+
+@pytest.mark.parametrize("target", [1.5, 2.0, 3.0])
+def test_budget_controller_reaches_and_holds_the_target(target):
+    torch.manual_seed(0)
+    router = Router(
+        16,
+        8,
+        2,
+        gate="sparse_soft_topk",
+        target_active=target,
+        budget_update_rate=0.2,
+        init_std=0.3,
+    )
+    supports = stationary_stream(router, 150)
+    settled = sum(supports[-30:]) / 30
+    assert abs(settled - target) <= 0.05 * target, (target, settled, router.budget.item())
+    assert router.budget.item() < target  # support >= ceil(budget): the budget sits below
+
+    # Resume: the budget is checkpointed and the controller holds the target from there.
+    state = router.state_dict()
+    assert "budget" in state
+    resumed = Router(
+        16,
+        8,
+        2,
+        gate="sparse_soft_topk",
+        target_active=target,
+        budget_update_rate=0.2,
+        init_std=0.3,
+    )
+    resumed.load_state_dict(state)
+    torch.testing.assert_close(resumed.budget, router.budget)
+    after = stationary_stream(resumed, 30, seed=1)
+    assert abs(sum(after) / 30 - target) <= 0.05 * target
+
+
+def test_budget_controller_keeps_gradients_alive():
+    torch.manual_seed(0)
+    router = Router(16, 8, 2, gate="sparse_soft_topk", target_active=2.0, init_std=0.3)
+    stationary_stream(router, 100)
+    x = torch.randn(64, 16)
+    routing = router(x)
+    p = routing.scores_TE
+    # Fractional entries exist (v = 1[0 < p < 1] does not vanish) and the gradient flows.
+    assert ((p > 0) & (p < 1)).any(dim=-1).float().mean() > 0.5
+    (routing.weights_TK * torch.randn_like(routing.weights_TK)).sum().backward()
+    assert router.weight_ED.grad.abs().sum() > 0
+
+
+def test_budget_is_not_stepped_by_eval_or_no_grad_forwards():
+    router = Router(16, 8, 2, gate="sparse_soft_topk", target_active=2.0)
+    with torch.no_grad():
+        router(torch.randn(32, 16))
+    router.eval()
+    router(torch.randn(32, 16))
+    step_routers(router)
+    assert router.budget.item() == 2.0  # nothing measured, nothing moved
+
+
+# ----------------------------------------------------------------- balanced soft top-k
+
+
+def skewed_logits(num_tokens=512, num_experts=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    # A strong per-expert preference shared by every token: hard top-k piles onto 2 experts.
+    preference_E = torch.linspace(3.0, -3.0, num_experts)
+    return torch.randn(num_tokens, num_experts, generator=gen) + preference_E
+
+
+@pytest.mark.parametrize("method", ["sigmoid", "sparse"])
+@pytest.mark.parametrize("kind", ["random", "skewed"])
+def test_balanced_rows_and_columns(method, kind):
+    num_tokens, num_experts, k = 512, 8, 2
+    if kind == "random":
+        logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(1))
+    else:
+        logits = skewed_logits(num_tokens, num_experts)
+        counts_E = torch.bincount(logits.topk(k).indices.flatten(), minlength=num_experts)
+        assert max_violation(counts_E.float()) >= 1.0  # top-k is badly unbalanced here
+    cfg = config("balanced_soft_topk", num_experts=num_experts, k=k, method=method, tau=0.5)
+    sel = run_gate(logits, cfg)
+    p = sel.scores_TE
+    torch.testing.assert_close(p.sum(-1), torch.full((num_tokens,), float(k)), rtol=1e-3, atol=0)
+    target = num_tokens * k / num_experts
+    torch.testing.assert_close(p.sum(0), torch.full((num_experts,), target), rtol=1e-3, atol=0)
+
+
+def test_balanced_respects_padding_and_masked_experts():
+    logits = skewed_logits(256, 8)
+    logits[:10, 3] = float("-inf")
+    token_mask = torch.ones(256, dtype=torch.bool)
+    token_mask[200:] = False
+    logits_padded = logits.clone()
+    logits_padded[200:] = 50.0  # garbage in padding rows must not move the thresholds
+    cfg = config("balanced_soft_topk", k=2, tau=0.5)
+    mu = balance_thresholds(logits_padded, cfg, 0.5, token_mask_T=token_mask)
+    mu_real = balance_thresholds(logits[:200], cfg, 0.5)
+    torch.testing.assert_close(mu, mu_real, rtol=1e-4, atol=1e-4)
+    p = soft_topk(logits[:200] - mu, 2, tau=0.5)
+    assert (p[:10, 3] == 0).all()
+    torch.testing.assert_close(p.sum(0), torch.full((8,), 200 * 2 / 8), rtol=1e-3, atol=0)
+
+
+def test_balanced_evaluation_is_per_token_and_uses_the_running_thresholds():
+    torch.manual_seed(0)
+    router = Router(16, 8, 2, gate="balanced_soft_topk", init_std=0.5, balance_momentum=0.0)
+    for _ in range(3):
+        router(torch.randn(128, 16))
+        step_routers(router)
+    assert router.balance_mu_E.abs().sum() > 0
+    router.eval()
+    x = torch.randn(32, 16)
+    alone = router(x[:4])
+    with_others = router(torch.cat([x[:4], torch.randn(60, 16) * 5]))
+    torch.testing.assert_close(alone.weights_TK, with_others.weights_TK[:4])
+    assert torch.equal(alone.expert_ids_TK, with_others.expert_ids_TK[:4])
+    # It is the soft top-k of the logits shifted by the running thresholds.
+    logits = alone.logits_TE
+    torch.testing.assert_close(alone.scores_TE, soft_topk(logits - router.balance_mu_E, 2, tau=1.0))
+
+
+def test_balanced_training_reaches_max_violation_zero_on_skewed_batches():
+    # Hard assignments of the two-sided gate at a small temperature: loads are even.
+    logits = skewed_logits(1024, 8, seed=3)
+    cfg = config("balanced_soft_topk", k=2, tau=0.05, method="sigmoid", balance_iters=12)
+    sel = run_gate(logits, cfg)
+    counts_E = torch.bincount(sel.expert_ids_TK.flatten(), minlength=8).float()
+    assert max_violation(counts_E) <= 0.05
+
+
+def test_balanced_backward_gradcheck():
+    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    cfg = config("balanced_soft_topk", num_experts=5, k=2, tau=0.7)
+    mu = balance_thresholds(logits.detach(), cfg, 0.7)
+
+    def weights(z):
+        return run_gate(z, cfg, mu_E=mu.double()).weights_TK
+
+    assert torch.autograd.gradcheck(weights, (logits,))
+
+
+def test_running_thresholds_checkpoint_and_fp32():
+    router = Router(16, 8, 2, gate="balanced_soft_topk")
+    router(torch.randn(64, 16))
+    step_routers(router)
+    assert "balance_mu_E" in router.state_dict()
+    router = router.to(torch.bfloat16)
+    assert router.balance_mu_E.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------- both gates
+
+
+@pytest.mark.parametrize("gate", NEW_GATES)
+def test_compiles_fullgraph_forward_and_backward(gate):
+    torch.manual_seed(0)
+    options = {"target_active": 2.0} if gate == "sparse_soft_topk" else {}
+    router = Router(16, 8, 2, gate=gate, init_std=0.5, **options)
+    x = torch.randn(64, 16)
+
+    def loss(x_TD):
+        routing = router(x_TD)
+        return (routing.weights_TK * routing.expert_ids_TK.float().cos()).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    x1 = x.clone().requires_grad_()
+    x2 = x.clone().requires_grad_()
+    torch.testing.assert_close(compiled(x1), loss(x2), rtol=1e-5, atol=1e-5)
+    g1 = torch.autograd.grad(compiled(x1), x1)[0]
+    g2 = torch.autograd.grad(loss(x2), x2)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate", NEW_GATES)
+def test_router_math_is_fp32_under_bf16_autocast(gate):
+    layer = MoELayer(16, 32, 8, 2, gate=gate).to(torch.bfloat16)
+    x = torch.randn(4, 8, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, routing = layer(x, return_routing=True)
+    assert y.dtype == torch.bfloat16
+    assert routing.logits_TE.dtype == torch.float32 and routing.weights_TK.dtype == torch.float32
+    assert torch.isfinite(y).all()
