@@ -212,14 +212,13 @@ class DeepseekV3GroupRouter(Router):
         ValueError: As ``Router``, and if a group holds fewer than two experts.
     """
 
-    def __init__(
-        self, d_model: int, num_experts: int, k: int, gate: str = "soft_topk", **options: Any
-    ) -> None:
-        super().__init__(d_model, num_experts, k, gate=gate, **options)
-        experts_per_group = num_experts // self.config.num_groups
-        if self.config.topk_groups < self.config.num_groups and experts_per_group < 2:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        config = self.config
+        experts_per_group = config.num_experts // config.num_groups
+        if config.topk_groups < config.num_groups and experts_per_group < 2:
             raise ValueError(
-                f"num_groups={self.config.num_groups} leaves {experts_per_group} expert per "
+                f"num_groups={config.num_groups} leaves {experts_per_group} expert per "
                 "group: DeepSeek-V3 group scores need at least 2 experts per group"
             )
 
