@@ -36,20 +36,14 @@ from moe_router.integrations.transformers import (
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally
 
-# Router settings per gate, after configs/topk.yaml and configs/soft_topk.yaml (the tuned
-# settings of this repository's own model); Mixtral's own scoring (softmax, renormalised top-2)
-# comes from the model.
+# Router settings per gate, after configs/topk.yaml and configs/soft_topk.yaml; every gate gets
+# the same balancing (expert bias at configs/topk.yaml's rate u = 0.01, which a run of a few
+# hundred steps needs, and the z-loss). Mixtral's own scoring (softmax, renormalised top-2)
+# comes from the model; any other gate runs with the router's defaults plus BALANCING.
+BALANCING: dict[str, Any] = {"expert_bias": True, "bias_update_rate": 0.01, "z_loss_coef": 1e-3}
 GATE_OPTIONS: dict[str, dict[str, Any]] = {
-    "topk": {"expert_bias": True, "bias_update_rate": 0.01, "z_loss_coef": 1e-3},
-    "soft_topk": {
-        "tau": 1.0,
-        "tau_schedule": "anneal",
-        "tau_final": 0.1,
-        "expert_bias": True,
-        "bias_update_rate": 1e-3,
-        "z_loss_coef": 1e-3,
-    },
-    "sparse_soft_topk": {"expert_bias": True, "bias_update_rate": 1e-3, "z_loss_coef": 1e-3},
+    "topk": {},
+    "soft_topk": {"tau": 1.0, "tau_schedule": "anneal", "tau_final": 0.1},
 }
 
 
@@ -135,7 +129,7 @@ def train_gate(gate: str, args: argparse.Namespace, data: ByteCorpusDataModule) 
     """Build the tiny Mixtral (same init for every gate), patch it, train it, validate it."""
     L.seed_everything(args.seed, verbose=False)
     model = MixtralForCausalLM(tiny_mixtral_config(args.seq_len))
-    options = dict(GATE_OPTIONS.get(gate, {}))
+    options = {**BALANCING, **GATE_OPTIONS.get(gate, {})}
     if options.get("tau_schedule") == "anneal":
         options["anneal_steps"] = args.steps
     replace_routers(model, gate=gate, **options)
@@ -167,8 +161,11 @@ def main(argv: list[str] | None = None) -> dict[str, HFCausalLM]:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/hf_soft_routing"))
+    # Intra-op threads cost more than they give on a model this small (10x slower with 2
+    # threads on a busy 2-core host).
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(4, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
 
     data = ByteCorpusDataModule(
         seq_len=args.seq_len, batch_size=args.batch_size, max_val_blocks=256, seed=args.seed

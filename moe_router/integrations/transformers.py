@@ -36,9 +36,9 @@ What a patched model gives back:
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import json
-import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -47,7 +47,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import transformers
+from safetensors import safe_open
 from torch import Tensor, nn
+from transformers.utils import cached_file
 
 from moe_router.metrics import LoadBalanceMetrics
 from moe_router.report import LoadBalanceReport, load_balance_table, write_load_balance_report
@@ -68,7 +71,11 @@ __all__ = [
     "routings",
 ]
 
-log = logging.getLogger(__name__)
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(
+        f"moe_router.integrations.transformers needs transformers 5.x (pip install "
+        f"'moe_router[hf]'), found {transformers.__version__}"
+    )
 
 # Router settings the model fixes (the shape of its gate weight).
 _FIXED_OPTIONS = ("d_model", "num_experts")
@@ -163,15 +170,20 @@ def _deepseek_v3_spec(gate: nn.Module) -> GateSpec:
     )
 
 
-# Keyed by class name, so that no modeling module has to be imported to recognise a gate.
-_SPEC_READERS: dict[str, Callable[[nn.Module], GateSpec]] = {
-    "MixtralTopKRouter": _mixtral_spec,
-    "Qwen2MoeTopKRouter": _qwen_olmoe_spec,
-    "Qwen3MoeTopKRouter": _qwen_olmoe_spec,
-    "OlmoeTopKRouter": _qwen_olmoe_spec,
-    "DeepseekV3TopkRouter": _deepseek_v3_spec,
+# Gate class name -> (its modeling module, the reader of its routing). Keyed by name, so that
+# recognising a gate imports no modeling module; the module rebuilds a patched class when a
+# pickled model is loaded in a fresh process.
+_SUPPORTED: dict[str, tuple[str, Callable[[nn.Module], GateSpec]]] = {
+    "MixtralTopKRouter": ("transformers.models.mixtral.modeling_mixtral", _mixtral_spec),
+    "Qwen2MoeTopKRouter": ("transformers.models.qwen2_moe.modeling_qwen2_moe", _qwen_olmoe_spec),
+    "Qwen3MoeTopKRouter": ("transformers.models.qwen3_moe.modeling_qwen3_moe", _qwen_olmoe_spec),
+    "OlmoeTopKRouter": ("transformers.models.olmoe.modeling_olmoe", _qwen_olmoe_spec),
+    "DeepseekV3TopkRouter": (
+        "transformers.models.deepseek_v3.modeling_deepseek_v3",
+        _deepseek_v3_spec,
+    ),
 }
-SUPPORTED_GATE_CLASSES = tuple(_SPEC_READERS)
+SUPPORTED_GATE_CLASSES = tuple(_SUPPORTED)
 
 
 def gate_spec(gate: nn.Module) -> GateSpec:
@@ -188,12 +200,11 @@ def gate_spec(gate: nn.Module) -> GateSpec:
     """
     if isinstance(gate, RoutedGate):
         return gate.spec
-    reader = _SPEC_READERS.get(type(gate).__name__)
-    if reader is None:
+    if type(gate).__name__ not in _SUPPORTED:
         raise ValueError(
             f"gate class {type(gate).__name__!r} is not supported: one of {SUPPORTED_GATE_CLASSES}"
         )
-    return reader(gate)
+    return _SUPPORTED[type(gate).__name__][1](gate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,9 +353,13 @@ class RoutedGate(nn.Module):
 
 @functools.cache
 def _routed_gate_class(hf_gate_class: type[nn.Module]) -> type[RoutedGate]:
-    """``RoutedGate`` that is also an instance of ``hf_gate_class`` (one class per HF class)."""
+    """``RoutedGate`` that is also an instance of ``hf_gate_class`` (one class per HF class).
+
+    It is made a global of this module under its name, so that pickle finds it (see
+    ``__getattr__`` for a fresh process).
+    """
     name = f"Routed{hf_gate_class.__name__}"
-    return type(
+    routed_class = type(
         name,
         (RoutedGate, hf_gate_class),
         {
@@ -354,6 +369,17 @@ def _routed_gate_class(hf_gate_class: type[nn.Module]) -> type[RoutedGate]:
             "replaces": hf_gate_class.__name__,
         },
     )
+    globals()[name] = routed_class
+    return routed_class
+
+
+def __getattr__(name: str) -> type[RoutedGate]:
+    """``Routed<HF gate class>``, created on first use (unpickling a patched model)."""
+    hf_name = name.removeprefix("Routed")
+    if name.startswith("Routed") and hf_name in _SUPPORTED:
+        module = importlib.import_module(_SUPPORTED[hf_name][0])
+        return _routed_gate_class(getattr(module, hf_name))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,7 +409,7 @@ def _moe_gates(model: nn.Module) -> dict[str, nn.Module]:
             getattr(module, "experts", None), nn.Module
         ):
             continue
-        if not isinstance(gate, RoutedGate) and type(gate).__name__ not in _SPEC_READERS:
+        if not isinstance(gate, RoutedGate) and type(gate).__name__ not in _SUPPORTED:
             raise ValueError(
                 f"the MoE block {path!r} has a gate of class {type(gate).__name__!r}, which "
                 f"is not supported: one of {SUPPORTED_GATE_CLASSES}"
@@ -419,17 +445,30 @@ def _hf_aux_loss_matches(router: Router, spec: GateSpec) -> bool:
     )
 
 
-def _check_hf_aux_loss(model: nn.Module, args: tuple, kwargs: dict) -> None:
+def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a patched model: forget the last forward's records, and refuse
+    HF's balance loss where it would not describe the gate.
+
+    A module-level function reading the model's attributes (not a closure), so that a deepcopy
+    of the model clears and checks its own gates.
+    """
+    gates = model._moe_router_gates
+    for gate in gates:
+        gate.routing = None
+    output_router_logits = kwargs.get("output_router_logits")
+    if output_router_logits is None:
+        output_router_logits = getattr(getattr(model, "config", None), "output_router_logits", 0)
+    if not (output_router_logits and getattr(model, "router_aux_loss_coef", 0)):
+        return
     labels = kwargs.get("labels")
     if labels is None and args:
         try:
             labels = inspect.signature(model.forward).bind_partial(*args).arguments.get("labels")
         except TypeError:
             labels = None
-    output_router_logits = kwargs.get("output_router_logits")
-    if output_router_logits is None:
-        output_router_logits = getattr(getattr(model, "config", None), "output_router_logits", 0)
-    if labels is not None and output_router_logits and getattr(model, "router_aux_loss_coef", 0):
+    if labels is None:
+        return
+    if not all(_hf_aux_loss_matches(gate.router, gate.spec) for gate in gates):
         raise ValueError(
             "output_router_logits=True with labels adds HF's load_balancing_loss_func to the loss; "
             "it recomputes softmax top-k from router_logits, which is not what this gate selects. "
@@ -511,7 +550,6 @@ def replace_routers(model: nn.Module, gate: str = "soft_topk", **router_options:
 
     # Build every router first, so that a rejected setting leaves the model untouched.
     replacements: dict[int, RoutedGate] = {}
-    hf_aux_loss_ok = True
     for hf_gate in gates.values():
         spec = gate_spec(hf_gate)
         options = {**spec.router_options(), **router_options}
@@ -527,21 +565,14 @@ def replace_routers(model: nn.Module, gate: str = "soft_topk", **router_options:
         routed.train(hf_gate.training)
         _copy_forward_hooks(hf_gate, routed)
         replacements[id(hf_gate)] = routed
-        hf_aux_loss_ok = hf_aux_loss_ok and _hf_aux_loss_matches(router, spec)
 
     for module in list(model.modules()):
         gate_module = getattr(module, "gate", None)
         if isinstance(gate_module, nn.Module) and id(gate_module) in replacements:
             module.gate = replacements[id(gate_module)]
-    routed_gates = list(replacements.values())
-
-    def before_forward(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        for routed_gate in routed_gates:
-            routed_gate.routing = None
-        if not hf_aux_loss_ok:
-            _check_hf_aux_loss(module, args, kwargs)
-
-    model.register_forward_pre_hook(before_forward, with_kwargs=True)
+    # A plain list (no submodule registration, no state_dict entry) that deepcopy remaps.
+    model._moe_router_gates = list(replacements.values())
+    model.register_forward_pre_hook(_before_forward, with_kwargs=True)
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, CONFIG_KEY, {"gate": gate, **router_options})
@@ -765,9 +796,6 @@ def _router_state_key(key: str) -> tuple[str, str] | None:
 
 def _checkpoint_router_state(path: str | os.PathLike, **hub_kwargs: Any) -> dict:
     """The router-state tensors of a saved model (local folder or hub id), by layer and key."""
-    from safetensors import safe_open
-    from transformers.utils import cached_file
-
     index_file = cached_file(
         path,
         "model.safetensors.index.json",

@@ -7,8 +7,13 @@ T tokens, D model dim, E experts, K slots.
 from __future__ import annotations
 
 import ast
+import copy
 import os
+import pickle
 import re
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -391,6 +396,8 @@ def test_hf_aux_loss_is_refused_where_it_does_not_describe_the_gate():
     soft = replace_routers(build("mixtral"), gate="soft_topk")
     with pytest.raises(ValueError, match="output_router_logits"):
         soft(ids_BS, labels=ids_BS, output_router_logits=True)
+    with pytest.raises(ValueError, match="output_router_logits"):  # labels by position
+        soft(ids_BS, None, None, None, None, ids_BS, output_router_logits=True)
     soft(ids_BS, labels=ids_BS)  # HF's term is off by default
     soft(ids_BS, output_router_logits=True)  # router_logits alone are fine
 
@@ -488,6 +495,38 @@ def test_save_pretrained_and_from_pretrained_restore_the_routers(arch, tmp_path,
             torch.testing.assert_close(
                 hf_gate.e_score_correction_bias, routed.router.expert_bias.bias_E, rtol=0, atol=0
             )
+
+
+def test_patched_model_deepcopies_and_pickles():
+    model = replace_routers(build("qwen2_moe"), gate="soft_topk", tau=0.7)
+    with torch.no_grad():
+        expected_BSV = model(input_ids()).logits
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        copied_gates = [m for m in copied.modules() if isinstance(m, RoutedGate)]
+        assert copied._moe_router_gates == copied_gates  # its own gates, not the original's
+        with torch.no_grad():
+            torch.testing.assert_close(copied(input_ids()).logits, expected_BSV, rtol=0, atol=0)
+        assert list(routings(copied)) == ["layer0", "layer1"]
+        copied(input_ids(batch=1))  # the copy's forward clears the copy's records only
+        assert routings(copied)["layer0"].logits_TE.shape[0] == SEQ
+        assert routings(model)["layer0"].logits_TE.shape[0] == 2 * SEQ
+
+    # A fresh process builds the patched gate class on first use.
+    code = (
+        "import pickle, sys; model = pickle.load(open(sys.argv[1], 'rb')); "
+        "print(type(model.model.layers[0].mlp.gate).__name__)"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.pkl"
+        path.write_bytes(pickle.dumps(model))
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+    assert result.stdout.strip() == "RoutedQwen2MoeTopKRouter"
 
 
 def test_from_pretrained_refuses_an_unpatched_checkpoint(tmp_path):
