@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import importlib.util
 import os
 import pickle
 import re
@@ -566,7 +567,30 @@ def test_replace_routers_rejects_bad_input():
     assert not any(isinstance(m, RoutedGate) for m in model.modules())
 
 
-# ----------------------------------------------------------------------------------- docs
+# ------------------------------------------------------------------------- example and docs
+
+
+def test_example_runs(tmp_path):
+    """examples/hf_soft_routing.py end to end, a few steps on a tiny corpus."""
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location(
+        "hf_soft_routing", root / "examples" / "hf_soft_routing.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + 1\n" for i in range(400)))
+    argv = ["--steps", "3", "--seq-len", "32", "--batch-size", "4", "--files", str(corpus)]
+    trained = example.main([*argv, "--gates", "topk", "soft_topk", "--out", str(tmp_path / "out")])
+    assert list(trained) == ["topk", "soft_topk"]
+    for module in trained.values():
+        assert torch.isfinite(module.trainer.callback_metrics["val/loss"])
+    # The optimizer hook stepped the routers after each of the 3 steps.
+    soft_router = trained["soft_topk"].model.model.layers[0].mlp.gate.router
+    assert int(soft_router.schedule_step) == 3
+    assert trained["topk"].model.model.layers[0].mlp.gate.router.expert_bias.bias_E.abs().sum() > 0
+    table = (tmp_path / "out" / "load_balance.md").read_text()
+    assert "| soft_topk / layer1 |" in table and (tmp_path / "out" / "load_balance.png").exists()
 
 
 def _hf_section() -> str:
