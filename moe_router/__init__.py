@@ -14,17 +14,7 @@ from moe_router.balancing import (
 from moe_router.config import MoEOptions, RouterOptions
 from moe_router.gates import balance_thresholds, run_gate
 from moe_router.metrics import (
-    ActiveExpertsPerToken,
-    DeadExpertFraction,
-    DropRate,
-    EffectiveExperts,
     LoadBalanceMetrics,
-    LoadCV,
-    LoadEntropy,
-    MaxViolation,
-    RouterEntropy,
-    SoftMassOutside,
-    TokensPerExpert,
     scalar_metrics,
 )
 from moe_router.moe import MoEConfig, MoELayer, SwiGLU, capacity_keep_mask, grouped_matmul
@@ -42,27 +32,17 @@ from moe_router.stepping import register_optimizer_hooks, routers, step_routers
 
 __all__ = [
     "GATES",
-    "ActiveExpertsPerToken",
-    "DeadExpertFraction",
-    "DropRate",
-    "EffectiveExperts",
     "ExpertBias",
     "LoadBalanceMetrics",
     "LoadBalanceReport",
-    "LoadCV",
-    "LoadEntropy",
-    "MaxViolation",
     "MoEConfig",
     "MoELayer",
     "MoEOptions",
     "Router",
     "RouterConfig",
-    "RouterEntropy",
     "RouterOptions",
     "Routing",
-    "SoftMassOutside",
     "SwiGLU",
-    "TokensPerExpert",
     "balance_thresholds",
     "capacity_keep_mask",
     "grouped_matmul",

@@ -137,7 +137,7 @@ def router_z_loss(logits_TE: Tensor, token_mask_T: Tensor | None = None) -> Tens
     """
     log_z_T = torch.logsumexp(logits_TE.float(), dim=-1)
     if token_mask_T is None:
-        return log_z_T.square().mean()
+        return log_z_T.square().sum() / max(log_z_T.numel(), 1)  # 0, not NaN, with no token
     weight_T = token_mask_T.float()
     return (log_z_T.square() * weight_T).sum() / weight_T.sum().clamp_min(1.0)
 

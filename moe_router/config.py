@@ -38,6 +38,7 @@ __all__ = [
     "SOFT_METHODS",
     "TAU_SCHEDULES",
     "AnnealShape",
+    "BalanceTarget",
     "DropPolicy",
     "Gate",
     "GroupedMMBackend",
@@ -50,6 +51,7 @@ __all__ = [
     "TauSchedule",
 ]
 
+BalanceTarget = Literal["load", "mass"]
 Gate = Literal[
     "topk",
     "soft_topk",
@@ -103,13 +105,17 @@ class RouterOptions:
             (most experts one token may use). Default ``min(E, 2K)``, or ``min(E, 4 *
             ceil(target_active))`` with a budget controller. Experts with p > 0 beyond the cap
             are not computed; they are counted as overflow (``Routing.overflow_T``).
-        target_active: ``sparse_soft_topk`` only: hold the mean number of experts with p > 0
-            per token at this value with an integral controller on the soft budget (sum of
-            p); None keeps the budget at K.
+        target_active: Support-exact gates (``sparse_soft_topk``, sparse
+            ``balanced_soft_topk``): hold the mean number of experts with p > 0 per token at
+            this value with an integral controller on the soft budget (sum of p); None keeps
+            the budget at K.
         budget_update_rate: Step of the budget controller, in log-budget per unit of relative
             error of the mean support, applied after each optimizer step.
         balance_iters: ``balanced_soft_topk``: alternating row / column solves per training
             forward.
+        balance_target: ``balanced_soft_topk``: what the per-expert thresholds equalise:
+            ``load`` (the dispatched assignments per expert, so MaxVio_batch is ~0 by
+            construction) or ``mass`` (the column sums of p, ``sum_t p_te = T K / E``).
         balance_momentum: ``balanced_soft_topk``: weight of the old value in the running
             average of the per-expert thresholds used at evaluation.
         tau: Temperature (the start value for ``anneal`` / ``learned``).
@@ -143,6 +149,7 @@ class RouterOptions:
     target_active: float | None = None
     budget_update_rate: float = 0.05
     balance_iters: int = 8
+    balance_target: BalanceTarget = "load"
     balance_momentum: float = 0.9
     # temperature
     tau: float = 1.0
@@ -193,6 +200,7 @@ class RouterOptions:
             "budget_update_rate",
             "a finite float >= 0",
         )
+        need(self.balance_target in ("load", "mass"), "balance_target", "one of ('load', 'mass')")
         need(
             _is_int(self.balance_iters) and self.balance_iters >= 1,
             "balance_iters",
@@ -290,9 +298,11 @@ class RouterConfig(RouterOptions):
             f"'learned' needs a soft gate ({SOFT_GATES}), not gate={self.gate!r}",
         )
         need(
-            self.target_active is None or self.gate == "sparse_soft_topk",
+            self.target_active is None or self.support_exact,
             "target_active",
-            f"a budget controller needs gate='sparse_soft_topk', not gate={self.gate!r}",
+            "a budget controller needs a support-exact gate (sparse_soft_topk, or "
+            f"balanced_soft_topk with method='sparse'), not gate={self.gate!r} "
+            f"with method={self.method!r}",
         )
         if self.target_active is not None:
             need(

@@ -225,7 +225,7 @@ def _sparse_soft_topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Select
 
 def _balanced_soft_topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:  # noqa: ARG001
     if mu_E is None:
-        mu_E = balance_thresholds(logits_TE.detach(), config, tau)
+        mu_E = balance_thresholds(logits_TE.detach(), config, tau, k=k)
     # The gradient goes through the row solve with the per-expert thresholds held fixed.
     shifted_TE = logits_TE - mu_E.detach()
     p_TE = soft_topk(shifted_TE, k, tau=tau, method=config.method)
@@ -280,6 +280,7 @@ def balance_thresholds(
     mu_E: Tensor | None = None,
     token_mask_T: Tensor | None = None,
     num_iters: int | None = None,
+    k: float | Tensor | None = None,
 ) -> Tensor:
     """Per-expert thresholds mu that balance the soft top-k over the batch.
 
@@ -287,8 +288,9 @@ def balance_thresholds(
     (lambda_t: the per-token threshold) and column sums ``T_real K / E`` over the real tokens,
     by alternating the two threshold problems, rows (tokens) then columns (experts): Newton
     steps on each side (one for the rows, two for the columns per alternation), a fixed number
-    of alternations, no host sync, no gradient. Without a warm start the columns start from the hard quantile (the
-    ``T_real K / E``-th largest of each column), which is the exact answer as tau -> 0.
+    of alternations, no host sync, no gradient. Without a warm start the columns start from the
+    hard quantile (the ``T_real K / E``-th largest of each column), which is the exact answer
+    as tau -> 0.
 
     The gate then solves the rows exactly with the operator (``soft_topk(x - mu, K)``), so row
     sums are exact and the column sums are as good as mu.
@@ -300,12 +302,16 @@ def balance_thresholds(
         mu_E: Warm start (logit units); the hard quantiles when None.
         token_mask_T: True for real tokens; padding tokens take no part in the column sums.
         num_iters: Alternations; ``config.balance_iters`` when None.
+        k: Row budget (a number or a scalar tensor, e.g. a budget controller's);
+            ``config.k`` when None.
 
     Returns:
         ``mu_E`` in logit units, fp32, with zero mean (only differences matter).
     """
     num_tokens, num_experts = logits_TE.shape
-    method, k = config.method, config.k
+    method = config.method
+    budget = float(config.k) if k is None else k
+    k = config.k  # the integer K of the hard initial guesses
     iters = config.balance_iters if num_iters is None else num_iters
     tau_t = torch.as_tensor(tau, dtype=torch.float32, device=logits_TE.device)
     z_TE = logits_TE.float() / tau_t
@@ -314,8 +320,9 @@ def balance_thresholds(
         num_real = token_mask_T.float().sum()
     else:
         num_real = torch.tensor(float(num_tokens), device=z_TE.device)
-    col_target_E = (num_real * k / num_experts).expand(num_experts)
-    row_target_T = torch.full((num_tokens,), float(k), device=z_TE.device)
+    budget_t = torch.as_tensor(budget, dtype=torch.float32, device=z_TE.device)
+    col_target_E = (num_real * budget_t / num_experts).expand(num_experts)
+    row_target_T = budget_t.expand(num_tokens)
     if token_mask_T is not None:
         row_target_T = torch.where(token_mask_T, row_target_T, 0.0)
     if mu_E is None:
@@ -331,11 +338,57 @@ def balance_thresholds(
     lam_T = top_TK1[:, k - 1 : k + 1].mean(-1) if k < num_experts else top_TK1[:, -1] - 1.0
     lam_T = torch.where(torch.isfinite(lam_T), lam_T, 0.0)
     z_ET = z_TE.t().contiguous()
+    balance_load = config.balance_target == "load"
     for _ in range(iters):
-        lam_T = _newton_threshold(z_TE - mu_z_E, row_target_T, lam_T, method, steps=1)
-        mu_z_E = _newton_threshold(z_ET - lam_T, col_target_E, mu_z_E, method, steps=2)
+        if not balance_load or config.support_exact:
+            lam_T = _newton_threshold(z_TE - mu_z_E, row_target_T, lam_T, method, steps=2)
+        if balance_load:
+            margin_TE = _dispatch_margin(z_TE - mu_z_E, lam_T, config, token_mask_T)
+            load_target_E = col_target_E
+            if config.support_exact:
+                # The support's total is set by the row budgets (and the budget controller),
+                # not by T K: share the current total equally.
+                load_target_E = ((margin_TE > 0).sum() / num_experts).expand(num_experts)
+            mu_z_E = mu_z_E + _quantile_shift(margin_TE, load_target_E)
+        else:
+            mu_z_E = _newton_threshold(z_ET - lam_T, col_target_E, mu_z_E, method, steps=2)
     mu_z_E = mu_z_E - mu_z_E.mean()
     return mu_z_E * tau_t
+
+
+def _dispatch_margin(
+    s_TE: Tensor, lam_T: Tensor, config: RouterConfig, token_mask_T: Tensor | None
+) -> Tensor:
+    """How far each (token, expert) pair is inside the gate's dispatch: > 0 iff dispatched.
+
+    Support-exact gates dispatch ``p > 0``, i.e. ``s - lambda > 0``; the others dispatch the K
+    largest ``s`` of the token, so the margin is ``s`` minus the best score it competes with
+    (the (K+1)-th largest for a selected expert, the K-th for the others). Padding: ``-inf``.
+    """
+    if config.support_exact:
+        margin_TE = s_TE - lam_T.unsqueeze(-1)
+    else:
+        k = config.k
+        top_TK1 = s_TE.topk(k + 1, dim=-1).values
+        kth_T1, next_T1 = top_TK1[:, k - 1 : k], top_TK1[:, k : k + 1]
+        margin_TE = s_TE - torch.where(s_TE >= kth_T1, next_T1, kth_T1)
+    keep_TE = torch.isfinite(s_TE)
+    if token_mask_T is not None:
+        keep_TE = keep_TE & token_mask_T.unsqueeze(-1)
+    return torch.where(keep_TE, margin_TE, -math.inf)
+
+
+def _quantile_shift(margin_TE: Tensor, target_E: Tensor) -> Tensor:
+    """Per expert, the shift of its threshold that leaves ``ceil(target)`` tokens with a
+    positive margin (midway between the target-th and the next largest margin)."""
+    num_tokens = margin_TE.shape[0]
+    sorted_ET = margin_TE.t().sort(dim=-1, descending=True).values
+    rank_E1 = (target_E.ceil().long() - 1).clamp(0, num_tokens - 1).unsqueeze(-1)
+    inside_E = sorted_ET.gather(-1, rank_E1).squeeze(-1)
+    outside_E = sorted_ET.gather(-1, (rank_E1 + 1).clamp(max=num_tokens - 1)).squeeze(-1)
+    outside_E = torch.where(torch.isfinite(outside_E), outside_E, inside_E - 1.0)
+    shift_E = 0.5 * (inside_E + outside_E)
+    return torch.where(torch.isfinite(shift_E), shift_E, 0.0)
 
 
 # ---------------------------------------------------------------------------- entry point

@@ -1,6 +1,7 @@
-"""Load-balance metrics for MoE routers, as torchmetrics ``Metric``s fed from a ``Routing`` record.
+"""Load-balance metrics for MoE routers: one torchmetrics ``Metric`` fed from a ``Routing`` record.
 
-Shape legend: T tokens, E experts, K selected slots per token, L layers.
+Shape legend: T tokens, E experts, K selected slots per token, L layers, A = E + 1 bins of a
+per-token count (0..E).
 
 Definitions (c_i = assignments the router made to expert i over the window: valid slots plus
 slots a capacity limit dropped (``Routing.dropped_TK``), i.e. the load the router asked for,
@@ -20,25 +21,52 @@ every slot of every real token is assigned):
   Σ_i max(0, c_i − C) (a what-if for a dropless layer); without one they are the ones the layer
   really dropped, Σ ``dropped_TK`` (0 for a dropless layer).
 - active experts per token: mean number of valid slots with weight > 0 (below K for sparse gates).
+  ``active_experts_p99`` is the 99th percentile of that per-token count over the window's
+  tokens: the smallest a such that at least 99 % of the tokens have at most a active experts
+  (the inverted-CDF / nearest-rank percentile, always an integer).
 - soft mass outside: per token, the share of Σ scores_TE on experts that got no valid slot (that
   is, no compute), averaged over tokens; non-zero only for soft gates and dropped slots.
+- overflow (support-exact sparse gates, ``Routing.overflow_T`` / ``overflow_mass_T``; 0 when the
+  record has none): an overflowed assignment is an expert the gate gave p > 0 but could not put
+  in a slot because the token's static slot cap was full.
+  overflow rate = Σ overflow / (Σ slotted + Σ overflow), slotted = valid or dropped slots, that
+  is, the share of the assignments the gate wanted that found no slot (a capacity drop still
+  had its slot, so capacity does not change this rate);
+  overflow mass = Σ overflow_mass / Σ scores_TE, the share of the window's score mass on
+  overflowed experts; support per token = mean of (active experts + overflow), the experts the
+  gate would have computed without the cap.
+
+Every per-token quantity is summed over real tokens only and divided by their number.
 
 Empty input never gives NaN: with no assignments MaxVio, CV, load entropy and effective experts
-are 0 and the dead fraction is 1 (every expert idle); with no tokens the per-token means and
-the drop rate are 0. Padding is honoured everywhere: padding tokens (``Routing.padding_mask_T``;
-for a record without one, tokens with no valid or dropped slot) are left out of the per-token
-means, and slots that are neither valid nor dropped count for no expert.
+are 0 and the dead fraction is 1 (every expert idle); with no tokens the per-token means, the
+p99, the drop rate and the overflow rate and mass are 0. Padding is honoured everywhere: padding
+tokens (``Routing.padding_mask_T``; for a record without one, tokens with no valid, dropped or
+overflowed assignment) are left out of every per-token quantity, and slots that are neither
+valid nor dropped count for no expert.
 
 Every state is a float64 sum with ``dist_reduce_fx="sum"``, so under DDP ``compute()`` gives the
-values of the data of all ranks together. Float64 keeps counts exact (no fp32 rounding past
-2^24 assignments); it rules out the MPS backend, which has no float64.
+values of the data of all ranks together, and ``merge_state`` of two instances equals one
+instance fed both windows (the last batch then being the union of the two last batches).
+Float64 keeps counts exact (no fp32 rounding past 2^24 assignments); it rules out the MPS
+backend, which has no float64. The p99 is exact under this reduction too: its state is a
+histogram of the per-token count (A = E + 1 float64 sum bins), not a sample.
+
+Why one ``Metric`` and not a ``MetricCollection`` with compute groups: every value here is a
+function of the same handful of sums, and the intermediates of one batch (counts per expert,
+the real-token mask, the active experts per token) are shared by most of them. One ``update``
+computes each once and adds it to an explicitly declared state; a collection would either
+recompute them per member or rely on compute groups, which torchmetrics forms by comparing
+member states with ``allclose`` after the first update (a host sync inside the training step).
+One metric also gives one state dict to checkpoint, merge and reduce. For a single value, take
+its key from ``compute()`` or apply the functional form below to counts you already have
+(``max_violation(loads_LE)``, ...).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
@@ -48,17 +76,7 @@ from torchmetrics import Metric
 from moe_router.routing import Routing
 
 __all__ = [
-    "ActiveExpertsPerToken",
-    "DeadExpertFraction",
-    "DropRate",
-    "EffectiveExperts",
     "LoadBalanceMetrics",
-    "LoadCV",
-    "LoadEntropy",
-    "MaxViolation",
-    "RouterEntropy",
-    "SoftMassOutside",
-    "TokensPerExpert",
     "active_experts",
     "capacity_drops",
     "dead_expert_fraction",
@@ -260,371 +278,84 @@ def _check_capacity_factor(capacity_factor: float | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-batch state increments.
+# The metric.
 # ---------------------------------------------------------------------------------------------
 
 
-def _state_default(name: str, num_experts: int) -> Tensor:
-    shape = (num_experts,) if name.endswith("_E") else ()
-    return torch.zeros(shape, dtype=torch.float64)
+def _check_num_experts(num_experts: int) -> None:
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
 
 
-class _RoutingBatch:
-    """The increment of every metric state for one ``Routing``, each computed only if asked for.
-
-    Everything is tensor arithmetic on the routing's device: no ``.item()``, no boolean-mask
-    indexing, no data-dependent Python branches, so ``update`` never syncs with the host.
-    """
-
-    def __init__(self, routing: Routing, num_experts: int, capacity_factor: float | None) -> None:
-        if not isinstance(routing, Routing):
-            raise ValueError(f"routing must be a moe_router.routing.Routing, got {type(routing)}")
-        ids_TK, scores_TE = routing.expert_ids_TK, routing.scores_TE
-        if ids_TK.ndim != 2:
+def _check_routing(routing: Routing, num_experts: int) -> None:
+    """Shapes only (static), so the check never syncs with the host."""
+    if not isinstance(routing, Routing):
+        raise ValueError(f"routing must be a moe_router.routing.Routing, got {type(routing)}")
+    ids_TK, scores_TE = routing.expert_ids_TK, routing.scores_TE
+    if ids_TK.ndim != 2:
+        raise ValueError(f"routing.expert_ids_TK must be [T, K], got shape {tuple(ids_TK.shape)}")
+    num_tokens, num_slots = ids_TK.shape
+    for name, tensor in (
+        ("weights_TK", routing.weights_TK),
+        ("valid_TK", routing.valid_TK),
+        ("dropped_TK", routing.dropped_TK),
+    ):
+        if tensor is not None and tensor.shape != ids_TK.shape:
             raise ValueError(
-                f"routing.expert_ids_TK must be [T, K], got shape {tuple(ids_TK.shape)}"
+                f"routing.{name} must have the shape of expert_ids_TK {tuple(ids_TK.shape)}, "
+                f"got {tuple(tensor.shape)}"
             )
-        num_tokens = ids_TK.shape[0]
-        dropped_TK, padding_mask_T = routing.dropped_TK, routing.padding_mask_T
-        for name, tensor in (
-            ("weights_TK", routing.weights_TK),
-            ("valid_TK", routing.valid_TK),
-            ("dropped_TK", dropped_TK),
-        ):
-            if tensor is not None and tensor.shape != ids_TK.shape:
-                raise ValueError(
-                    f"routing.{name} must have the shape of expert_ids_TK {tuple(ids_TK.shape)}, "
-                    f"got {tuple(tensor.shape)}"
-                )
-        if scores_TE.shape != (num_tokens, num_experts):
+    if scores_TE.shape != (num_tokens, num_experts):
+        raise ValueError(
+            f"routing.scores_TE must be [T, E] = [{num_tokens}, {num_experts}] for this metric "
+            f"(num_experts={num_experts}), got {tuple(scores_TE.shape)}"
+        )
+    # The active-expert histogram has bins 0..E; a token's active count is at most K.
+    if num_slots > num_experts:
+        raise ValueError(
+            f"routing.expert_ids_TK must have K <= num_experts = {num_experts} slots per token, "
+            f"got K = {num_slots}"
+        )
+    for name, tensor in (
+        ("padding_mask_T", routing.padding_mask_T),
+        ("overflow_T", routing.overflow_T),
+        ("overflow_mass_T", routing.overflow_mass_T),
+    ):
+        if tensor is not None and tensor.shape != (num_tokens,):
             raise ValueError(
-                f"routing.scores_TE must be [T, E] = [{num_tokens}, {num_experts}] for this metric "
-                f"(num_experts={num_experts}), got {tuple(scores_TE.shape)}"
+                f"routing.{name} must be [T] = [{num_tokens}], got {tuple(tensor.shape)}"
             )
-        if padding_mask_T is not None and padding_mask_T.shape != (num_tokens,):
-            raise ValueError(
-                f"routing.padding_mask_T must be [T] = [{num_tokens}], "
-                f"got {tuple(padding_mask_T.shape)}"
-            )
-        self.routing = routing
-        self.num_experts = num_experts
-        self.capacity_factor = capacity_factor
-        self.valid_TK = routing.valid_TK.bool()
-        self.dropped_TK = (
-            torch.zeros_like(self.valid_TK) if dropped_TK is None else dropped_TK.bool()
+    if (routing.overflow_T is None) != (routing.overflow_mass_T is None):
+        raise ValueError(
+            "routing.overflow_T and routing.overflow_mass_T must both be set or both be None, "
+            f"got overflow_T {'None' if routing.overflow_T is None else 'set'} and "
+            f"overflow_mass_T {'None' if routing.overflow_mass_T is None else 'set'}"
         )
-        self.requested_TK = self.valid_TK | self.dropped_TK
-        if padding_mask_T is not None:
-            self.token_mask_T = ~padding_mask_T.bool()
-        else:
-            self.token_mask_T = self.requested_TK.any(-1)
-
-    def _token_sum(self, per_token_T: Tensor) -> Tensor:
-        # where, not multiply: padding rows may hold NaN scores, and NaN * 0 is NaN.
-        return torch.where(self.token_mask_T, per_token_T, 0.0).sum(dtype=torch.float64)
-
-    @cached_property
-    def counts_E(self) -> Tensor:
-        counts_E = torch.zeros(
-            self.num_experts, dtype=torch.float64, device=self.routing.expert_ids_TK.device
-        )
-        return counts_E.index_add_(
-            0, self.routing.expert_ids_TK.reshape(-1), self.requested_TK.reshape(-1).double()
-        )
-
-    @cached_property
-    def num_assigned(self) -> Tensor:
-        return self.counts_E.sum()
-
-    @cached_property
-    def num_batches(self) -> Tensor:
-        # A batch with no assignment at all (pure padding) has no MaxVio; leave it out of the mean.
-        return (self.num_assigned > 0).double()
-
-    @cached_property
-    def batch_max_vio_sum(self) -> Tensor:
-        return _max_violation_f64(self.counts_E)
-
-    @cached_property
-    def last_counts_E(self) -> Tensor:
-        return self.counts_E
-
-    @cached_property
-    def num_tokens(self) -> Tensor:
-        return self.token_mask_T.sum(dtype=torch.float64)
-
-    @cached_property
-    def router_entropy_sum(self) -> Tensor:
-        return self._token_sum(normalized_router_entropy(self.routing.scores_TE))
-
-    @cached_property
-    def active_experts_sum(self) -> Tensor:
-        return self._token_sum(active_experts(self.routing.weights_TK, self.routing.valid_TK))
-
-    @cached_property
-    def soft_mass_outside_sum(self) -> Tensor:
-        routing = self.routing
-        return self._token_sum(
-            soft_mass_outside(routing.scores_TE, routing.expert_ids_TK, routing.valid_TK)
-        )
-
-    @cached_property
-    def num_dropped(self) -> Tensor:
-        if self.capacity_factor is not None:
-            return capacity_drops(self.counts_E, self.capacity_factor)
-        return self.dropped_TK.sum(dtype=torch.float64)
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics.
-# ---------------------------------------------------------------------------------------------
 
 
 def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
     """numerator / denominator as fp32, 0 where the denominator is 0.
 
-    Every denominator here is a count, so clamping it to >= 1 only touches the 0 case and keeps
-    the untaken branch of ``where`` finite.
+    Every denominator here is a non-negative sum; clamping it to the smallest positive float64
+    only touches the 0 case and keeps the untaken branch of ``where`` free of 0 / 0.
     """
-    return torch.where(denominator > 0, numerator / denominator.clamp_min(1.0), 0.0).float()
+    safe = denominator.clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.where(denominator > 0, numerator / safe, 0.0).float()
 
 
-class _RoutingMetric(Metric):
-    """Base: float64 sum states named in ``_state_names``, updated from a ``Routing``.
+def _percentile_from_histogram(counts_A: Tensor, percent: int) -> Tensor:
+    """Inverted-CDF percentile of a value a in 0..A-1 from its histogram counts_A.
 
-    ``last_counts_E`` is the one state that an update replaces instead of adding to; it is still
-    summed across DDP ranks, so after sync it holds the counts of the last step's global batch.
+    The smallest a with #{x <= a} >= percent / 100 · N, compared as 100 · #{x <= a} <
+    percent · N in float64 integers, so it is exact (no rounding of 0.99 · N). 0 when N = 0.
     """
+    cumulative_A = counts_A.cumsum(0)
+    below_A = 100 * cumulative_A < percent * cumulative_A[-1]
+    return below_A.sum(dtype=torch.float64).float()
 
-    full_state_update: ClassVar[bool] = False
-    is_differentiable: ClassVar[bool] = False
-    higher_is_better: ClassVar[bool | None] = None
-    _state_names: ClassVar[tuple[str, ...]] = ()
 
-    # Only the metrics with a drop rate take one; the others leave it None.
-    capacity_factor: float | None = None
-
-    def __init__(self, num_experts: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-        self.num_experts = num_experts
-        for name in self._state_names:
-            self.add_state(name, default=_state_default(name, num_experts), dist_reduce_fx="sum")
-
-    def update(self, routing: Routing) -> None:
-        """Accumulate one batch.
-
-        Args:
-            routing: The router's (or, with a capacity, the MoE layer's) record for the batch;
-                its ``padding_mask_T`` and ``dropped_TK`` are used when present.
-
-        Raises:
-            ValueError: If ``routing`` is not a ``Routing`` or its shapes do not fit each other
-                or ``num_experts``.
-        """
-        batch = _RoutingBatch(routing, self.num_experts, self.capacity_factor)
-        for name in self._state_names:
-            increment = getattr(batch, name)
-            if name == "last_counts_E":
-                setattr(self, name, increment.clone())
-            else:
-                setattr(self, name, getattr(self, name) + increment)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Update with one batch and return the metric on that batch alone.
-
-        The fast forward path merges the batch into the running states by each state's
-        reduction (a sum); ``last_counts_E`` must end up as the batch's counts, so the previous
-        value is taken back out.
-        """
-        if "last_counts_E" not in self._state_names or self.dist_sync_on_step:
-            return super().forward(*args, **kwargs)
-        previous_last_E = self.last_counts_E.clone()
-        batch_value = super().forward(*args, **kwargs)
-        self.last_counts_E = self.last_counts_E - previous_last_E
-        return batch_value
-
-    def extra_repr(self) -> str:
-        if self.capacity_factor is None:
-            return f"num_experts={self.num_experts}"
-        return f"num_experts={self.num_experts}, capacity_factor={self.capacity_factor}"
-
-
-class TokensPerExpert(_RoutingMetric):
-    """Assignments per expert (valid + dropped) summed over the window; fp32 [E] from ``compute()``.
-
-    Args:
-        num_experts: E.
-        **kwargs: Passed to ``torchmetrics.Metric``.
-    """
-
-    _state_names = ("counts_E",)
-
-    def compute(self) -> Tensor:
-        """Summed counts, fp32 [E]."""
-        return self.counts_E.float()
-
-
-class MaxViolation(_RoutingMetric):
-    """MaxVio, per batch and over the window.
-
-    ``compute()`` returns a dict of fp32 scalars:
-    ``batch_mean`` (mean over batches with at least one assignment of each batch's MaxVio),
-    ``batch_last`` (MaxVio of the last batch; under DDP, of the last step's batches of all
-    ranks together) and ``global`` (MaxVio of the counts summed over the window).
-
-    Args:
-        num_experts: E.
-        **kwargs: Passed to ``torchmetrics.Metric``.
-    """
-
-    _state_names = ("counts_E", "batch_max_vio_sum", "num_batches", "last_counts_E")
-
-    def compute(self) -> dict[str, Tensor]:
-        """MaxVio per batch (mean, last) and global, fp32 scalars."""
-        return {
-            "batch_mean": _ratio(self.batch_max_vio_sum, self.num_batches),
-            "batch_last": _max_violation_f64(self.last_counts_E).float(),
-            "global": _max_violation_f64(self.counts_E).float(),
-        }
-
-
-class LoadCV(_RoutingMetric):
-    """Coefficient of variation (population std / mean) of the window's load; fp32 scalar.
-
-    Args:
-        num_experts: E.
-        **kwargs: Passed to ``torchmetrics.Metric``.
-    """
-
-    _state_names = ("counts_E",)
-
-    def compute(self) -> Tensor:
-        """CV of the summed counts."""
-        return load_cv(self.counts_E)
-
-
-class LoadEntropy(_RoutingMetric):
-    """Entropy (nats) of the window's load distribution; fp32 scalar, log E when balanced.
-
-    Args:
-        num_experts: E.
-        **kwargs: Passed to ``torchmetrics.Metric``.
-    """
-
-    _state_names = ("counts_E",)
-
-    def compute(self) -> Tensor:
-        """Load entropy of the summed counts."""
-        return load_entropy(self.counts_E)
-
-
-class EffectiveExperts(_RoutingMetric):
-    """exp(load entropy) of the window's load; fp32 scalar in [1, E] (0 with no assignment).
-
-    Args:
-        num_experts: E.
-        **kwargs: Passed to ``torchmetrics.Metric``.
-    """
-
-    _state_names = ("counts_E",)
-
-    def compute(self) -> Tensor:
-        """Effective number of experts of the summed counts."""
-        return effective_experts(self.counts_E)
-
-
-class DeadExpertFraction(_RoutingMetric):
-    """Fraction of experts that got no assignment over the whole window; fp32 scalar.
-
-    Args:
-        num_experts: E.
-        **kwargs: Passed to ``torchmetrics.Metric``.
-    """
-
-    _state_names = ("counts_E",)
-
-    def compute(self) -> Tensor:
-        """Dead fraction of the summed counts."""
-        return dead_expert_fraction(self.counts_E)
-
-
-class RouterEntropy(_RoutingMetric):
-    """Token-mean router entropy of the renormalised scores, over log E; fp32 scalar in [0, 1].
-
-    Args:
-        num_experts: E.
-        **kwargs: Passed to ``torchmetrics.Metric``.
-    """
-
-    _state_names = ("router_entropy_sum", "num_tokens")
-
-    def compute(self) -> Tensor:
-        """Mean normalised router entropy (0 with no tokens)."""
-        return _ratio(self.router_entropy_sum, self.num_tokens)
-
-
-class DropRate(_RoutingMetric):
-    """Dropped assignments over all assignments the router made in the window; fp32 scalar.
-
-    Args:
-        num_experts: E.
-        capacity_factor: If set, count what a capacity C = ceil(capacity_factor · Σc / E) per
-            expert and batch would drop; if None, count the assignments the layer really
-            dropped (``Routing.dropped_TK``; none for a dropless layer).
-        **kwargs: Passed to ``torchmetrics.Metric``.
-
-    Raises:
-        ValueError: If ``capacity_factor`` is not None or a positive finite number.
-    """
-
-    _state_names = ("num_dropped", "num_assigned")
-
-    def __init__(
-        self, num_experts: int, capacity_factor: float | None = None, **kwargs: Any
-    ) -> None:
-        _check_capacity_factor(capacity_factor)
-        super().__init__(num_experts, **kwargs)
-        self.capacity_factor = capacity_factor
-
-    def compute(self) -> Tensor:
-        """Drop rate (0 with no assignment)."""
-        return _ratio(self.num_dropped, self.num_assigned)
-
-
-class ActiveExpertsPerToken(_RoutingMetric):
-    """Token-mean number of valid slots with positive weight; fp32 scalar (sparse gates).
-
-    Args:
-        num_experts: E.
-        **kwargs: Passed to ``torchmetrics.Metric``.
-    """
-
-    _state_names = ("active_experts_sum", "num_tokens")
-
-    def compute(self) -> Tensor:
-        """Mean active experts per token (0 with no tokens)."""
-        return _ratio(self.active_experts_sum, self.num_tokens)
-
-
-class SoftMassOutside(_RoutingMetric):
-    """Token-mean share of score mass on experts without a valid slot; fp32 scalar (soft gates).
-
-    Args:
-        num_experts: E.
-        **kwargs: Passed to ``torchmetrics.Metric``.
-    """
-
-    _state_names = ("soft_mass_outside_sum", "num_tokens")
-
-    def compute(self) -> Tensor:
-        """Mean soft mass outside the selected experts (0 with no tokens)."""
-        return _ratio(self.soft_mass_outside_sum, self.num_tokens)
-
-
-class LoadBalanceMetrics(_RoutingMetric):
-    """Every load-balance metric of one MoE layer, from one set of sum states.
+class LoadBalanceMetrics(Metric):
+    """Every load-balance metric of one MoE layer, from one set of float64 sum states.
 
     Keep one instance per layer and stage (train / val) as a module attribute; call it (or
     ``update``) with each batch's ``Routing`` and ``compute()`` at the end of the window.
@@ -633,17 +364,23 @@ class LoadBalanceMetrics(_RoutingMetric):
 
     ``compute()`` returns a dict of fp32 tensors: ``tokens_per_expert`` [E] and the scalars
     named in ``SCALAR_KEYS`` (definitions in the module docstring). Log the scalars with
-    ``{k: v for k, v in out.items() if k in LoadBalanceMetrics.SCALAR_KEYS}``.
+    ``scalar_metrics(out, prefix)``.
 
     Args:
         num_experts: E.
-        capacity_factor: For the drop rate; see ``DropRate``.
+        capacity_factor: If set, the drop rate counts what a capacity
+            C = ceil(capacity_factor · Σc / E) per expert and batch would drop; if None, the
+            assignments the layer really dropped (``Routing.dropped_TK``; none when dropless).
         **kwargs: Passed to ``torchmetrics.Metric``.
 
     Raises:
         ValueError: If ``num_experts`` is not an int >= 1 or ``capacity_factor`` is not None or
             a positive finite number.
     """
+
+    full_state_update: ClassVar[bool] = False
+    is_differentiable: ClassVar[bool] = False
+    higher_is_better: ClassVar[bool | None] = None
 
     SCALAR_KEYS: ClassVar[tuple[str, ...]] = (
         "max_vio_batch_mean",
@@ -656,31 +393,160 @@ class LoadBalanceMetrics(_RoutingMetric):
         "router_entropy",
         "drop_rate",
         "active_experts_per_token",
+        "active_experts_p99",
+        "support_per_token",
         "soft_mass_outside",
+        "overflow_rate",
+        "overflow_mass",
     )
-    _state_names = (
-        "counts_E",
-        "batch_max_vio_sum",
-        "num_batches",
-        "last_counts_E",
-        "num_tokens",
-        "router_entropy_sum",
-        "active_experts_sum",
-        "soft_mass_outside_sum",
-        "num_dropped",
-        "num_assigned",
-    )
+
+    counts_E: Tensor
+    last_counts_E: Tensor
+    batch_max_vio_sum: Tensor
+    num_batches: Tensor
+    num_assigned: Tensor
+    num_dropped: Tensor
+    num_tokens: Tensor
+    router_entropy_sum: Tensor
+    active_experts_sum: Tensor
+    tokens_per_active_count_A: Tensor
+    soft_mass_outside_sum: Tensor
+    num_slotted: Tensor
+    num_overflow: Tensor
+    score_mass_sum: Tensor
+    overflow_mass_sum: Tensor
 
     def __init__(
         self, num_experts: int, capacity_factor: float | None = None, **kwargs: Any
     ) -> None:
+        _check_num_experts(num_experts)
         _check_capacity_factor(capacity_factor)
-        super().__init__(num_experts, **kwargs)
+        super().__init__(**kwargs)
+        self.num_experts = num_experts
         self.capacity_factor = capacity_factor
 
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(shape, dtype=torch.float64)
+
+        # Load, over the window and of the last batch. last_counts_E is replaced by each update,
+        # not added to; summed over DDP ranks it is the load of the last step's global batch.
+        self.add_state("counts_E", zeros(num_experts), dist_reduce_fx="sum")
+        self.add_state("last_counts_E", zeros(num_experts), dist_reduce_fx="sum")
+        # Per-batch MaxVio, summed over the batches that had some load, and their number.
+        self.add_state("batch_max_vio_sum", zeros(), dist_reduce_fx="sum")
+        self.add_state("num_batches", zeros(), dist_reduce_fx="sum")
+        # Drop rate: dropped (real or what-if) over all assignments the router made.
+        self.add_state("num_assigned", zeros(), dist_reduce_fx="sum")
+        self.add_state("num_dropped", zeros(), dist_reduce_fx="sum")
+        # Per-token sums over real tokens, and their number.
+        self.add_state("num_tokens", zeros(), dist_reduce_fx="sum")
+        self.add_state("router_entropy_sum", zeros(), dist_reduce_fx="sum")
+        self.add_state("active_experts_sum", zeros(), dist_reduce_fx="sum")
+        self.add_state("soft_mass_outside_sum", zeros(), dist_reduce_fx="sum")
+        # tokens_per_active_count_A[a] = real tokens with a active experts, a in 0..E.
+        self.add_state("tokens_per_active_count_A", zeros(num_experts + 1), dist_reduce_fx="sum")
+        # Overflow of support-exact sparse gates, over real tokens.
+        self.add_state("num_slotted", zeros(), dist_reduce_fx="sum")
+        self.add_state("num_overflow", zeros(), dist_reduce_fx="sum")
+        self.add_state("score_mass_sum", zeros(), dist_reduce_fx="sum")
+        self.add_state("overflow_mass_sum", zeros(), dist_reduce_fx="sum")
+
+    def update(self, routing: Routing) -> None:
+        """Accumulate one batch.
+
+        Tensor arithmetic on the routing's device only: no ``.item()``, no boolean-mask
+        indexing, no data-dependent Python branch, so ``update`` never syncs with the host.
+
+        Args:
+            routing: The router's (or, with a capacity, the MoE layer's) record for the batch;
+                its ``padding_mask_T``, ``dropped_TK``, ``overflow_T`` and ``overflow_mass_T``
+                are used when present.
+
+        Raises:
+            ValueError: If ``routing`` is not a ``Routing``, its shapes do not fit each other or
+                ``num_experts``, it has more slots than experts, or only one of its overflow
+                fields is set.
+        """
+        _check_routing(routing, self.num_experts)
+        ids_TK, scores_TE = routing.expert_ids_TK, routing.scores_TE
+        num_tokens = ids_TK.shape[0]
+        valid_TK = routing.valid_TK.bool()
+        if routing.dropped_TK is None:
+            dropped_TK = torch.zeros_like(valid_TK)
+        else:
+            dropped_TK = routing.dropped_TK.bool()
+        requested_TK = valid_TK | dropped_TK
+        if routing.overflow_T is None:
+            overflow_T = torch.zeros(num_tokens, dtype=torch.float64, device=ids_TK.device)
+            overflow_mass_T = overflow_T
+        else:
+            overflow_T = routing.overflow_T.double()
+            overflow_mass_T = routing.overflow_mass_T.double()
+        if routing.padding_mask_T is not None:
+            token_mask_T = ~routing.padding_mask_T.bool()
+        else:
+            token_mask_T = requested_TK.any(-1) | (overflow_T > 0)
+
+        def token_sum(per_token_T: Tensor) -> Tensor:
+            # where, not multiply: padding rows may hold NaN scores, and NaN * 0 is NaN.
+            return torch.where(token_mask_T, per_token_T, 0.0).sum(dtype=torch.float64)
+
+        # Load.
+        counts_E = torch.zeros(self.num_experts, dtype=torch.float64, device=ids_TK.device)
+        counts_E.index_add_(0, ids_TK.reshape(-1), requested_TK.reshape(-1).double())
+        num_assigned = counts_E.sum()
+        self.counts_E = self.counts_E + counts_E
+        self.last_counts_E = counts_E
+        # A batch with no assignment at all (pure padding) has no MaxVio; leave it out.
+        self.batch_max_vio_sum = self.batch_max_vio_sum + _max_violation_f64(counts_E)
+        self.num_batches = self.num_batches + (num_assigned > 0).double()
+
+        # Drops.
+        if self.capacity_factor is not None:
+            num_dropped = capacity_drops(counts_E, self.capacity_factor)
+        else:
+            num_dropped = dropped_TK.sum(dtype=torch.float64)
+        self.num_assigned = self.num_assigned + num_assigned
+        self.num_dropped = self.num_dropped + num_dropped
+
+        # Per-token quantities.
+        active_T = active_experts(routing.weights_TK, valid_TK)
+        outside_T = soft_mass_outside(scores_TE, ids_TK, valid_TK)
+        self.num_tokens = self.num_tokens + token_mask_T.sum(dtype=torch.float64)
+        self.router_entropy_sum = self.router_entropy_sum + token_sum(
+            normalized_router_entropy(scores_TE)
+        )
+        self.active_experts_sum = self.active_experts_sum + token_sum(active_T)
+        self.soft_mass_outside_sum = self.soft_mass_outside_sum + token_sum(outside_T)
+        tokens_per_active_count_A = torch.zeros(
+            self.num_experts + 1, dtype=torch.float64, device=ids_TK.device
+        )
+        tokens_per_active_count_A.index_add_(0, active_T.long(), token_mask_T.double())
+        self.tokens_per_active_count_A = self.tokens_per_active_count_A + tokens_per_active_count_A
+
+        # Overflow.
+        self.num_slotted = self.num_slotted + token_sum(requested_TK.sum(-1, dtype=torch.float64))
+        self.num_overflow = self.num_overflow + token_sum(overflow_T)
+        self.score_mass_sum = self.score_mass_sum + token_sum(scores_TE.double().sum(-1))
+        self.overflow_mass_sum = self.overflow_mass_sum + token_sum(overflow_mass_T)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Update with one batch and return the metrics of that batch alone.
+
+        The fast forward path merges the batch into the running states by each state's
+        reduction (a sum); ``last_counts_E`` must end up as the batch's counts, so the previous
+        value is taken back out.
+        """
+        if self.dist_sync_on_step:
+            return super().forward(*args, **kwargs)
+        previous_last_E = self.last_counts_E.clone()
+        batch_values = super().forward(*args, **kwargs)
+        self.last_counts_E = self.last_counts_E - previous_last_E
+        return batch_values
+
     def compute(self) -> dict[str, Tensor]:
-        """All metrics of the window, fp32."""
-        counts_E = self.counts_E
+        """All metrics of the window, fp32: ``tokens_per_expert`` [E] and ``SCALAR_KEYS``."""
+        counts_E, num_tokens = self.counts_E, self.num_tokens
         return {
             "tokens_per_expert": counts_E.float(),
             "max_vio_batch_mean": _ratio(self.batch_max_vio_sum, self.num_batches),
@@ -690,11 +556,20 @@ class LoadBalanceMetrics(_RoutingMetric):
             "load_entropy": load_entropy(counts_E),
             "effective_experts": effective_experts(counts_E),
             "dead_expert_fraction": dead_expert_fraction(counts_E),
-            "router_entropy": _ratio(self.router_entropy_sum, self.num_tokens),
+            "router_entropy": _ratio(self.router_entropy_sum, num_tokens),
             "drop_rate": _ratio(self.num_dropped, self.num_assigned),
-            "active_experts_per_token": _ratio(self.active_experts_sum, self.num_tokens),
-            "soft_mass_outside": _ratio(self.soft_mass_outside_sum, self.num_tokens),
+            "active_experts_per_token": _ratio(self.active_experts_sum, num_tokens),
+            "active_experts_p99": _percentile_from_histogram(self.tokens_per_active_count_A, 99),
+            "support_per_token": _ratio(self.active_experts_sum + self.num_overflow, num_tokens),
+            "soft_mass_outside": _ratio(self.soft_mass_outside_sum, num_tokens),
+            "overflow_rate": _ratio(self.num_overflow, self.num_slotted + self.num_overflow),
+            "overflow_mass": _ratio(self.overflow_mass_sum, self.score_mass_sum),
         }
+
+    def extra_repr(self) -> str:
+        if self.capacity_factor is None:
+            return f"num_experts={self.num_experts}"
+        return f"num_experts={self.num_experts}, capacity_factor={self.capacity_factor}"
 
 
 def scalar_metrics(values: Mapping[str, Tensor], prefix: str = "") -> dict[str, Tensor]:

@@ -220,9 +220,7 @@ class MoELayer(nn.Module):
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
-        self.shared_expert = (
-            SwiGLU(d_model, config.shared_d_ff) if config.shared_d_ff > 0 else None
-        )
+        self.shared_expert = SwiGLU(d_model, config.shared_d_ff) if config.shared_d_ff > 0 else None
         self.reset_parameters()
 
     @classmethod

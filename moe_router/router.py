@@ -257,7 +257,12 @@ class Router(nn.Module):
         if not self.training:
             return self.balance_mu_E
         mu_E = balance_thresholds(
-            gate_logits_TE.detach(), self.config, self.tau, self.warm_mu_E, token_mask_T
+            gate_logits_TE.detach(),
+            self.config,
+            self.tau,
+            self.warm_mu_E,
+            token_mask_T,
+            k=self.soft_budget,
         )
         if torch.is_grad_enabled():
             self.warm_mu_E.copy_(mu_E)
@@ -354,7 +359,9 @@ class Router(nn.Module):
         """What :meth:`step` needs from a training forward (in-place buffer updates only)."""
         self.pending_load_E += routing.tokens_per_expert_E
         if self.config.target_active is not None:
-            support_T = (routing.scores_TE > 0).sum(-1).float()
+            # The experts the gate dispatched plus those it could not (overflow): with an
+            # expert bias this is the biased support, the compute the budget is about.
+            support_T = routing.valid_TK.sum(-1).float() + routing.overflow_T
             if token_mask_T is None:
                 support_sum, num_tokens = support_T.sum(), float(support_T.numel())
             else:
@@ -386,11 +393,12 @@ class Router(nn.Module):
         if config.seq_aux_loss_coef > 0:
             # [B, S, D] input: one sequence per leading row; [T, D] input: one sequence.
             batch = lead_shape[0] if len(lead_shape) >= 2 else 1
-            token_mask_BS = None if token_mask_T is None else token_mask_T.view(batch, -1)
+            seq = math.prod(lead_shape[1:]) if len(lead_shape) >= 2 else logits_TE.shape[0]
+            token_mask_BS = None if token_mask_T is None else token_mask_T.view(batch, seq)
             losses["seq_load_balance"] = config.seq_aux_loss_coef * sequence_load_balancing_loss(
-                probs_TE.view(batch, -1, config.num_experts),
-                expert_ids_TK.view(batch, -1, expert_ids_TK.shape[-1]),
-                valid_TK.view(batch, -1, valid_TK.shape[-1]),
+                probs_TE.view(batch, seq, config.num_experts),
+                expert_ids_TK.view(batch, seq, expert_ids_TK.shape[-1]),
+                valid_TK.view(batch, seq, valid_TK.shape[-1]),
                 token_mask_BS,
             )
         if config.z_loss_coef > 0:

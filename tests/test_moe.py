@@ -363,3 +363,42 @@ def test_topk_layer_compiles_without_graph_breaks():
     padding[0, 3:] = True
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, padding_mask=padding), layer(x, padding_mask=padding))
+
+
+# ------------------------------------------------------------ nothing silent (issue 12)
+
+
+def test_nan_in_a_padding_token_reaches_nothing():
+    # Padding is excluded by selection, not by multiplication: a NaN there stays there.
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 8, 2, gate="soft_topk", z_loss_coef=1e-3, aux_loss_coef=1e-2)
+    x = torch.randn(2, 5, 16)
+    x[0, 3] = float("nan")
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[0, 3] = True
+    y, routing = layer(x, padding_mask=padding, return_routing=True)
+    assert torch.isfinite(y).all() and (y[0, 3] == 0).all()
+    assert torch.isfinite(routing.weights_TK).all() and torch.isfinite(routing.logits_TE).all()
+    assert all(torch.isfinite(v) for v in routing.aux_losses.values())
+    loss = torch.where(padding.unsqueeze(-1), 0.0, y).sum() + routing.aux_loss
+    loss.backward()
+    for name, param in layer.named_parameters():
+        assert torch.isfinite(param.grad).all(), name
+
+
+@pytest.mark.parametrize("shape", [(0, D), (0, 4, D), (3, 0, D)])
+def test_empty_batches_give_empty_outputs_and_zero_losses(shape):
+    layer = MoELayer(D, FF, E, K, z_loss_coef=1e-3, aux_loss_coef=1e-2, seq_aux_loss_coef=1e-2)
+    y, routing = layer(torch.randn(*shape), return_routing=True)
+    assert y.shape == shape
+    assert set(routing.aux_losses) == {"load_balance", "seq_load_balance", "z_loss"}
+    for value in routing.aux_losses.values():
+        assert value.item() == 0.0
+
+
+def test_padding_mask_must_be_a_bool_tensor():
+    layer = MoELayer(D, FF, E, K)
+    with pytest.raises(ValueError, match="padding_mask must be a bool tensor, got list"):
+        layer(torch.randn(2, D), padding_mask=[False, True])
+    with pytest.raises(ValueError, match="got torch.float32"):
+        layer(torch.randn(2, D), padding_mask=torch.zeros(2))

@@ -73,7 +73,7 @@ def test_dense_width_defaults_to_the_active_expert_width():
     net = MoETransformer(config)
     kinds = [type(block.ffn) for block in net.blocks]
     assert kinds == [SwiGLU, MoELayer, SwiGLU, MoELayer]
-    assert net.blocks[0].ffn.up.out_features == 16
+    assert net.blocks[0].ffn.w1_DF.shape == (config.d_model, 16)  # hidden width F = 16
     _, routings = net(torch.randint(0, 256, (2, 5)))
     assert len(routings) == config.num_moe_layers == 2
 

@@ -2,14 +2,14 @@
 
 Each trial is one ``train.py fit`` process (one config plus ``--key value`` overrides) at the
 token budget of the final comparison; its summary (final validation loss, per-layer load over
-the whole validation set) is appended to ``benchmarks/results/tuning/trials.jsonl`` and the
-table ``benchmarks/results/tuning/sweep.md`` is rebuilt from every trial so far, so the table
+the whole validation set) is appended to ``experiments/results/tuning/trials.jsonl`` and the
+table ``experiments/results/tuning/sweep.md`` is rebuilt from every trial so far, so the table
 lists every trial run, not only the winners. A trial whose name is already in the JSONL file is
 not run again (re-running resumes a sweep).
 
-    OMP_NUM_THREADS=1 python benchmarks/tune_sweep.py --name topk-aux0.01 \
+    OMP_NUM_THREADS=1 python experiments/tune_sweep.py --name topk-aux0.01 \
         --config configs/topk.yaml -- --model.model.moe.aux_loss_coef 0.01
-    python benchmarks/tune_sweep.py --report_only
+    python experiments/tune_sweep.py --report_only
 
 The seed (``--seed``, default 100) must not be one that the final comparison reports (0, 1, 2).
 ``--quick`` runs a 50-step trial (a smoke test of the script; its rows are marked quick).
