@@ -20,24 +20,27 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-from transformers import MixtralConfig, MixtralForCausalLM
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally
+# models/ (the byte corpus) lives in the repository, not in the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import moe_router
-from models.data import VOCAB_SIZE, ByteCorpusDataModule
-from moe_router.integrations.transformers import (
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
+from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
+
+import moe_router  # noqa: E402
+from models.data import VOCAB_SIZE, ByteCorpusDataModule  # noqa: E402
+from moe_router.integrations.transformers import (  # noqa: E402
     LoadBalanceMonitor,
     replace_routers,
     router_aux_loss,
 )
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is built locally
 
 # Router settings per gate, after configs/topk.yaml and configs/soft_topk.yaml; every gate gets
 # the same balancing (expert bias at configs/topk.yaml's rate u = 0.01, which a run of a few

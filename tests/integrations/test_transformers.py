@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import copy
 import importlib.util
-import os
 import pickle
 import re
 import subprocess
@@ -33,8 +32,6 @@ from moe_router.integrations.transformers import (  # noqa: E402
     router_aux_loss,
     routings,
 )
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB, HIDDEN, SEQ = 256, 32, 16
 # The gates under test; a new gate is one more entry.
