@@ -10,7 +10,6 @@ import ast
 import copy
 import importlib.util
 import pickle
-import re
 import subprocess
 import sys
 import tempfile
@@ -586,7 +585,7 @@ def test_replace_routers_rejects_bad_input():
     assert not any(isinstance(m, RoutedGate) for m in model.modules())
 
 
-# ------------------------------------------------------------------------- example and docs
+# ----------------------------------------------------------------------------------- example
 
 
 def test_example_runs(tmp_path):
@@ -610,26 +609,3 @@ def test_example_runs(tmp_path):
     assert trained["topk"].model.model.layers[0].mlp.gate.router.expert_bias.bias_E.abs().sum() > 0
     table = (tmp_path / "out" / "load_balance.md").read_text()
     assert "| soft_topk / layer1 |" in table and (tmp_path / "out" / "load_balance.png").exists()
-
-
-def _hf_section() -> str:
-    """The "Use with Hugging Face models" section: from the README once it is there."""
-    root = Path(__file__).resolve().parents[2]
-    for path in (root / "README.md", root / "docs" / "hf.md"):
-        text = path.read_text() if path.exists() else ""
-        match = re.search(
-            r"^(#+) Use with Hugging Face models\n(.*?)(?=^\1 |\Z)", text, re.M | re.S
-        )
-        if match:
-            return match.group(2)
-    raise AssertionError("no 'Use with Hugging Face models' section in README.md or docs/hf.md")
-
-
-def test_docs_snippets_run_as_written(tmp_path, monkeypatch):
-    snippets = re.findall(r"^```python\n(.*?)^```", _hf_section(), re.M | re.S)
-    assert len(snippets) >= 4
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    for snippet in snippets:  # in order, one namespace, as a reader pastes them
-        exec(compile(snippet, "docs snippet", "exec"), namespace)
-    assert (tmp_path / "runs" / "hf_balance" / "load_balance.png").exists()
