@@ -6,18 +6,70 @@
 from __future__ import annotations
 
 import difflib
+import logging
+import math
 import os
 import re
+import signal
 import sys
+import warnings
+from pathlib import Path
 from typing import Any, NoReturn
 
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from models.data import ByteCorpusDataModule
 from models.lit_module import MoELanguageModel
 
-RICH_PROGRESS_BAR = "lightning.pytorch.callbacks.RichProgressBar"
+STEP_PROGRESS_BAR = "models.callbacks.StepProgressBar"
+TEXT_PROGRESS = "models.callbacks.TextProgress"
+MODEL_SUMMARY = "models.callbacks.MoEModelSummary"
+COMPARE_HELP = (
+    "Run every config for every seed (one fit each), then write report.md and report.png "
+    "(see train.py compare --help)."
+)
+
+# Lightning's log lines that advertise products or restate what the config says.
+_NOISE_PREFIXES = (
+    "\N{ELECTRIC LIGHT BULB} Tip:",
+    "Trainer already configured with model summary callbacks",
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith(_NOISE_PREFIXES)
+
+
+def quiet_known_noise() -> None:
+    """Silences what a normal run need not show: Lightning's product tips, its note that our
+    own model summary replaces the default, and the deprecation of torch's ``LeafSpec`` that
+    Lightning's own ``_pytree`` triggers (not our code; the filter matches that module only).
+    Idempotent."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
+def _shown(path: str | os.PathLike) -> str:
+    # Relative to the working directory when below it: shorter, and what the user typed.
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _has_class(callbacks: list, name: str) -> bool:
+    return any(name in str(getattr(callback, "class_path", callback)) for callback in callbacks)
 
 
 def _seed_or_zero(seed: Any) -> int:
@@ -85,19 +137,46 @@ class MoECLI(LightningCLI):
 
     - ``data.seq_len`` sets ``model.model.max_seq_len``; the data's vocabulary sets
       ``model.model.vocab_size``; ``seed_everything`` sets ``data.seed`` (the training order).
-    - A Rich progress bar unless ``trainer.enable_progress_bar`` is false or the config names
-      another progress bar.
+    - A Rich progress bar of optimizer steps (``models.callbacks.StepProgressBar``) unless
+      ``trainer.enable_progress_bar`` is false (then ``TextProgress`` lines) or the config
+      names another progress bar; ``MoEModelSummary`` instead of Lightning's model summary.
     - Without ``trainer.logger`` in the config, logs go to CSV (``<root>/csv``) and TensorBoard
       (``<root>/tb``) under ``trainer.default_root_dir``.
     - ``model.model.moe.anneal_steps`` left unset takes ``trainer.max_steps``.
     - ``fit`` needs ``trainer.max_steps`` > 0 (the training stream is endless) and ends with a
-      validation pass at the last step, whose table it prints.
+      validation pass at the last step, whose table it prints, then where its checkpoints,
+      logs and summary went. A non-finite final validation loss exits with an error; a run
+      stopped by SIGINT / SIGTERM saves ``last.ckpt`` and exits with 128 + the signal number.
+    - ``--ckpt_path`` never changes the config: a checkpoint made with another model or
+      optimiser config is refused, naming each differing field.
+    - Subcommands ``fit`` and ``validate`` (``compare`` is ``models.compare``, listed in
+      ``--help``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        quiet_known_noise()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", _ConciseParser)
         super().__init__(MoELanguageModel, ByteCorpusDataModule, *args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` and ``validate`` (this data module has no test or predict data)."""
+        subcommands = LightningCLI.subcommands()
+        return {name: subcommands[name] for name in ("fit", "validate")}
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would overwrite the parsed model settings with the checkpoint's
+        # hyper-parameters, silently dropping the flags given with --ckpt_path. Here the
+        # config stays as given, and MoELanguageModel.on_load_checkpoint refuses a checkpoint
+        # made with another one, naming each differing field.
+        return
+
+    def _add_subcommands(self, parser, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        # `compare` is dispatched by cli_main before this parser runs; listed for --help.
+        compare = ArgumentParser(description=COMPARE_HELP)
+        parser._subcommands_action.add_subcommand("compare", compare, help=COMPARE_HELP)
 
     def add_arguments_to_parser(self, parser) -> None:
         """Links the values that the data decides into the model config."""
@@ -122,10 +201,22 @@ class MoECLI(LightningCLI):
                 },
             ]
         callbacks = list(trainer.callbacks or [])
-        has_bar = any("ProgressBar" in str(getattr(cb, "class_path", cb)) for cb in callbacks)
-        if trainer.enable_progress_bar is not False and not has_bar:
-            callbacks.append(Namespace(class_path=RICH_PROGRESS_BAR, init_args=Namespace()))
-            trainer.callbacks = callbacks
+        if trainer.enable_progress_bar is not False and not _has_class(callbacks, "ProgressBar"):
+            callbacks.append(Namespace(class_path=STEP_PROGRESS_BAR, init_args=Namespace()))
+        if trainer.enable_progress_bar is False and not _has_class(callbacks, "TextProgress"):
+            callbacks.append(Namespace(class_path=TEXT_PROGRESS, init_args=Namespace()))
+        if trainer.enable_model_summary is not False and not _has_class(callbacks, "ModelSummary"):
+            callbacks.append(Namespace(class_path=MODEL_SUMMARY, init_args=Namespace()))
+        if self.subcommand == "validate":
+            # validate writes no checkpoint, so the checkpoint callback's saved folder is moot.
+            warnings.filterwarnings(
+                "ignore",
+                message="The dirpath has changed from",
+                module=r"lightning\.pytorch\.callbacks\.model_checkpoint",
+            )
+            # The table of RunSummary replaces Lightning's table of every logged scalar.
+            config.verbose = False
+        trainer.callbacks = callbacks
         moe = config.model.model.moe
         if (
             getattr(moe, "anneal_steps", None) is None
@@ -141,13 +232,79 @@ class MoECLI(LightningCLI):
             )
 
     def after_fit(self) -> None:
-        """Validates at the last step unless the schedule already did (the final table)."""
-        model = self.model
+        """Validates at the last step unless the schedule already did (the final table), then
+        says where the outputs went.
+
+        Raises:
+            SystemExit: 128 + the signal number after a SIGINT / SIGTERM (checkpoint saved).
+            RuntimeError: If the final validation loss is not finite.
+        """
+        from models.callbacks import CheckpointOnSignal
+
+        model, trainer = self.model, self.trainer
+        stopped = next(
+            (
+                cb
+                for cb in trainer.callbacks
+                if isinstance(cb, CheckpointOnSignal) and cb.checkpoint_path is not None
+            ),
+            None,
+        )
+        if stopped is not None:
+            # Every rank stops here (a rank that got no signal itself exits as for SIGTERM).
+            self._print_outputs()
+            raise SystemExit(128 + int(stopped.received or signal.SIGTERM))
         last = model.last_val
-        if last is None or last["step"] != self.trainer.global_step:
+        if last is None or last["step"] != trainer.global_step:
             # The table reports the trained weights, so validate at the last step if the
             # schedule did not.
-            self.trainer.validate(model, datamodule=self.datamodule, verbose=False)
+            trainer.validate(model, datamodule=self.datamodule, verbose=False)
+        self._print_outputs()
+        self._check_final_loss("fit")
+
+    def after_validate(self) -> None:
+        """Raises if the validation loss is not finite (after its table was printed)."""
+        self._check_final_loss("validate")
+
+    def _check_final_loss(self, subcommand: str) -> None:
+        last = self.model.last_val
+        loss = None if last is None else last["loss"]
+        if loss is not None and not math.isfinite(loss):
+            raise RuntimeError(
+                f"{subcommand}: the validation loss at step {last['step']} is {loss}: the "
+                "weights are not usable (see the table above for the per-layer state)"
+            )
+
+    def _print_outputs(self) -> None:
+        """Prints where the checkpoints, logs and run summary of this fit went (rank 0)."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+        from models.summary import RunSummary
+
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        lines = []
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                last = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}.ckpt"
+                note = f" (resume: --ckpt_path {_shown(last)})" if last.exists() else ""
+                lines.append(f"  checkpoints: {_shown(callback.dirpath)}{note}")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                root = _shown(Path(logger.log_dir).parent)
+                command = f"tensorboard --logdir {root}"
+                lines.append(f"  TensorBoard: {_shown(logger.log_dir)} ({command})")
+            elif isinstance(logger, CSVLogger):
+                lines.append(f"  CSV metrics: {_shown(Path(logger.log_dir) / 'metrics.csv')}")
+        for callback in trainer.callbacks:
+            if isinstance(callback, RunSummary) and callback.path is not None:
+                lines.append(f"  run summary: {_shown(callback.path)}")
+                if callback.heatmap_path is not None:
+                    lines.append(f"  load heatmap: {_shown(callback.heatmap_path)}")
+        if lines:
+            print("Outputs:\n" + "\n".join(lines), flush=True)
 
 
 def cli_main(args: list[str] | None = None) -> None:

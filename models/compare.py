@@ -1,9 +1,13 @@
 """``train.py compare``: every config x seed, then ``report.md`` and ``report.png``.
 
 Each run is a separate ``train.py fit`` process (a clean seed, no state shared between runs)
-writing to ``<out>/<config stem>/seed<s>/``. A run whose ``summary.json`` says it finished is
-not run again, so re-running the same command resumes an interrupted comparison; ``--report_only``
-rebuilds the report from whatever runs have finished.
+writing to ``<out>/<config stem>/seed<s>/``; its progress is shown as it trains. Every run is
+keyed by its effective config (the config file, the seed and the extra arguments, resolved
+with every default: ``train.py fit --print_config``), kept in ``run_config.yaml`` next to it.
+A run whose ``summary.json`` says it finished, with the same effective config, is not run
+again, so re-running the same command resumes an interrupted comparison; a run made with
+another effective config is refused up front (naming each differing setting), never reused
+or mixed into the report. ``--report_only`` rebuilds the report from the finished runs.
 
 The report gives, per config (mean ± std over seeds): validation loss and perplexity at the
 last step, training throughput (tokens/s, measured in the same session, validation excluded),
@@ -13,6 +17,8 @@ and per MoE layer the load balance over the whole validation set: MaxVio, CV, de
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import statistics
@@ -23,7 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from models.summary import SUMMARY_FILE
+
+RUN_CONFIG_FILE = "run_config.yaml"
+# Arguments compare sets itself for every run (an override would break where it finds the run).
+OWN_ARGUMENTS = ("--trainer.default_root_dir", "--seed_everything", "--ckpt_path")
+PROGRESS_PREFIX = "[progress]"
 
 LAYER_KEYS = (
     ("max_vio_global", "MaxVio (val set)"),
@@ -102,35 +115,158 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return max(checkpoints, key=lambda path: path.stat().st_mtime) if checkpoints else None
 
 
-def run_one(config: Path, seed: int, run_dir: Path, overrides: list[str]) -> None:
-    """Runs ``train.py fit`` for one config and seed in a fresh process (log in ``train.log``).
-
-    An interrupted run (a ``last.ckpt`` but no finished summary) resumes from its checkpoint,
-    which gives the same result as an uninterrupted run.
-
-    Raises:
-        RuntimeError: If the run fails (the log's tail is in the message).
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = last_checkpoint(run_dir)
-    resume = ["--ckpt_path", str(checkpoint)] if checkpoint is not None else []
-    command = [
-        sys.executable, "-m", "models.cli", "fit",
+def fit_arguments(config: Path, seed: int, run_dir: Path, overrides: list[str]) -> list[str]:
+    """The ``train.py fit`` arguments of one run (without ``--ckpt_path``)."""
+    return [
+        "fit",
         "--config", str(config),
         "--seed_everything", str(seed),
         "--trainer.default_root_dir", str(run_dir),
         "--trainer.enable_progress_bar", "false",
         *overrides,
-        *resume,
     ]  # fmt: skip
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuses the arguments that compare sets itself, before anything runs.
+
+    Raises:
+        ValueError: Naming the argument.
+    """
+    for argument in overrides:
+        name = argument.split("=", 1)[0]
+        if name in OWN_ARGUMENTS:
+            raise ValueError(
+                f"{name} is not allowed with compare: each run writes to "
+                "<out>/<config>/seed<s>, is seeded with s and resumes by itself (use --out and "
+                "--seeds instead)"
+            )
+
+
+def effective_config(config: Path, seed: int, run_dir: Path, overrides: list[str]) -> dict:
+    """The full config ``train.py fit`` would run with (``--print_config``, parsed in-process).
+
+    Raises:
+        ValueError: If the config and overrides do not parse (the parser's message included).
+    """
+    from models.cli import MoECLI
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when both argv and args are set
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            MoECLI(args=[*fit_arguments(config, seed, run_dir, overrides), "--print_config"])
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            message = " ".join(err.getvalue().split())[-600:]
+            raise ValueError(
+                f"{config} with {' '.join(overrides) or 'no overrides'} does not parse: {message}"
+            ) from None
+    finally:
+        sys.argv = argv
+    return yaml.safe_load(out.getvalue())
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): value}
+
+
+def config_mismatch(run_dir: Path, expected: dict) -> str | None:
+    """Why the run under ``run_dir`` cannot be reused for ``expected`` (None if it can).
+
+    A run with no record of its effective config (made by an older compare, or by hand) cannot
+    be matched, so it is refused too.
+    """
+    path = run_dir / RUN_CONFIG_FILE
+    if not path.is_file():
+        return f"{run_dir} holds a run without {RUN_CONFIG_FILE} (its settings are unknown)"
+    recorded = _flatten(yaml.safe_load(path.read_text()) or {})
+    wanted = _flatten(expected)
+    differences = [
+        f"{key}: {recorded.get(key, '<unset>')!r} there, {wanted.get(key, '<unset>')!r} now"
+        for key in sorted(recorded.keys() | wanted.keys())
+        if recorded.get(key, "<unset>") != wanted.get(key, "<unset>")
+    ]
+    if differences:
+        return f"{run_dir} was run with other settings: {'; '.join(differences)}"
+    return None
+
+
+def has_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds any trace of a run (a summary, a checkpoint, its config)."""
+    return (
+        (run_dir / RUN_CONFIG_FILE).is_file()
+        or any(run_dir.glob(f"**/{SUMMARY_FILE}"))
+        or last_checkpoint(run_dir) is not None
+    )
+
+
+def run_one(
+    config: Path,
+    seed: int,
+    run_dir: Path,
+    overrides: list[str],
+    *,
+    label: str | None = None,
+    expected: dict | None = None,
+) -> None:
+    """Runs ``train.py fit`` for one config and seed in a fresh process (log in ``train.log``).
+
+    An interrupted run (a ``last.ckpt`` but no finished summary) resumes from its checkpoint,
+    which gives the same result as an uninterrupted run. The run's ``[progress]`` lines are
+    shown on stdout, prefixed with ``label``.
+
+    Args:
+        config: The YAML config.
+        seed: Its seed.
+        run_dir: Where the run writes.
+        overrides: Further ``train.py fit`` arguments.
+        label: Prefix of the progress lines (default: config stem and seed).
+        expected: The run's effective config, recorded in ``run_config.yaml`` first.
+
+    Raises:
+        RuntimeError: If the run fails, or ends without a finished summary under ``run_dir``
+            (the log's tail is in the message).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if expected is not None:
+        (run_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(expected, sort_keys=False))
+    checkpoint = last_checkpoint(run_dir)
+    resume = ["--ckpt_path", str(checkpoint)] if checkpoint is not None else []
+    command = [
+        sys.executable,
+        "-m",
+        "models.cli",
+        *fit_arguments(config, seed, run_dir, overrides),
+        *resume,
+    ]
+    label = label or f"{config.stem} seed {seed}"
     log_path = run_dir / "train.log"
     with log_path.open("a") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.write(line)
+            if line.startswith(PROGRESS_PREFIX):
+                print(f"[compare] {label}: {line[len(PROGRESS_PREFIX) :].strip()}", flush=True)
+        code = process.wait()
+    tail = "\n".join(log_path.read_text().splitlines()[-25:])
     if code != 0:
-        tail = "\n".join(log_path.read_text().splitlines()[-25:])
         raise RuntimeError(f"run {config} seed {seed} failed (exit {code}); log tail:\n{tail}")
+    if find_summary(run_dir) is None:
+        raise RuntimeError(
+            f"run {config} seed {seed} ended without a finished {SUMMARY_FILE} under {run_dir} "
+            f"(does the config send its logs elsewhere, e.g. trainer.logger?); log tail:\n{tail}"
+        )
 
 
 def collect(out: Path, configs: list[Path], seeds: list[int]) -> list[ConfigResult]:
@@ -224,35 +360,71 @@ def report_markdown(results: list[ConfigResult], *, title: str, notes: list[str]
     return "\n".join(lines)
 
 
-def plot_report(results: list[ConfigResult], path: Path) -> Path:
-    """Validation-loss curves (mean and min-max band over seeds), then one load heatmap per
-    config: layers x experts, each row over its mean load (1 = balanced), averaged over seeds."""
+def _mean_curve(runs: list[list[dict[str, float]]]):
+    """Steps, mean, min and max over runs of loss curves, cut to the shortest run."""
+    import numpy as np
+
+    length = min(len(run) for run in runs)
+    steps = [point["step"] for point in runs[0][:length]]
+    values = np.array([[point["loss"] for point in run[:length]] for run in runs])
+    return steps, values.mean(0), values.min(0), values.max(0)
+
+
+def report_figure(results: list[ConfigResult]):
+    """The figure of ``report.png``: training-loss and validation-loss curves per config (mean
+    and min-max band over seeds; one legend below them), then one load heatmap per config:
+    layers x experts, each row over its mean load (1 = balanced), averaged over seeds, with
+    each cell's value in black or white, whichever reads better on its colour.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` on the Agg canvas (not saved).
+    """
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
 
+    from moe_router.report import annotate_cells
+
     shown = [r for r in results if r.summaries]
-    figure = Figure(figsize=(5 + 3.6 * len(shown), 4.2), layout="constrained")
+    figure = Figure(figsize=(9.5 + 3.6 * len(shown), 4.8), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, 1 + len(shown), squeeze=False)[0]
-    curves_ax = axes[0]
+    axes = figure.subplots(1, 2 + len(shown), squeeze=False)[0]
+    train_ax, val_ax = axes[0], axes[1]
+    handles = []
     for result in shown:
-        steps = [p["step"] for p in result.summaries[0]["val_curve"]]
-        runs = [[p["loss"] for p in s["val_curve"]] for s in result.summaries]
-        length = min(len(run) for run in runs)
-        values = np.array([run[:length] for run in runs])
-        (line,) = curves_ax.plot(
-            steps[:length], values.mean(0), marker="o", ms=3, label=f"{result.name} ({result.gate})"
+        label = f"{result.name} ({result.gate}, {len(result.summaries)} seeds)"
+        color = None
+        train_runs = [s.get("train_curve") or [] for s in result.summaries]
+        if all(train_runs):
+            steps, mean, low, high = _mean_curve(train_runs)
+            (line,) = train_ax.plot(steps, mean, label=label)
+            color = line.get_color()
+            train_ax.fill_between(steps, low, high, alpha=0.2, color=color)
+            handles.append(line)
+        steps, mean, low, high = _mean_curve([s["val_curve"] for s in result.summaries])
+        (line,) = val_ax.plot(steps, mean, marker="o", ms=3, label=label, color=color)
+        val_ax.fill_between(steps, low, high, alpha=0.2, color=line.get_color())
+        if color is None:
+            handles.append(line)
+    for ax, what in ((train_ax, "training"), (val_ax, "validation")):
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"{what} LM loss (nats / byte)")
+        ax.set_title(f"{what} loss (mean, min-max over seeds)")
+        ax.grid(alpha=0.3)
+    if not train_ax.lines:
+        train_ax.text(
+            0.5, 0.5, "no training curve recorded", ha="center", transform=train_ax.transAxes
         )
-        curves_ax.fill_between(
-            steps[:length], values.min(0), values.max(0), alpha=0.2, color=line.get_color()
+    if handles:
+        # Below the curves, not over them.
+        figure.legend(
+            handles=handles,
+            loc="outside lower left",
+            ncols=min(3, len(handles)),
+            fontsize=9,
+            frameon=False,
         )
-    curves_ax.set_xlabel("optimizer step")
-    curves_ax.set_ylabel("validation loss (nats / byte)")
-    curves_ax.set_title("validation loss (mean, min-max over seeds)")
-    curves_ax.legend(fontsize=8)
-    curves_ax.grid(alpha=0.3)
 
     relative = {}
     for result in shown:
@@ -268,7 +440,7 @@ def plot_report(results: list[ConfigResult], path: Path) -> Path:
     vmax = max([2.0] + [float(r.max()) for r in relative.values()])
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
     image = None
-    for ax, result in zip(axes[1:], shown, strict=True):
+    for ax, result in zip(axes[2:], shown, strict=True):
         relative_LE = relative[result.name]
         image = ax.imshow(
             relative_LE, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest"
@@ -277,18 +449,15 @@ def plot_report(results: list[ConfigResult], path: Path) -> Path:
         ax.set_xlabel("expert")
         ax.set_yticks(range(len(result.layers)), result.layers)
         ax.set_xticks(range(relative_LE.shape[1]))
-        for row in range(relative_LE.shape[0]):
-            for expert in range(relative_LE.shape[1]):
-                ax.text(
-                    expert,
-                    row,
-                    f"{relative_LE[row, expert]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                )
+        annotate_cells(ax, relative_LE, image, fontsize=7)
     if image is not None:
-        figure.colorbar(image, ax=list(axes[1:]), shrink=0.9, label="1 = balanced")
+        figure.colorbar(image, ax=list(axes[2:]), shrink=0.9, label="1 = balanced")
+    return figure
+
+
+def plot_report(results: list[ConfigResult], path: Path) -> Path:
+    """Saves ``report_figure(results)`` to ``path`` (parent folders created)."""
+    figure = report_figure(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=130)
     return path
@@ -341,7 +510,9 @@ def compare_main(argv: list[str]) -> None:
     """``train.py compare`` (see the module docstring).
 
     Raises:
-        ValueError: For a missing config file or ``--seeds`` < 1, before any run starts.
+        ValueError: Before any run starts: for a missing config file, ``--seeds`` < 1, an
+            argument that compare sets itself, overrides that do not parse, or a run under
+            ``--out`` made with another effective config.
     """
     args, overrides = build_parser().parse_known_args(argv)
     missing = [str(c) for c in args.configs if not c.is_file()]
@@ -349,22 +520,36 @@ def compare_main(argv: list[str]) -> None:
         raise ValueError(f"--configs: no such file {missing}")
     if args.seeds < 1:
         raise ValueError(f"--seeds={args.seeds} is not allowed: it must be >= 1")
+    check_overrides(overrides)
     seeds = list(range(args.seeds))
+    # Seed-major order: an interrupted comparison still has every config at seed 0.
+    plan = [(config, seed) for seed in seeds for config in args.configs]
+    expected, mismatches = {}, []
+    for config, seed in plan:
+        run_dir = run_dir_for(args.out, config, seed)
+        if args.report_only and not has_run(run_dir):
+            continue
+        expected[config, seed] = effective_config(config, seed, run_dir, overrides)
+        if has_run(run_dir):
+            mismatch = config_mismatch(run_dir, expected[config, seed])
+            if mismatch is not None:
+                mismatches.append(mismatch)
+    if mismatches:
+        raise ValueError(
+            f"--out {args.out} holds runs made with other settings, which compare neither "
+            f"reuses nor overwrites (use another --out, or delete them): {' | '.join(mismatches)}"
+        )
     if not args.report_only:
-        for seed in seeds:
-            # Seed-major order: an interrupted comparison still has every config at seed 0.
-            for config in args.configs:
-                run_dir = run_dir_for(args.out, config, seed)
-                if find_summary(run_dir) is not None:
-                    print(f"[compare] {config.stem} seed {seed}: done already", flush=True)
-                    continue
-                start = time.perf_counter()
-                print(f"[compare] {config.stem} seed {seed} -> {run_dir}", flush=True)
-                run_one(config, seed, run_dir, overrides)
-                print(
-                    f"[compare] {config.stem} seed {seed}: {time.perf_counter() - start:.0f} s",
-                    flush=True,
-                )
+        for index, (config, seed) in enumerate(plan, start=1):
+            run_dir = run_dir_for(args.out, config, seed)
+            label = f"{config.stem} seed {seed} ({index}/{len(plan)})"
+            if find_summary(run_dir) is not None:
+                print(f"[compare] {label}: done already", flush=True)
+                continue
+            start = time.perf_counter()
+            print(f"[compare] {label} -> {run_dir}", flush=True)
+            run_one(config, seed, run_dir, overrides, label=label, expected=expected[config, seed])
+            print(f"[compare] {label}: {time.perf_counter() - start:.0f} s", flush=True)
     notes = [f"overrides: {' '.join(overrides)}"] if overrides else []
     md_path, png_path = write_report(args.out, args.configs, seeds, notes)
     print(md_path.read_text(), flush=True)

@@ -100,9 +100,16 @@ class ModelConfig:
         if not isinstance(self.moe, MoEOptions):
             raise ValueError(f"moe={self.moe!r} is invalid: a MoEOptions (or a dict of its fields)")
         self.moe_layer_config()  # validates the gate and every option against the sizes
-        if self.dense_d_ff is None:
-            self.dense_d_ff = self.k * self.expert_d_ff
-        _require_positive("dense_d_ff", self.dense_d_ff)
+        if self.dense_d_ff is not None:
+            _require_positive("dense_d_ff", self.dense_d_ff)
+        # dense_d_ff stays None when unset (see dense_width): LightningCLI reads the defaults of
+        # the model config from a ModelConfig() instance, so a value filled in here would
+        # become a fixed default that ignores the k and expert_d_ff given on the command line.
+
+    @property
+    def dense_width(self) -> int:
+        """Hidden width of the dense FFNs: ``dense_d_ff``, or ``k * expert_d_ff`` when unset."""
+        return self.k * self.expert_d_ff if self.dense_d_ff is None else self.dense_d_ff
 
     def moe_layer_config(self) -> MoEConfig:
         """The ``MoEConfig`` of every MoE layer of this model."""

@@ -8,7 +8,9 @@ Sources, first match wins:
 
 1. ``hub_dataset``: ``datasets.load_dataset(hub_dataset, hub_config)`` (a hub name, or a local
    folder of data files); its ``validation`` (or ``test``) split if it has one.
-2. ``files``: local paths or globs (``**`` allowed).
+2. ``files``: local paths or globs (``**`` allowed), a list or a single string. Files that
+   are not UTF-8 text (NUL bytes, or bytes that do not decode) are skipped with a warning
+   naming them; none left is an error.
 3. Neither: the standard library of the running interpreter, found through
    ``sysconfig.get_paths()["stdlib"]``, with its test suites and ``site-packages`` left out.
 
@@ -27,8 +29,8 @@ Shape legend: N blocks, L block length (``seq_len + 1``), B batch.
 
 from __future__ import annotations
 
+import codecs
 import glob
-import logging
 import math
 import os
 import sysconfig
@@ -38,10 +40,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
-
-log = logging.getLogger(__name__)
 
 VOCAB_SIZE = 256
 
@@ -99,6 +100,76 @@ def resolve_files(patterns: list[str]) -> list[Path]:
     return sorted(files)
 
 
+def text_file_problem(path: Path, chunk_bytes: int = 1 << 20) -> str | None:
+    """Why ``path`` is not usable UTF-8 text, or None if it is.
+
+    Reads the file in chunks through an incremental decoder, so memory stays bounded.
+
+    Args:
+        path: The file.
+        chunk_bytes: Bytes read at a time.
+
+    Returns:
+        ``"binary (NUL byte at offset N)"``, ``"not UTF-8 (byte 0xXX at offset N)"`` or None.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_bytes)
+            nul = chunk.find(b"\x00")
+            if nul >= 0:
+                return f"binary (NUL byte at offset {offset + nul})"
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                # The offset counts from the decoder's buffered tail (at most 3 bytes back).
+                bad = offset + err.start - len(err.object) + len(chunk)
+                return f"not UTF-8 (byte 0x{err.object[err.start]:02x} at offset {bad})"
+            if not chunk:
+                return None
+            offset += len(chunk)
+
+
+def check_text_files(files: list[Path], source: str) -> list[Path]:
+    """The files that are UTF-8 text; warns naming every other one.
+
+    Args:
+        files: Candidate files.
+        source: The setting they came from (for the messages).
+
+    Returns:
+        The usable files, order kept.
+
+    Raises:
+        ValueError: If no file is usable.
+    """
+    usable, rejected = [], []
+    for path in files:
+        problem = text_file_problem(path)
+        if problem is None:
+            usable.append(path)
+        else:
+            rejected.append(f"{path} ({problem})")
+    if rejected and not usable:
+        raise ValueError(
+            f"{source}: no file is UTF-8 text, nothing to train on: {'; '.join(rejected)}"
+        )
+    if rejected:
+        rank_zero_warn(
+            f"{source}: skipped {len(rejected)} of {len(files)} files that are not UTF-8 "
+            f"text: {'; '.join(rejected)}"
+        )
+    return usable
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} B"
+
+
 def split_files(files: list[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
     """Deterministic train / validation split by file.
 
@@ -128,7 +199,8 @@ def to_blocks(texts: list[str], block_len: int) -> np.ndarray:
     Returns:
         ``uint8`` array of shape ``(N, L)``; the tail shorter than a block is dropped.
     """
-    stream = np.frombuffer("\n".join(texts).encode("utf-8", errors="replace"), dtype=np.uint8)
+    # Strict: local files are checked up front, so an undecodable character here is a bug.
+    stream = np.frombuffer("\n".join(texts).encode("utf-8"), dtype=np.uint8)
     num_blocks = len(stream) // block_len
     return stream[: num_blocks * block_len].reshape(num_blocks, block_len)
 
@@ -215,7 +287,9 @@ class ByteCorpusDataModule(L.LightningDataModule):
     """Byte-level language-modelling data (see the module docstring for sources and order).
 
     Args:
-        files: Local text files or globs; None for the embedded stdlib corpus.
+        files: Local text files or globs (a list, or one string such as ``"docs/*.txt"``);
+            None for the embedded stdlib corpus. Files that are not UTF-8 text are skipped
+            with a warning.
         hub_dataset: A ``datasets.load_dataset`` name (hub id or local folder); overrides
             ``files``. Needs the network unless it is cached or local.
         hub_config: Configuration name of ``hub_dataset``.
@@ -231,12 +305,13 @@ class ByteCorpusDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
 
     Raises:
-        ValueError: For a bad size, a path or glob that matches nothing, or an empty corpus.
+        ValueError: For a bad size, a path or glob that matches nothing, or an empty corpus
+            (no file left that is UTF-8 text, or no bytes).
     """
 
     def __init__(
         self,
-        files: list[str] | None = None,
+        files: list[str] | str | None = None,
         hub_dataset: str | None = None,
         hub_config: str | None = None,
         text_field: str = "text",
@@ -270,13 +345,16 @@ class ByteCorpusDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.train_files: list[Path] = []
         self.val_files: list[Path] = []
+        if isinstance(files, str):
+            files = [files]
         if hub_dataset is None:
-            # Resolve and check local files now, so a wrong path or an empty corpus stops the
-            # run before any model is built or trained.
+            # Resolve and check local files now, so a wrong path, a binary file or an empty
+            # corpus stops the run (or is reported) before any model is built or trained.
             all_files = stdlib_source_files() if files is None else resolve_files(files)
             source = "the stdlib corpus" if files is None else f"data.files={files!r}"
             if not all_files or sum(path.stat().st_size for path in all_files) == 0:
                 raise ValueError(f"{source} is empty: no bytes to train on")
+            all_files = check_text_files(all_files, source)
             if len(all_files) >= 2:
                 self.train_files, self.val_files = split_files(all_files, val_fraction)
             else:
@@ -343,7 +421,7 @@ class ByteCorpusDataModule(L.LightningDataModule):
                 "text",
                 data_files=data_files,
                 sample_by="document",
-                encoding_errors="replace",
+                encoding_errors="strict",  # checked by check_text_files
                 cache_dir=self.cache_dir,
             )
             text_field = "text"
@@ -389,15 +467,36 @@ class ByteCorpusDataModule(L.LightningDataModule):
                     f"the {name} split has no block of seq_len + 1 = {self.block_len} bytes: "
                     "the corpus is empty or too small (add data or lower data.seq_len)"
                 )
+        val_total = len(val_NL)
         if self.max_val_blocks is not None and len(val_NL) > self.max_val_blocks:
             keep = torch.linspace(0, len(val_NL) - 1, self.max_val_blocks).round().long()
             val_NL = val_NL[keep]
         self.train_blocks_NL, self.val_blocks_NL = train_NL, val_NL
-        log.info(
-            "byte corpus: %d training blocks, %d validation blocks of %d bytes",
-            len(train_NL),
-            len(val_NL),
-            self.block_len,
+        rank_zero_info(self.describe(len(train_NL), len(val_NL), val_total))
+
+    def describe(self, train_blocks: int, val_blocks: int, val_total: int) -> str:
+        """One line: where the data came from and how much went to each split."""
+        block = f"blocks of {self.block_len} bytes"
+        cap = f" (capped from {val_total} by data.max_val_blocks)" if val_blocks < val_total else ""
+        if self.hub_dataset is not None:
+            return (
+                f"data: {self.hub_dataset!r}: {train_blocks} training {block}, "
+                f"{val_blocks} validation blocks{cap}"
+            )
+
+        def files(paths: list[Path]) -> str:
+            count = len(paths)
+            size = _size(sum(path.stat().st_size for path in paths))
+            return f"{count} file{'s' if count != 1 else ''} ({size})"
+
+        if not self.val_files:
+            return (
+                f"data: {files(self.train_files)}, split by blocks: {train_blocks} training "
+                f"{block}, the last {val_total} for validation, {val_blocks} used{cap}"
+            )
+        return (
+            f"data: training {files(self.train_files)} -> {train_blocks} {block}; validation "
+            f"{files(self.val_files)} -> {val_blocks} blocks{cap}"
         )
 
     def _start_micro_batch(self) -> int:

@@ -5,12 +5,14 @@ Shape legend: B batch, S sequence, V vocabulary, E experts, L block length (S + 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from models.config import ModelConfig, OptimConfig
@@ -39,6 +41,39 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    if isinstance(value, list):
+        value = tuple(value)  # YAML gives lists where the dataclass default is a tuple
+    return {prefix.rstrip("."): value}
+
+
+def config_differences(saved: Any, given: Any) -> list[str]:
+    """The fields in which two configs (dataclasses or dicts, nested) differ.
+
+    Args:
+        saved: The config stored in a checkpoint.
+        given: The config of this run.
+
+    Returns:
+        One ``"field: checkpoint X, given Y"`` entry per differing (dotted) field, sorted.
+    """
+    saved_flat, given_flat = _flatten(saved), _flatten(given)
+    unset = "<unset>"
+    differences = []
+    for key in sorted(saved_flat.keys() | given_flat.keys()):
+        old, new = saved_flat.get(key, unset), given_flat.get(key, unset)
+        if old != new:
+            differences.append(f"{key}: checkpoint {old!r}, given {new!r}")
+    return differences
 
 
 class MoELanguageModel(L.LightningModule):
@@ -74,9 +109,17 @@ class MoELanguageModel(L.LightningModule):
         self.val_balance = nn.ModuleList(
             LoadBalanceMetrics(model.num_experts) for _ in range(num_moe)
         )
+        # Loads since the last routing log (models.callbacks.RoutingLogger reads and zeroes it).
+        self.register_buffer(
+            "interval_loads_LE", torch.zeros(num_moe, model.num_experts), persistent=False
+        )
+        # global_step of the checkpoint last loaded: `validate --ckpt_path` labels its table
+        # with it (the trainer's own step is 0 outside fit).
+        self._loaded_step: int | None = None
         # Last validation pass, for the final table and the run summary.
         self.last_val: dict[str, Any] | None = None
         self._summary_callback = None
+        self._default_callbacks: list[L.Callback] | None = None
 
     # -------------------------------------------------------------------------------- forward
 
@@ -93,8 +136,12 @@ class MoELanguageModel(L.LightningModule):
 
     # ------------------------------------------------------------------------------- training
 
-    def training_step(self, blocks_BL: Tensor, batch_idx: int) -> Tensor:
-        """Next-token loss + auxiliary losses of one micro-batch; logs per-layer metrics."""
+    def training_step(self, blocks_BL: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        """Next-token loss + auxiliary losses of one micro-batch; logs per-layer metrics.
+
+        Returns:
+            ``loss`` (what is optimised) and ``lm_loss`` (detached; callbacks record it).
+        """
         lm_loss, routings = self._loss(blocks_BL)
         batch_size = blocks_BL.shape[0]
         aux_total = lm_loss.new_zeros(())
@@ -103,6 +150,7 @@ class MoELanguageModel(L.LightningModule):
             aux_total = aux_total + routing.aux_loss
             for aux_name, value in routing.aux_losses.items():
                 logs[f"train/{name}/aux_{aux_name}"] = value.detach()
+            self.interval_loads_LE[index] += routing.tokens_per_expert_E.detach().float()
             batch_values = self.train_balance[index](routing)
             for key in TRAIN_STEP_KEYS:
                 logs[f"train/{name}/{key}"] = batch_values[key]
@@ -117,7 +165,7 @@ class MoELanguageModel(L.LightningModule):
             logger=False,
             batch_size=batch_size,
         )
-        return loss
+        return {"loss": loss, "lm_loss": lm_loss.detach()}
 
     def on_train_epoch_end(self) -> None:
         for metric in self.train_balance:
@@ -140,17 +188,56 @@ class MoELanguageModel(L.LightningModule):
         layers: dict[str, dict[str, Any]] = {}
         for name, metric in zip(self.moe_layer_names, self.val_balance, strict=False):
             values = metric.compute()
-            self.log_dict(scalar_metrics(values, prefix=f"val/{name}/"))
+            # compute() already reduced over ranks: sync_dist averages equal values (and keeps
+            # Lightning from warning once per key under DDP).
+            self.log_dict(scalar_metrics(values, prefix=f"val/{name}/"), sync_dist=True)
             layers[name] = {key: value.detach().cpu() for key, value in values.items()}
             metric.reset()
         val_loss = self.trainer.callback_metrics.get("val/loss")
         if val_loss is not None:
-            self.log("val/perplexity", torch.exp(val_loss))
+            self.log("val/perplexity", torch.exp(val_loss), sync_dist=True)
+        step = self.global_step
+        if self.trainer.state.fn != TrainerFn.FITTING and self._loaded_step is not None:
+            step = self._loaded_step
         self.last_val = {
-            "step": self.global_step,
+            "step": step,
             "loss": None if val_loss is None else float(val_loss),
             "layers": layers,
         }
+
+    # ---------------------------------------------------------------------------- checkpoint
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses a corrupted checkpoint or one whose config differs from this run's.
+
+        ``fit`` compares the model and optimiser configs (the weights, the optimizer state and
+        the schedule all come from the checkpoint, so a differing flag would be ignored
+        silently); ``validate`` compares the model config.
+
+        Raises:
+            ValueError: Naming every differing field with both values, or the corrupted tensor.
+        """
+        from models.callbacks import check_checkpoint_finite
+
+        trainer = self._trainer
+        source = repr(str(trainer.ckpt_path)) if trainer is not None else "(in memory)"
+        hparams = checkpoint.get("hyper_parameters") or {}
+        pairs = [("model", self.model_config)]
+        if trainer is None or trainer.state.fn == TrainerFn.FITTING:
+            pairs.append(("optim", self.optim_config))
+        differences = [
+            f"{group}.{difference}"
+            for group, given in pairs
+            if group in hparams
+            for difference in config_differences(hparams[group], given)
+        ]
+        if differences:
+            raise ValueError(
+                f"checkpoint {source} was made with another config: {'; '.join(differences)} "
+                "(drop these flags to resume, or train from scratch without --ckpt_path)"
+            )
+        check_checkpoint_finite(checkpoint, source)
+        self._loaded_step = checkpoint.get("global_step")
 
     # ------------------------------------------------------------------------------ optimizer
 
@@ -186,13 +273,27 @@ class MoELanguageModel(L.LightningModule):
         }
 
     def configure_callbacks(self):
-        """The run summary (throughput, validation curve, final table) is always on.
+        """The run summary (throughput, validation curve, final table) is always on; so are
+        ``models.callbacks``' non-finite guard, checkpoint on SIGINT / SIGTERM and routing logs,
+        unless the trainer already has one of that type (a config's own settings win).
 
-        One instance for the module's lifetime, so that a ``validate`` after ``fit`` on the
-        same module extends the run's summary instead of starting a new one.
+        One instance each for the module's lifetime, so that a ``validate`` after ``fit`` on
+        the same module extends the run's summary instead of starting a new one; callbacks
+        already attached to the trainer are not returned again.
         """
+        from models.callbacks import CheckpointOnSignal, NonFiniteGuard, RoutingLogger
         from models.summary import RunSummary
 
         if self._summary_callback is None:
             self._summary_callback = RunSummary()
-        return [self._summary_callback]
+        if self._default_callbacks is None:
+            self._default_callbacks = [NonFiniteGuard(), CheckpointOnSignal(), RoutingLogger()]
+        attached = self.trainer.callbacks if self._trainer is not None else []
+        wanted = [self._summary_callback] + [
+            callback
+            for callback in self._default_callbacks
+            if not any(
+                isinstance(other, type(callback)) and other is not callback for other in attached
+            )
+        ]
+        return [callback for callback in wanted if not any(c is callback for c in attached)]

@@ -1,8 +1,10 @@
-"""Run summary: training throughput, the validation-loss curve and per-layer load balance.
+"""Run summary: training throughput, the loss curves and per-layer load balance.
 
 ``RunSummary`` (a Lightning callback the model always installs) writes ``summary.json`` next to
-the run's logs after every validation and at the end of training, and prints the final table
-of validation loss and per-layer load balance. ``models.compare`` reads these files.
+the run's logs after every validation and at the end of training, prints the final table of
+validation loss and per-layer load balance, and at the end of ``fit`` writes the validation
+load heatmap (``load_balance.png`` / ``.md`` / ``.json``, as ``train.py compare`` draws it).
+``models.compare`` reads these files.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
-from moe_router.report import load_balance_table
+from moe_router.report import UNSELECTED_MASS_NOTE, load_balance_table, write_load_balance_report
 
 SUMMARY_FILE = "summary.json"
+HEATMAP_STEM = "load_balance"
 
 # Leading training batches left out of the throughput (allocator warm-up, lazy init).
 WARMUP_BATCHES = 2
@@ -39,6 +42,13 @@ def _to_builtin(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _to_builtin(item) for key, item in value.items()}
     return value
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return dict(value)
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -63,6 +73,7 @@ def format_table(summary: dict[str, Any]) -> str:
     layers = final.get("layers") or {}
     if layers:
         lines.append(load_balance_table(layers).rstrip())
+        lines.append(UNSELECTED_MASS_NOTE)
         lines.append("")
         lines.append("Load per expert (% of the layer's assignments):")
         for name, values in layers.items():
@@ -73,14 +84,27 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 class RunSummary(L.Callback):
-    """Measures throughput, records validation passes, writes ``summary.json``, prints the table.
+    """Measures throughput, records the loss curves, writes ``summary.json``, prints the table.
 
     Throughput counts training tokens (all ranks) per second of training time, validation
-    excluded, from the ``WARMUP_BATCHES``-th batch of the run on.
+    excluded, from the ``WARMUP_BATCHES``-th batch of the run on. The training curve holds
+    the mean LM loss (rank 0's micro-batches) over each ``trainer.log_every_n_steps`` steps,
+    summed on the device and read once per interval.
+
+    Attributes:
+        path: The ``summary.json`` last written (None before the first write).
+        heatmap_path: The load heatmap written at the end of ``fit`` (None before).
     """
 
     def __init__(self) -> None:
         self.curve: list[dict[str, float]] = []
+        self.train_curve: list[dict[str, float]] = []
+        self._loss_sum = None
+        self._loss_count = 0
+        self._train_curve_step = -1
+        self.path: Path | None = None
+        self.heatmap_path: Path | None = None
+        self._heatmap_step: int | None = None
         self._batches = 0
         self._tokens = 0
         self._start: float | None = None
@@ -90,12 +114,13 @@ class RunSummary(L.Callback):
         self._fit_done = False
 
     def state_dict(self) -> dict[str, Any]:
-        """The validation curve, so that a resumed run keeps it."""
-        return {"curve": self.curve}
+        """The loss curves, so that a resumed run keeps them."""
+        return {"curve": self.curve, "train_curve": self.train_curve}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores the validation curve from a checkpoint."""
+        """Restores the loss curves from a checkpoint."""
         self.curve = list(state_dict.get("curve", []))
+        self.train_curve = list(state_dict.get("train_curve", []))
 
     # ----------------------------------------------------------------------------- throughput
 
@@ -108,6 +133,27 @@ class RunSummary(L.Callback):
             self._val_seconds = 0.0
         if self._start is not None:
             self._tokens += batch[:, 1:].numel() * trainer.world_size
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """A resumed run's curve continues after the step it resumed at."""
+        self._train_curve_step = trainer.global_step
+        self._loss_sum, self._loss_count = None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Adds the micro-batch's LM loss; closes a training-curve point every log interval."""
+        lm_loss = outputs.get("lm_loss") if isinstance(outputs, dict) else None
+        if lm_loss is None:
+            return
+        lm_loss = lm_loss.detach().float()
+        self._loss_sum = lm_loss if self._loss_sum is None else self._loss_sum + lm_loss
+        self._loss_count += 1
+        step = trainer.global_step
+        every = max(1, trainer.log_every_n_steps)
+        if step != self._train_curve_step and (step % every == 0 or step == trainer.max_steps):
+            self._train_curve_step = step
+            mean = float(self._loss_sum) / self._loss_count  # one host sync per interval
+            self.train_curve.append({"step": step, "loss": mean})
+            self._loss_sum, self._loss_count = None, 0
 
     def on_validation_start(self, trainer, pl_module) -> None:
         """Pauses the throughput clock during validation in fit."""
@@ -154,17 +200,24 @@ class RunSummary(L.Callback):
         """The run summary as plain Python values."""
         config = pl_module.model_config
         datamodule = trainer.datamodule
+        step = trainer.global_step
+        last = pl_module.last_val
+        if trainer.state.fn == TrainerFn.VALIDATING and not self._fit_done and last is not None:
+            step = last["step"]  # `validate --ckpt_path`: the checkpoint's step
+        moe = config.moe
+        moe = dict(moe) if isinstance(moe, dict) else _to_builtin(_as_dict(moe))
         return {
             "gate": config.gate,
-            "moe": dataclasses.asdict(config.moe),
+            "moe": moe,
             "num_experts": config.num_experts,
             "k": config.k,
-            "global_step": trainer.global_step,
+            "global_step": step,
             "max_steps": trainer.max_steps,
             "seed": getattr(datamodule, "seed", None),
             "tokens_per_s": self.tokens_per_s,
+            "train_curve": self.train_curve,
             "val_curve": self.curve,
-            "final_val": _to_builtin(pl_module.last_val),
+            "final_val": _to_builtin(last),
         }
 
     def _write(self, trainer, pl_module, *, finished: bool) -> None:
@@ -175,7 +228,23 @@ class RunSummary(L.Callback):
         summary = self.summary(trainer, pl_module)
         summary["finished"] = finished and trainer.global_step >= trainer.max_steps
         log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        self.path = log_dir / SUMMARY_FILE
+        self.path.write_text(json.dumps(summary, indent=1))
+        last = pl_module.last_val
+        if (
+            summary["finished"]
+            and last is not None
+            and last["step"] == trainer.global_step
+            and last["layers"]
+            and self._heatmap_step != last["step"]
+        ):
+            report = write_load_balance_report(
+                last["layers"],
+                log_dir,
+                title=f"Validation load balance, gate {summary['gate']}, step {last['step']}",
+                stem=HEATMAP_STEM,
+            )
+            self.heatmap_path, self._heatmap_step = report.heatmap_path, last["step"]
 
     @rank_zero_only
     def _print(self, trainer, pl_module) -> None:

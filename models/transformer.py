@@ -112,7 +112,7 @@ class Block(nn.Module):
         if self.is_moe:
             self.ffn: nn.Module = MoELayer(config.moe_layer_config())
         else:
-            self.ffn = SwiGLU(config.d_model, config.dense_d_ff)
+            self.ffn = SwiGLU(config.d_model, config.dense_width)
 
     def forward(self, x_BSD: Tensor) -> tuple[Tensor, Routing | None]:
         """Runs attention and FFN with residual connections.

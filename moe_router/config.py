@@ -147,7 +147,7 @@ class RouterOptions:
     max_active: int | None = None
     # compute budget (sparse) and two-sided balance
     target_active: float | None = None
-    budget_update_rate: float = 0.05
+    budget_update_rate: float = 0.2
     balance_iters: int = 8
     balance_target: BalanceTarget = "load"
     balance_momentum: float = 0.9

@@ -30,7 +30,12 @@ from torchmetrics import Metric
 __all__ = [
     "LoadBalanceReport",
     "TABLE_COLUMNS",
+    "UNSELECTED_MASS_NOTE",
+    "annotate_cells",
+    "cell_text_color",
+    "contrast_ratio",
     "load_balance_table",
+    "load_heatmaps_figure",
     "plot_load_heatmap",
     "plot_load_heatmaps",
     "write_load_balance_report",
@@ -47,7 +52,14 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("router_entropy", "Router entropy"),
     ("drop_rate", "Drop rate"),
     ("active_experts_per_token", "Active experts/token"),
-    ("soft_mass_outside", "Soft mass outside"),
+    ("soft_mass_outside", "Unselected score mass"),
+)
+
+# Printed under every table: the column is about the gate's scores, soft or not, so a topk row
+# (its softmax mass outside the k picks) is not read as a soft gate's leak.
+UNSELECTED_MASS_NOTE = (
+    "Unselected score mass: share of each token's gate scores (softmax for topk, soft top-k "
+    "weights for soft gates) on experts it is not dispatched to."
 )
 
 _PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -159,6 +171,51 @@ def _relative_load(loads_LE: np.ndarray) -> np.ndarray:
     return np.divide(loads_LE, mean_L1, out=np.zeros_like(loads_LE), where=mean_L1 > 0)
 
 
+def _relative_luminance(rgba: Sequence[float]) -> float:
+    """WCAG 2 relative luminance of an sRGB colour with channels in [0, 1]."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def contrast_ratio(rgba_a: Sequence[float], rgba_b: Sequence[float]) -> float:
+    """WCAG 2 contrast ratio of two opaque sRGB colours (1 to 21; text wants >= 4.5)."""
+    lum_a, lum_b = sorted((_relative_luminance(rgba_a), _relative_luminance(rgba_b)))
+    return (lum_b + 0.05) / (lum_a + 0.05)
+
+
+def cell_text_color(cell_rgba: Sequence[float]) -> str:
+    """``"white"`` or ``"black"``, whichever contrasts more with the cell colour.
+
+    The better of the two always reaches a contrast ratio of at least 4.5 (WCAG AA for text).
+    """
+    on_white = contrast_ratio(cell_rgba, (1.0, 1.0, 1.0))
+    on_black = contrast_ratio(cell_rgba, (0.0, 0.0, 0.0))
+    return "white" if on_white > on_black else "black"
+
+
+def annotate_cells(ax, values_RC: np.ndarray, image, *, fontsize: float = 7) -> None:
+    """Writes each cell's value (two decimals) on a heatmap, in black or white by contrast.
+
+    Args:
+        ax: The axes of the heatmap.
+        values_RC: The values drawn, rows x columns.
+        image: The ``AxesImage`` of the heatmap (its colormap and norm give each cell's colour).
+        fontsize: Font size of the numbers.
+    """
+    for row in range(values_RC.shape[0]):
+        for column in range(values_RC.shape[1]):
+            value = values_RC[row, column]
+            ax.text(
+                column,
+                row,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=fontsize,
+                color=cell_text_color(image.cmap(image.norm(value))),
+            )
+
+
 def plot_load_heatmaps(
     loads_by_panel: Mapping[str, Tensor | np.ndarray | Sequence],
     path: str | Path,
@@ -191,16 +248,42 @@ def plot_load_heatmaps(
             non-negative numbers, ``layer_names`` does not have one name per layer, the suffix
             of ``path`` is not one of .png, .svg, .pdf, or ``dpi`` is not positive.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import TwoSlopeNorm
-    from matplotlib.figure import Figure
-
     _check_names(loads_by_panel, "loads_by_panel")
     path = Path(path)
     if path.suffix.lower() not in _PLOT_SUFFIXES:
         raise ValueError(f"path must end in one of {_PLOT_SUFFIXES}, got {str(path)!r}")
     if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi <= 0:
         raise ValueError(f"dpi must be a positive int, got {dpi!r}")
+    figure = load_heatmaps_figure(loads_by_panel, layer_names=layer_names, title=title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    return path
+
+
+def load_heatmaps_figure(
+    loads_by_panel: Mapping[str, Tensor | np.ndarray | Sequence],
+    *,
+    layer_names: Sequence[str] | None = None,
+    title: str | None = "Expert load relative to the mean load",
+):
+    """The figure of ``plot_load_heatmaps`` (a ``matplotlib.figure.Figure`` on the Agg canvas).
+
+    Args:
+        loads_by_panel: As ``plot_load_heatmaps``.
+        layer_names: As ``plot_load_heatmaps``.
+        title: As ``plot_load_heatmaps``.
+
+    Returns:
+        The figure, not saved.
+
+    Raises:
+        ValueError: As ``plot_load_heatmaps`` (except for the path and dpi checks).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
+
+    _check_names(loads_by_panel, "loads_by_panel")
     relative = {
         name: _relative_load(_loads_array(name, loads)) for name, loads in loads_by_panel.items()
     }
@@ -234,27 +317,12 @@ def plot_load_heatmaps(
         if num_experts <= 32:
             ax.set_xticks(range(num_experts))
         if relative_LE.size <= _MAX_ANNOTATED_CELLS:
-            for row in range(num_rows):
-                for expert in range(num_experts):
-                    value = relative_LE[row, expert]
-                    # White text where the cell colour is dark (far from balanced).
-                    dark = value < 0.35 or value > 1.0 + 0.65 * (vmax - 1.0)
-                    ax.text(
-                        expert,
-                        row,
-                        f"{value:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if dark else "black",
-                    )
+            annotate_cells(ax, relative_LE, image)
     colorbar = figure.colorbar(image, ax=list(axes), shrink=0.9)
     colorbar.set_label("load / mean load (1 = balanced)")
     if title is not None:
         figure.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi)
-    return path
+    return figure
 
 
 def plot_load_heatmap(
@@ -336,7 +404,9 @@ def write_load_balance_report(
         torch.stack(loads), out_dir / f"{stem}.png", layer_names=list(values_by_layer), title=title
     )
     markdown_path = out_dir / f"{stem}.md"
-    markdown_path.write_text(f"# {title}\n\n{table}\n![{title}]({heatmap_path.name})\n")
+    markdown_path.write_text(
+        f"# {title}\n\n{table}\n{UNSELECTED_MASS_NOTE}\n\n![{title}]({heatmap_path.name})\n"
+    )
     json_path = out_dir / f"{stem}.json"
     records = {
         name: {

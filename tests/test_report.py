@@ -13,8 +13,12 @@ from matplotlib.image import imread
 from moe_router.metrics import LoadBalanceMetrics
 from moe_router.report import (
     TABLE_COLUMNS,
+    UNSELECTED_MASS_NOTE,
     _relative_load,
+    cell_text_color,
+    contrast_ratio,
     load_balance_table,
+    load_heatmaps_figure,
     plot_load_heatmap,
     plot_load_heatmaps,
     write_load_balance_report,
@@ -67,7 +71,8 @@ def test_table_exact_markdown():
     )
     expected = (
         "| Layer | MaxVio (batch mean) | MaxVio (global) | CV | Load entropy | Eff. experts "
-        "| Dead frac. | Router entropy | Drop rate | Active experts/token | Soft mass outside |\n"
+        "| Dead frac. | Router entropy | Drop rate | Active experts/token "
+        "| Unselected score mass |\n"
         "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n"
         "| layer0 | 0.500 | 0.250 | 0.125 | 1.386 | 4.000 "
         "| 0.000 | 0.988 | 0.000 | 2.000 | 0.031 |\n"
@@ -187,7 +192,7 @@ def test_write_report(tmp_path):
     assert report.markdown_path == tmp_path / "val" / "epoch3.md"
     assert report.table == load_balance_table(metrics)
     assert report.markdown_path.read_text() == (
-        f"# Validation\n\n{report.table}\n![Validation](epoch3.png)\n"
+        f"# Validation\n\n{report.table}\n{UNSELECTED_MASS_NOTE}\n\n![Validation](epoch3.png)\n"
     )
     assert report.heatmap_path.read_bytes().startswith(PNG_MAGIC)
     records = json.loads(report.json_path.read_text())
@@ -212,3 +217,31 @@ def test_write_report_bad_arguments(tmp_path):
         )
     with pytest.raises(ValueError, match="metrics_by_layer must be a non-empty mapping"):
         write_load_balance_report({}, tmp_path)
+
+
+def test_cell_text_color_picks_the_better_contrast():
+    assert cell_text_color((0.02, 0.19, 0.38, 1.0)) == "white"  # dark blue
+    assert cell_text_color((0.4, 0.0, 0.12, 1.0)) == "white"  # dark red
+    assert cell_text_color((0.97, 0.97, 0.97, 1.0)) == "black"
+    assert contrast_ratio((1, 1, 1), (0, 0, 0)) == pytest.approx(21.0)
+
+
+def test_heatmap_cell_numbers_stay_readable_on_dark_cells():
+    from matplotlib.colors import to_rgba
+
+    # Relative loads 0.3, 1, 1, 1.7 and 0, 0.5, 1.5, 2: every shade of the scale.
+    figure = load_heatmaps_figure({"a": [[3, 10, 10, 17], [0, 5, 15, 20]]})
+    (ax,) = [ax for ax in figure.axes if ax.images]
+    image = ax.images[0]
+    values = np.asarray(image.get_array())
+    assert len(ax.texts) == 8
+    for text in ax.texts:
+        column, row = text.get_position()
+        cell = image.cmap(image.norm(values[int(row), int(column)]))
+        assert contrast_ratio(to_rgba(text.get_color()), cell) >= 4.5, text.get_text()
+
+
+def test_unselected_score_mass_is_labelled_for_every_gate():
+    header = load_balance_table({"topk / layer0": layer_values()}).splitlines()[0]
+    assert "Unselected score mass" in header and "Soft mass" not in header
+    assert "softmax for topk" in UNSELECTED_MASS_NOTE

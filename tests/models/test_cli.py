@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -78,7 +81,7 @@ def test_fit_prints_the_table_and_validate_reproduces_it(corpus_dir, tmp_path, c
     checkpoint = next((tmp_path / "run").glob("csv/version_0/checkpoints/last.ckpt"))
     cli_main(["validate", "--config", str(config), "--ckpt_path", str(checkpoint)])
     validate_out = capsys.readouterr().out
-    loss_line = next(line for line in fit_out.splitlines() if "validation loss" in line)
+    loss_line = next(line for line in fit_out.splitlines() if line.startswith("gate "))
     loss_text = loss_line.split("validation loss ")[1].split(" ")[0]
     assert f"validation loss {loss_text}" in validate_out
     assert "| layer0 |" in validate_out
@@ -130,3 +133,104 @@ def test_empty_corpus_stops_before_training(tmp_path, capsys):
     message = _error_text(["fit", "--config", str(config)], capsys)
     assert "is empty: no bytes to train on" in message
     assert not list(tmp_path.glob("run/**/*.ckpt"))
+
+
+def test_help_lists_fit_validate_and_compare_only(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "{fit,validate,compare}" in out
+    assert "Run every config for every seed" in out
+    assert "predict" not in out and " test " not in out
+
+
+def test_fit_output_is_quiet_and_says_where_things_went(corpus_dir, tmp_path, capfd, caplog):
+    caplog.set_level(logging.INFO)
+    config = tiny_config(tmp_path, corpus_dir, max_steps=4, val_check_interval=3)
+    args = [
+        "fit",
+        "--config",
+        str(config),
+        "--data.files",
+        str(corpus_dir / "*.txt"),  # one string, not a list
+        "--trainer.enable_progress_bar",
+        "true",
+        "--trainer.enable_model_summary",
+        "true",
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli_main(args)
+    out, err = capfd.readouterr()
+    text = out + err + caplog.text  # Lightning logs to a handler of its own
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]
+    for noise in ("Tip:", "will override", "Total FLOPs", "v_num", "Epoch 0", "sync_dist"):
+        assert noise not in text, noise
+    assert "Parameters: " in out and "active per token" in out
+    assert "Training steps" in out and "4/4" in out
+    assert "data: training 11 files" in text
+    outputs = out[out.index("Outputs:") :].splitlines()
+    paths = {line.split(": ")[0].strip(): line.split(": ", 1)[1] for line in outputs[1:]}
+    checkpoints = Path(paths["checkpoints"].split(" (")[0])
+    assert (checkpoints / "last.ckpt").is_file()
+    assert f"--ckpt_path {checkpoints / 'last.ckpt'}" in paths["checkpoints"]
+    assert Path(paths["run summary"]).is_file()
+    assert Path(paths["load heatmap"]).read_bytes().startswith(b"\x89PNG")
+    assert Path(paths["CSV metrics"]).is_file()
+    assert Path(paths["TensorBoard"].split(" (")[0]).is_dir()
+    summary = json.loads(Path(paths["run summary"]).read_text())
+    assert [point["step"] for point in summary["train_curve"]] == [1, 2, 3, 4]  # every log step
+    assert all(math.isfinite(point["loss"]) for point in summary["train_curve"])
+
+
+def test_validate_prints_one_table_labelled_with_the_checkpoint_step(corpus_dir, tmp_path, capfd):
+    config = tiny_config(tmp_path, corpus_dir, max_steps=6, val_check_interval=3)
+    cli_main(["fit", "--config", str(config)])
+    capfd.readouterr()
+    checkpoint = next((tmp_path / "run").glob("csv/version_0/checkpoints/epoch=0-step=3.ckpt"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli_main(["validate", "--config", str(config), "--ckpt_path", str(checkpoint)])
+    out, err = capfd.readouterr()
+    assert "step 3\n" in out and "step 0" not in out
+    assert out.count("| layer0 |") == 1 and "Validate metric" not in out
+    noise = ("dirpath has changed", "callbacks used to create the checkpoint")
+    assert not [w for w in caught if any(text in str(w.message) for text in noise)]
+
+
+def test_resume_refuses_a_config_that_differs_from_the_checkpoint(corpus_dir, tmp_path):
+    config = tiny_config(tmp_path, corpus_dir, max_steps=3)
+    cli_main(["fit", "--config", str(config)])
+    checkpoint = next((tmp_path / "run").glob("csv/version_0/checkpoints/last.ckpt"))
+    resume = ["--config", str(config), "--ckpt_path", str(checkpoint)]
+    changed = ["--model.model.gate", "topk", "--model.optim.lr", "0.1"]
+    with pytest.raises(ValueError) as error:
+        cli_main(["fit", *resume, "--trainer.max_steps", "6", *changed])
+    message = str(error.value)
+    assert f"checkpoint '{checkpoint}' was made with another config" in message
+    assert "model.gate: checkpoint 'soft_topk', given 'topk'" in message
+    assert "optim.lr: checkpoint 0.01, given 0.1" in message
+    assert "\n" not in message
+    with pytest.raises(ValueError, match="model.num_experts: checkpoint 4, given 8"):
+        cli_main(["validate", *resume, "--model.model.num_experts", "8"])
+
+
+def test_fit_exits_with_an_error_when_the_final_validation_is_nan(corpus_dir, tmp_path):
+    config = tiny_config(tmp_path, corpus_dir, max_steps=3)
+    callback = ["--trainer.callbacks+=models_testing.NaNFinalValidation"]
+    with pytest.raises(RuntimeError, match="fit: the validation loss at step 3 is nan"):
+        cli_main(["fit", "--config", str(config), *callback])
+
+
+def test_dense_width_follows_k_and_expert_width_from_the_command_line(corpus_dir, tmp_path):
+    # LightningCLI takes the model defaults from a ModelConfig() instance: a dense width filled
+    # in there would be a fixed 256 whatever k and expert_d_ff the command line sets.
+    from models.cli import MoECLI
+
+    config = tiny_config(tmp_path, corpus_dir)
+    cli = MoECLI(args=["--config", str(config), "--model.model.moe_every", "2"], run=False)
+    model_config = cli.model.model_config
+    assert model_config.dense_width == model_config.k * model_config.expert_d_ff
+    dense = [b.ffn for b in cli.model.net.blocks if not b.is_moe][0]
+    assert dense.w1_DF.shape[1] == model_config.k * model_config.expert_d_ff

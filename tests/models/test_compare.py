@@ -8,11 +8,23 @@ import os
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 from models_testing import tiny_config
 
 from models.cli import cli_main
-from models.compare import last_checkpoint, mean_std, report_markdown, write_report
+from models.compare import (
+    RUN_CONFIG_FILE,
+    collect,
+    effective_config,
+    last_checkpoint,
+    mean_std,
+    report_figure,
+    report_markdown,
+    run_dir_for,
+    write_report,
+)
 from models.summary import SUMMARY_FILE
 
 
@@ -37,6 +49,11 @@ def _summary(gate: str, seed: int, loss: float, loads: list[list[float]], tokens
         "max_steps": 10,
         "tokens_per_s": tokens_per_s,
         "finished": True,
+        "train_curve": [
+            {"step": 2, "loss": loss + 1.0 + seed},
+            {"step": 4, "loss": loss + 0.7},
+            {"step": 6, "loss": loss + 0.2 * seed},
+        ],
         "val_curve": [{"step": 5, "loss": loss + 0.5}, {"step": 10, "loss": loss}],
         "final_val": {"step": 10, "loss": loss, "layers": layers},
     }
@@ -167,7 +184,9 @@ def test_compare_end_to_end_and_resume(corpus_dir, tmp_path, capsys):
     assert (out / "report.png").is_file()
     summary = json.loads(next((out / "soft" / "seed1").glob(f"**/{SUMMARY_FILE}")).read_text())
     assert summary["global_step"] == 3 and summary["seed"] == 1  # the override reached the run
-    capsys.readouterr()
+    first_out = capsys.readouterr().out  # progress of each run, with its place in the plan
+    assert "[compare] topk seed 0 (1/4): step 3/3, training loss" in first_out
+    assert "[compare] soft seed 1 (4/4): step 3/3, validation loss" in first_out
     cli_main(args)  # every run finished already: only the report is rebuilt
     assert capsys.readouterr().out.count("done already") == 4
 
@@ -183,3 +202,84 @@ def test_compare_end_to_end_and_resume(corpus_dir, tmp_path, capsys):
     )
     assert resumed["finished"] and resumed["final_val"]["loss"] == interrupted["final_val"]["loss"]
     assert resumed["val_curve"] == interrupted["val_curve"]
+
+
+def test_compare_reuses_a_run_only_with_the_same_effective_config(corpus_dir, tmp_path, capsys):
+    config = tiny_config(tmp_path, corpus_dir, gate="topk", name="topk.yaml")
+    out = tmp_path / "cmp"
+    run_dir = run_dir_for(out, config, 0)
+    folder = run_dir / "csv" / "version_0"
+    folder.mkdir(parents=True)
+    (folder / SUMMARY_FILE).write_text(json.dumps(_summary("topk", 0, 2.0, [[1, 2, 3, 4]], 9.0)))
+    made = effective_config(config, 0, run_dir, ["--trainer.max_steps", "4"])
+    (run_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(made))
+    args = ["compare", "--configs", str(config), "--seeds", "1", "--out", str(out)]
+
+    cli_main([*args, "--trainer.max_steps", "4"])  # same settings: reused, nothing runs
+    assert "[compare] topk seed 0 (1/1): done already" in capsys.readouterr().out
+    with pytest.raises(ValueError) as error:
+        cli_main([*args, "--trainer.max_steps", "20", "--model.optim.lr", "0.1"])
+    message = str(error.value)
+    assert f"--out {out} holds runs made with other settings" in message
+    assert "model.optim.lr: 0.01 there, 0.1 now" in message
+    assert "trainer.max_steps: 4 there, 20 now" in message
+    with pytest.raises(ValueError, match="trainer.max_steps: 4 there, 6 now"):
+        cli_main([*args, "--report_only"])  # the config's own max_steps is 6
+    (run_dir / RUN_CONFIG_FILE).unlink()
+    with pytest.raises(ValueError, match=f"{run_dir} holds a run without {RUN_CONFIG_FILE}"):
+        cli_main([*args, "--trainer.max_steps", "4"])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [["--trainer.default_root_dir", "elsewhere"], ["--seed_everything=3"], ["--ckpt_path", "x"]],
+)
+def test_compare_refuses_the_arguments_it_sets_itself(tmp_path, override):
+    config = tmp_path / "a.yaml"
+    config.write_text("{}")
+    name = override[0].split("=")[0]
+    with pytest.raises(ValueError, match=f"{name} is not allowed with compare"):
+        cli_main(["compare", "--configs", str(config), "--out", str(tmp_path / "o"), *override])
+    assert not (tmp_path / "o").exists()
+
+
+def test_compare_refuses_overrides_that_do_not_parse_before_running(corpus_dir, tmp_path):
+    config = tiny_config(tmp_path, corpus_dir)
+    with pytest.raises(ValueError, match="does not parse: .*no_such_flag"):
+        cli_main(
+            ["compare", "--configs", str(config), "--out", str(tmp_path / "o"), "--no_such_flag"]
+        )
+    assert not list((tmp_path / "o").glob("**/train.log"))
+
+
+def test_report_figure_has_training_curves_a_legend_below_and_readable_cells(tmp_path):
+    from matplotlib.colors import to_rgba
+
+    from moe_router.report import contrast_ratio
+
+    configs = _write_runs(tmp_path)
+    results = collect(tmp_path, configs, [0, 1])
+    figure = report_figure(results)
+    train_ax = next(ax for ax in figure.axes if ax.get_title().startswith("training loss"))
+    for line, result in zip(train_ax.lines, results, strict=True):
+        curves = [[p["loss"] for p in s["train_curve"]] for s in result.summaries]
+        assert list(line.get_xdata()) == [2, 4, 6]
+        np.testing.assert_allclose(line.get_ydata(), np.mean(curves, axis=0))
+    (legend,) = figure.legends  # one legend for both curve panels, outside the axes
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "topk (topk, 2 seeds)",
+        "soft_topk (soft_topk, 2 seeds)",
+    ]
+    assert all(not ax.get_legend() for ax in figure.axes)
+    cells = 0
+    for ax in figure.axes:
+        if not ax.images:
+            continue
+        image = ax.images[0]
+        values = np.asarray(image.get_array())
+        for text in ax.texts:
+            column, row = text.get_position()
+            cell = image.cmap(image.norm(values[int(row), int(column)]))
+            assert contrast_ratio(to_rgba(text.get_color()), cell) >= 4.5, text.get_text()
+            cells += 1
+    assert cells == 2 * 4  # two configs, one layer of four experts each

@@ -18,6 +18,7 @@ from models.data import (
     resolve_files,
     split_files,
     stdlib_source_files,
+    text_file_problem,
     to_blocks,
 )
 
@@ -266,3 +267,53 @@ def test_datamodule_empty_and_too_small_corpus(tmp_path):
     )
     with pytest.raises(ValueError, match="no block of seq_len"):
         dm.setup("fit")
+
+
+def test_text_file_problem_finds_binary_and_non_utf8_bytes(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("h\u00e9llo w\u00f6rld \u2603\n" * 50, encoding="utf-8")
+    binary = tmp_path / "ls.bin"
+    binary.write_bytes(b"\x7fELF\x02\x01" + bytes(range(256)))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    assert text_file_problem(good) is None
+    assert text_file_problem(good, chunk_bytes=3) is None  # characters split across chunks
+    assert text_file_problem(binary) == "binary (NUL byte at offset 6)"
+    assert text_file_problem(latin1) == "not UTF-8 (byte 0xe9 at offset 3)"
+    assert text_file_problem(latin1, chunk_bytes=2) == "not UTF-8 (byte 0xe9 at offset 3)"
+    truncated = tmp_path / "cut.txt"
+    truncated.write_bytes("ab\u2603".encode()[:-1])
+    assert text_file_problem(truncated) == "not UTF-8 (byte 0xe2 at offset 2)"
+
+
+def test_datamodule_skips_files_that_are_not_text_and_reports_the_split(tmp_path):
+    paths = write_corpus(tmp_path / "c", num_files=4)
+    (tmp_path / "c" / "ls.txt").write_bytes(b"\x7fELF\x00\x00" * 100)
+    (tmp_path / "c" / "latin1.txt").write_bytes("caf\u00e9\n".encode("latin-1") * 100)
+    with pytest.warns(UserWarning, match="skipped 2 of 6 files that are not UTF-8 text") as record:
+        dm = ByteCorpusDataModule(
+            files=str(tmp_path / "c" / "*.txt"),  # a single string works as a glob
+            seq_len=15,
+            val_fraction=0.5,
+            max_val_blocks=None,
+            cache_dir=str(tmp_path / "hf"),
+        )
+    message = str(record[0].message)
+    assert "latin1.txt (not UTF-8 (byte 0xe9 at offset 3))" in message
+    assert "ls.txt (binary (NUL byte at offset 4))" in message
+    kept = sorted(p.resolve() for p in paths)
+    assert dm.train_files + dm.val_files == [kept[0], kept[2], kept[1], kept[3]]
+    dm.setup("fit")
+    for blocks_NL in (dm.train_blocks_NL, dm.val_blocks_NL):  # no NUL, no U+FFFD (EF BF BD)
+        assert not (blocks_NL == 0).any() and not (blocks_NL == 0xEF).any()
+    assert len(dm.train_blocks_NL) == sum(p.stat().st_size for p in dm.train_files) // 16
+    train_bytes = sum(p.stat().st_size for p in dm.train_files)
+    line = dm.describe(len(dm.train_blocks_NL), len(dm.val_blocks_NL), len(dm.val_blocks_NL))
+    assert line.startswith(f"data: training 2 files ({train_bytes / 1e3:.1f} kB) -> ")
+    assert "validation 2 files" in line
+
+
+def test_datamodule_without_any_text_file_is_an_error(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"\x00\x01\x02" * 10)
+    with pytest.raises(ValueError, match=r"no file is UTF-8 text, nothing to train on: .*a\.bin"):
+        ByteCorpusDataModule(files=[str(tmp_path / "*.bin")])

@@ -69,7 +69,7 @@ def test_optim_config_rejects_bad_values(overrides, match):
 
 def test_dense_width_defaults_to_the_active_expert_width():
     config = tiny(moe_every=2, n_layers=4)
-    assert config.dense_d_ff == config.k * config.expert_d_ff
+    assert config.dense_width == config.k * config.expert_d_ff
     net = MoETransformer(config)
     kinds = [type(block.ffn) for block in net.blocks]
     assert kinds == [SwiGLU, MoELayer, SwiGLU, MoELayer]
