@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs moe_router into it with the test extras.
+# Creates .venv (if missing) and installs moe_router into it with the test and hf extras
+# (MOE_ROUTER_EXTRAS overrides the list, e.g. MOE_ROUTER_EXTRAS=test).
 #
 # torch is installed first and only when .venv has none: `torch==2.13.0` by default, which is
 # the CUDA build from PyPI on a GPU machine and the local CPU wheel where pip is pointed at
@@ -8,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${MOE_ROUTER_EXTRAS:-test}"
+EXTRAS="${MOE_ROUTER_EXTRAS:-test,hf}"
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
