@@ -46,7 +46,7 @@ if not _CUDA and "triton" not in sys.modules:
     with _interpreter_env(), contextlib.suppress(ImportError):
         import triton  # noqa: F401  (decorates triton.language under the interpreter)
 
-        from moe_router.ops import _triton_soft_topk  # noqa: F401
+        from moe_router.ops import threshold_triton  # noqa: F401
 
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
@@ -54,9 +54,9 @@ from hypothesis import strategies as st  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from moe_router.ops import _triton_soft_topk as kernels  # noqa: E402
-from moe_router.ops._threshold import apply_f  # noqa: E402
+from moe_router.ops import threshold_triton as kernels  # noqa: E402
 from moe_router.ops.soft_topk import soft_topk  # noqa: E402
+from moe_router.ops.threshold_torch import apply_f  # noqa: E402
 
 # The interpreter runs the kernels' guarded divisions and logs with numpy, which warns about the
 # branch that tl.where throws away.
@@ -480,7 +480,7 @@ _COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from moe_router.ops import _triton_soft_topk as kernels
+from moe_router.ops import threshold_triton as kernels
 assert not kernels.INTERPRETED
 fwd = {name: "*fp32" for name in ("k_ptr", "tau_ptr", "p_ptr", "lam_ptr")}
 fwd.update({"x_ptr": "*bf16", "R": "i32", "N": "i32", "stride_x": "i32"})

@@ -1,7 +1,7 @@
-"""The fused CPU kernels of the threshold family (csrc/soft_topk_cpu.cpp), built on first use.
+"""The C++ CPU path of the threshold family: loads csrc/threshold_cpp.cpp, built on first use.
 
 `soft_topk(..., backend="auto")` runs CPU tensors through these kernels when they build, and
-through the PyTorch path of `_threshold.py` (which they are tested against) otherwise.
+through the PyTorch path of `threshold_torch.py` (which they are tested against) otherwise.
 
 The extension is compiled once per machine with torch.utils.cpp_extension (a C++ compiler and
 ninja are needed; the build takes about 10 s) into a cache folder: $MOE_ROUTER_CACHE, else
@@ -29,7 +29,7 @@ from moe_router.ops._vmap import batch_first
 
 __all__ = ["available", "backward", "build", "forward"]
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "soft_topk_cpu.cpp"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "threshold_cpp.cpp"
 METHOD_IDS = {"sigmoid": 0, "laplace": 1, "exp": 2, "sparse": 3}
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _ENV_SWITCH = "MOE_ROUTER_CPU_KERNELS"

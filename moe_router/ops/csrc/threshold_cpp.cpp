@@ -1,12 +1,12 @@
 // Fused CPU kernels of the threshold soft top-k family (sigmoid, laplace, exp, sparse).
 //
-// The same math as moe_router/ops/_threshold.py (the readable reference path; read it first),
+// The same math as moe_router/ops/threshold_torch.py (the readable reference path; read it first),
 // one row at a time with the row in cache: a partial selection of the top candidates (a cut
 // from column maxima, then insertion), the closed forms on those candidates in double
 // (exp, laplace), safeguarded Newton for sigmoid (laplace bracket) and for sparse (on the
 // piecewise-linear sum, with the sorted closed form as fallback), then the exact final step in
 // the threshold's own frame and p: a handful of SIMD passes over the row. Rows run in parallel
-// (at::parallel_for). Built on first use by moe_router/ops/_cpu_kernels.py.
+// (at::parallel_for). Built on first use by moe_router/ops/threshold_cpp.py.
 //
 // Shape legend: R rows, N entries per row, K candidates (top values) per row.
 //

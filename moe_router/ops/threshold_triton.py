@@ -1,5 +1,14 @@
 """Fused Triton kernels for the threshold soft top-k (methods sigmoid, laplace, exp, sparse).
 
+A different algorithm from the PyTorch and C++ paths, on purpose. Those two first select the
+top candidates of each row (torch.topk, or a partial selection in cache) and then evaluate
+closed forms on the sorted candidates, which is cheapest on a CPU. A GPU program instead holds
+a tile of whole rows in registers: a per-row sort or top-k there is a data-dependent sorting
+network, costly in registers and instructions, while an elementwise pass with a row reduction
+is nearly free. So these kernels iterate safeguarded segment (Newton) steps over the whole row,
+each step one pass over the registers, and stop when every row of the tile has converged. They
+solve the same equation and are tested against the PyTorch path to fp32 rounding.
+
 Shape legend: R rows (tokens, flattened batch), N entries per row (experts), BN = N rounded up to
 a power of two (the kernel tile width), ROWS rows per program.
 
@@ -417,7 +426,7 @@ def _check_available(t: Tensor, name: str) -> None:
     if t.device.type != "cuda" and not INTERPRETED:
         raise ValueError(
             f"{name} is on {t.device}; the Triton soft top-k kernels need a CUDA tensor "
-            "(or TRITON_INTERPRET=1 set before moe_router.ops._triton_soft_topk is imported)"
+            "(or TRITON_INTERPRET=1 set before moe_router.ops.threshold_triton is imported)"
         )
 
 
