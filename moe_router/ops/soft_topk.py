@@ -14,6 +14,15 @@ fused C++ CPU kernels (`threshold_cpp.py`) and Triton GPU kernels (`threshold_tr
 that one. The reference methods ("iterative", "grad", `reference.py`) are plain PyTorch
 differentiated by autograd.
 
+First call: with the C++ build cached, the first call of soft_topk costs about what any small
+op's first call does (20-40 ms measured, mostly loading the kernels' library and asking the
+compiler for its version, which is part of the cache key). It imports no torch._dynamo (the op
+is registered through torch.library.Library for that reason: the custom_op decorator imports
+it on the first call, 2-5 s) and runs no compiler or ninja. What remains is a cold cache (one
+build of 10-30 s per source, torch, compiler and machine, shared by every checkout and virtual
+environment; see threshold_cpp.py) and the imports: torch itself, and `import moe_router`,
+which also imports torchmetrics for moe_router.metrics (2-3 s of the 3-5 s measured).
+
 Shape legend: R rows (all dims but `dim`, flattened), N entries per row.
 """
 
@@ -109,7 +118,17 @@ def _check_enough_finite(scores_RN: Tensor, k_R: Tensor, lam_R: Tensor) -> None:
         )
 
 
-@torch.library.custom_op("moe_router::soft_topk_threshold", mutates_args=())
+# Defined with torch.library.Library rather than the torch.library.custom_op decorator: the
+# decorator wraps the kernel in torch._disable_dynamo, whose first call imports torch._dynamo
+# (seconds) even in a program that never compiles. The op is the same to torch.compile, vmap
+# and opcheck: a schema, a kernel, a fake and a vmap rule.
+_LIB = torch.library.Library("moe_router", "DEF")
+_LIB.define(
+    "soft_topk_threshold(Tensor scores, Tensor k, Tensor tau, str method, float? max_k, "
+    "str backend) -> Tensor"
+)
+
+
 def _soft_topk_threshold(
     scores_RN: Tensor,
     k_R: Tensor,
@@ -146,7 +165,10 @@ def _soft_topk_threshold(
     return p_RN
 
 
-@_soft_topk_threshold.register_fake
+_LIB.impl("soft_topk_threshold", _soft_topk_threshold, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("moe_router::soft_topk_threshold", lib=_LIB)
 def _(scores_RN, k_R, tau_R, method, max_k, backend):
     return torch.empty_like(scores_RN)
 
@@ -164,7 +186,9 @@ class _SoftTopKThreshold(torch.autograd.Function):
 
     @staticmethod
     def forward(scores_RN, k_R, tau_R, method, max_k, backend):
-        return _soft_topk_threshold(scores_RN, k_R, tau_R, method, max_k, backend)
+        return torch.ops.moe_router.soft_topk_threshold(
+            scores_RN, k_R, tau_R, method, max_k, backend
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -200,8 +224,7 @@ class _SoftTopKThreshold(torch.autograd.Function):
         return grad_x_RN, grad_k_R, grad_tau_R, None, None, None
 
 
-@_soft_topk_threshold.register_vmap
-def _(info, in_dims, scores_RN, k_R, tau_R, method, max_k, backend):
+def _vmap_rule(info, in_dims, scores_RN, k_R, tau_R, method, max_k, backend):
     # Rows are independent: fold the vmapped dim into the rows and call the op once.
     batch = info.batch_size
 
@@ -210,7 +233,7 @@ def _(info, in_dims, scores_RN, k_R, tau_R, method, max_k, backend):
 
     scores_BRN = batched(scores_RN, in_dims[0])
     num_rows, num_entries = scores_BRN.shape[1:]
-    p_BRN = _soft_topk_threshold(
+    p_BRN = torch.ops.moe_router.soft_topk_threshold(
         scores_BRN.reshape(batch * num_rows, num_entries),
         batched(k_R, in_dims[1]).reshape(batch * num_rows),
         batched(tau_R, in_dims[2]).reshape(batch * num_rows),
@@ -219,6 +242,9 @@ def _(info, in_dims, scores_RN, k_R, tau_R, method, max_k, backend):
         backend,
     )
     return p_BRN.reshape(batch, num_rows, num_entries), 0
+
+
+torch.library.register_vmap("moe_router::soft_topk_threshold", _vmap_rule, lib=_LIB)
 
 
 # --------------------------------------------------------------------------------------------

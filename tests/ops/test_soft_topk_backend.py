@@ -146,3 +146,19 @@ def test_compiled_call_runs_one_backend_when_the_kernels_are_not_loaded(monkeypa
     assert calls == ["torch"]
     (backward_graph,) = recorder.bw_graphs
     assert "moe_router_cpu" not in backward_graph.code
+
+
+def test_first_call_does_not_import_dynamo():
+    """An eager program pays no torch._dynamo import (seconds) for using the op: the op is
+    defined through torch.library.Library, not the custom_op decorator, whose kernel wrapper
+    imports torch._dynamo on its first call."""
+    code = (
+        "import sys, torch; from moe_router import soft_topk;"
+        "x = torch.randn(4, 8, requires_grad=True);"
+        "[soft_topk(x, 2, backend=b).sum().backward() for b in ('torch', 'auto')];"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

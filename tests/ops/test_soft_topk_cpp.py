@@ -199,3 +199,52 @@ def test_cpp_backend_rejects_what_it_cannot_run():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs CPU tensors"):
             soft_topk(torch.randn(4, 8, device="cuda"), 2, backend="cpp")
+
+
+# ------------------------------------------------------------------------------ the build cache
+
+
+def test_build_key_covers_what_the_binary_depends_on(monkeypatch):
+    name = threshold_cpp._build_name()
+    assert name == threshold_cpp._build_name()
+    monkeypatch.setattr(threshold_cpp, "_compiler_identity", lambda: "/usr/bin/clang++ 18.1")
+    assert threshold_cpp._build_name() != name
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert threshold_cpp._build_name() != name
+
+
+def _copy_package(destination):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    shutil.copytree(
+        os.path.join(root, "moe_router"),
+        os.path.join(destination, "moe_router"),
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    return str(destination)
+
+
+def test_other_checkouts_load_the_cached_build_without_rebuilding(tmp_path):
+    """The cache is keyed by what the binary depends on, not by which checkout asks: a second
+    checkout (another path, same source, same torch and compiler) loads the file directly,
+    without ninja or torch.utils.cpp_extension. It used to share one build folder whose
+    build.ninja named the source path, so two checkouts rebuilt it in turn."""
+    assert threshold_cpp.available()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    built = threshold_cpp.library_path()
+    shutil.copy(built, cache / built.name)
+    checkout = _copy_package(tmp_path / "other_checkout")
+    code = (
+        "import sys; from moe_router.ops import threshold_cpp;"
+        "assert threshold_cpp.available();"
+        "assert 'torch.utils.cpp_extension' not in sys.modules, 'rebuilt';"
+        "print(threshold_cpp.library_path())"
+    )
+    env = dict(os.environ, MOE_ROUTER_CACHE=str(cache), PYTHONPATH=checkout)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(cache / built.name)
+    assert sorted(p.name for p in cache.iterdir()) == [built.name]
