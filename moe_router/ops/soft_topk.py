@@ -157,7 +157,7 @@ def _soft_topk_threshold(
         # the kernels leave k <= 0 undefined; match the torch path's documented zeros
         p_RN = torch.where((k_R <= 0).unsqueeze(-1), 0.0, p_RN).to(scores_RN.dtype)
     elif backend == "torch":
-        p_RN, lam_R = solve_threshold(scores_RN / tau_R.unsqueeze(-1), k_R, method, max_k)
+        p_RN, lam_R = solve_threshold(scores_RN, k_R, tau_R, method, max_k)
     else:
         raise ValueError(f"backend={backend!r} is not a resolved backend; use torch, cpp, triton")
     if check_finite:

@@ -37,8 +37,8 @@ __all__ = ["available", "backward", "build", "forward", "loaded"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "threshold_cpp.cpp"
 METHOD_IDS = {"sigmoid": 0, "laplace": 1, "exp": 2, "sparse": 3}
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-_LDFLAGS = ["-fopenmp"]
+_CFLAGS = ("-O3", "-march=native", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
 _ENV_SWITCH = "MOE_ROUTER_CPU_KERNELS"
 
 
@@ -83,7 +83,7 @@ def _build_name() -> str:
         str(torch.version.git_version),
         sys.implementation.cache_tag,  # the library links libtorch_python
         _compiler_identity(),
-        " ".join(_CFLAGS + _LDFLAGS),
+        " ".join(_CFLAGS + _LDFLAGS),  # (tuples: cpp_extension appends to the lists it gets)
         _cpu_flags(),
     ):
         digest.update(b"\0" + part.encode())
@@ -111,18 +111,26 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = os.pathsep.join([*dirs, os.environ.get("PATH", "")])
 
 
+_LIBRARY: Path | None = None  # the library this process loaded
+
+
 def build(verbose: bool = False) -> Path:
     """Load the cached build of the extension, compiling it first if there is none.
 
-    Registers torch.ops.moe_router_cpu and returns the library's path.
+    Registers torch.ops.moe_router_cpu and returns the library's path. Once per process: later
+    calls return the library already loaded.
 
     Raises:
         Whatever torch.utils.cpp_extension raises when the build fails.
     """
+    global _LIBRARY
+    if _LIBRARY is not None:  # a second library of the same ops would abort the process
+        return _LIBRARY
     path = library_path()
     if path.exists():
         try:
             torch.ops.load_library(str(path))
+            _LIBRARY = path
             return path
         except OSError:  # a damaged file: build it again
             path.unlink(missing_ok=True)
@@ -141,13 +149,14 @@ def build(verbose: bool = False) -> Path:
         load(
             name=name,
             sources=[str(SOURCE)],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=_LDFLAGS,
+            extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
             build_directory=build_dir,
             is_python_module=False,
             verbose=verbose,
         )
         os.replace(Path(build_dir) / f"{name}.so", path)
+    _LIBRARY = path
     return path
 
 

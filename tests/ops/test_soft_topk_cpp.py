@@ -88,9 +88,11 @@ def test_forward_matches_torch_path(method, num_entries, dtype):
     k_R, tau_R = per_row_budgets(scores_RN.shape[0], num_entries, dtype)
     p_RN, lam_R = threshold_cpp.forward(scores_RN, k_R, tau_R, method)
     z_RN = scores_RN / tau_R.unsqueeze(-1)
-    # the reference: the PyTorch path in float64 on the same z (in fp32 it is the less
+    # the reference: the PyTorch path in float64 on the same rows (in fp32 it is the less
     # accurate of the two at large k, where its sums of p round)
-    p_ref_RN, lam_ref_R = solve_threshold(z_RN.double(), k_R.double(), method, None)
+    p_ref_RN, lam_ref_R = solve_threshold(
+        scores_RN.double(), k_R.double(), tau_R.double(), method, None
+    )
     p_ref_RN, lam_ref_R = p_ref_RN.to(dtype), lam_ref_R.to(dtype)
     atol = 5e-6 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(p_RN, p_ref_RN, atol=atol, rtol=0, equal_nan=True)
@@ -106,8 +108,8 @@ def test_sparse_exact_sorted_path_matches(num_entries, dtype):
     k_R, tau_R = per_row_budgets(scores_RN.shape[0], num_entries, dtype, seed=3)
     p_RN, _ = threshold_cpp.forward(scores_RN, k_R, tau_R, "sparse", sparse_newton_steps=0)
     p_newton_RN, _ = threshold_cpp.forward(scores_RN, k_R, tau_R, "sparse")
-    z_RN = (scores_RN / tau_R.unsqueeze(-1)).double()
-    p_ref_RN = solve_threshold(z_RN, k_R.double(), "sparse", None)[0].to(dtype)
+    p_ref_RN = solve_threshold(scores_RN.double(), k_R.double(), tau_R.double(), "sparse")[0]
+    p_ref_RN = p_ref_RN.to(dtype)
     atol = 5e-6 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(p_RN, p_ref_RN, atol=atol, rtol=0, equal_nan=True)
     torch.testing.assert_close(p_newton_RN, p_ref_RN, atol=atol, rtol=0, equal_nan=True)
@@ -248,3 +250,14 @@ def test_other_checkouts_load_the_cached_build_without_rebuilding(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == str(cache / built.name)
     assert sorted(p.name for p in cache.iterdir()) == [built.name]
+
+
+def test_build_key_stays_the_same_after_a_build():
+    """torch.utils.cpp_extension appends to the flag lists it is given (_prepare_ldflags); the
+    key hashes the flags, so with shared lists a second build() in the same process looked for
+    another file, compiled it and loaded a second library of the same ops, which aborts the
+    process. The flags are tuples, and build() loads one library per process."""
+    name = threshold_cpp._build_name()
+    assert threshold_cpp.build() == threshold_cpp.build() == threshold_cpp.library_path()
+    assert threshold_cpp._build_name() == name
+    assert isinstance(threshold_cpp._CFLAGS, tuple) and isinstance(threshold_cpp._LDFLAGS, tuple)
