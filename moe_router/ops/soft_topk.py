@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from moe_router.ops._vmap import batch_first
-from moe_router.ops.reference import REFERENCE_METHODS, grad_soft_topk, iterative_soft_topk
+from moe_router.ops.reference import REFERENCE_METHODS, reference_soft_topk
 from moe_router.ops.threshold_torch import THRESHOLD_METHODS, solve_threshold, threshold_backward
 
 METHODS = THRESHOLD_METHODS + REFERENCE_METHODS
@@ -105,11 +105,10 @@ def _check_tau(tau_R: Tensor) -> None:
         )
 
 
-def _check_enough_finite(scores_RN: Tensor, k_R: Tensor, lam_R: Tensor) -> None:
-    """A number k needs more than k finite scores per row. The solver already marks the rows
-    that have too few with lam = -inf, so this reads [R] values, not a second [R, N] count.
-    CPU only; on CUDA the documented fallback applies instead of an error."""
-    short_R = torch.isneginf(lam_R)
+def _check_enough_finite(scores_RN: Tensor, k_R: Tensor, short_R: Tensor) -> None:
+    """A number k needs more than k finite scores per row; `short_R` marks the rows that have
+    too few (the solvers find them anyway, so this reads [R] values, not a second [R, N]
+    count). CPU only; on CUDA the documented fallback applies instead of an error."""
     if bool(short_R.any()):
         row = int(short_R.nonzero()[0, 0])
         raise ValueError(
@@ -161,7 +160,7 @@ def _soft_topk_threshold(
     else:
         raise ValueError(f"backend={backend!r} is not a resolved backend; use torch, cpp, triton")
     if check_finite:
-        _check_enough_finite(scores_RN, k_R, lam_R)
+        _check_enough_finite(scores_RN, k_R, torch.isneginf(lam_R))  # lam = -inf marks them
     return p_RN
 
 
@@ -387,11 +386,12 @@ def soft_topk(
         resolved = _resolve_backend(scores_RN, method, backend)
         p_RN = _SoftTopKThreshold.apply(scores_RN, k_R, tau_R, method, max_k, resolved)
     else:
-        z_RN = scores_RN / tau_R.unsqueeze(-1)
+        # the threshold family's contract: the same checks, masking and special rows
+        on_cpu = scores_RN.device.type == "cpu"
+        if on_cpu:
+            _check_tau(tau_R)
         max_k = int(k) if k_is_number else None
-        reference = iterative_soft_topk if method == "iterative" else grad_soft_topk
-        p_RN = reference(z_RN, k_R, max_k)
-        # same contract as the threshold family: a NaN (or +inf) poisons its own row only
-        bad_row_R1 = (torch.isnan(z_RN) | torch.isposinf(z_RN)).any(-1, keepdim=True)
-        p_RN = torch.where(bad_row_R1, math.nan, p_RN)
+        p_RN, short_R = reference_soft_topk(scores_RN, k_R, tau_R, method, max_k)
+        if on_cpu and k_is_number:
+            _check_enough_finite(scores_RN, k_R, short_R)
     return p_RN.reshape(scores_BN.shape).movedim(-1, dim).to(scores.dtype)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ops_testing import exact_reference, scale_cases
 from torch.autograd import gradcheck, gradgradcheck
 
 from moe_router import soft_topk
@@ -36,39 +37,6 @@ def bisection_reference(scores: torch.Tensor, k, tau: float, method: str) -> tor
         too_low = apply_f(z - mid.unsqueeze(-1), method).sum(-1) > k
         lo, hi = torch.where(too_low, mid, lo), torch.where(too_low, hi, mid)
     return apply_f(z - ((lo + hi) / 2).unsqueeze(-1), method)
-
-
-def exact_reference(row: torch.Tensor, k: float, tau: float, method: str) -> torch.Tensor:
-    """p of one row by bisection on the threshold in 100-digit arithmetic (mpmath), from the
-    exact values of the row's floats: slow, and right at any scale (300 halvings of the
-    bracket reach below 1e-45 tau even for a row spanning the whole fp32 range)."""
-    import mpmath
-
-    def f(u):
-        if method == "sigmoid":
-            return 1 / (1 + mpmath.exp(-u))
-        if method == "laplace":
-            return 1 - mpmath.exp(-u) / 2 if u >= 0 else mpmath.exp(u) / 2
-        if method == "exp":
-            return min(mpmath.mpf(1), mpmath.exp(u))
-        return min(mpmath.mpf(1), max(mpmath.mpf(0), u))
-
-    with mpmath.workdps(100):
-        values = [mpmath.mpf(v) for v in row.tolist() if v > -math.inf]
-        scale = mpmath.mpf(tau)
-        lo, hi = min(values) - 80 * scale, max(values) + 80 * scale
-        for _ in range(300):
-            mid = (lo + hi) / 2
-            if sum(f((v - mid) / scale) for v in values) > k:
-                lo = mid
-            else:
-                hi = mid
-        theta = (lo + hi) / 2
-        p = [
-            float(f((mpmath.mpf(v) - theta) / scale)) if v > -math.inf else 0.0
-            for v in row.tolist()
-        ]
-    return torch.tensor(p, dtype=torch.float64)
 
 
 def hard_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -201,29 +169,6 @@ def test_huge_logits_give_no_nan(dtype, method):
 
 
 # ------------------------------------------------------------------------------ any scale
-
-
-def scale_cases() -> list[tuple[str, torch.Tensor, float, float]]:
-    """(name, fp32 row, k, tau): rows whose scale, spread or temperature would lose the
-    threshold in a frame far from it (the row max, or z = x / tau), issue 12 item 6."""
-    gen = torch.Generator().manual_seed(21)
-    noise = torch.randn(12, generator=gen)
-    rows = [
-        ("equal at 1e8", torch.full((8,), 1e8), 2, 1.0),
-        ("equal at 1e6", torch.full((8,), 1e6), 2, 1.0),
-        ("equal at -1e30", torch.full((6,), -1e30), 2.5, 1.0),
-        ("wide gap", torch.tensor([1e8, -1e8, 1.0, 2.0, 0.0, -1.0]), 2, 1.0),
-        ("near the fp32 max", torch.tensor([3e38, -1e38, -1.5e38, -2e38]), 2, 1.0),
-        ("far above a cluster", torch.cat([torch.tensor([3e38]), noise]), 3.5, 1.0),
-        ("offset cluster", 1e6 + noise * 8, 3.5, 1.0),
-        ("large logits, tau 0.3", noise * 1e4, 4.5, 0.3),
-        ("threshold far below the max", torch.cat([torch.tensor([1e7]), noise * 0.5]), 3, 1.0),
-        ("tiny tau", noise, 3.5, 1e-10),
-        ("tiny tau, integer k", noise, 3, 1e-10),
-        ("subnormal tau", noise, 3.5, 1e-45),
-        ("huge tau", noise, 2.5, 1e30),
-    ]
-    return rows
 
 
 @pytest.mark.parametrize("method", THRESHOLD)
@@ -393,6 +338,40 @@ def test_nan_propagates_to_its_row_only(method):
     p = soft_topk(scores, 2, method=method)
     assert torch.isnan(p[1]).all()
     torch.testing.assert_close(p[[0, 2]], soft_topk(scores[[0, 2]], 2, method=method))
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_every_method_validates_and_masks_alike(method):
+    """The reference methods follow the threshold family's contract (issue 12 item 7: a
+    negative tensor tau selected the bottom k, tau = 0 gave NaN, a tensor k = n summed to
+    n - 1 (iterative) or 1.5e-4 (grad), k = n + 1, NaN or inf raised IndexError, grad put
+    p = 1 on -inf entries)."""
+    torch.manual_seed(18)
+    scores = torch.randn(3, 5, dtype=torch.float64)
+    for bad_tau in (torch.tensor([1.0, -1.0, 1.0]), torch.tensor([1.0, 0.0, 1.0])):
+        with pytest.raises(ValueError, match="tau must be positive"):
+            soft_topk(scores, 2, tau=bad_tau.double(), method=method)
+    # per-row k: n and n + 1 saturate (p = 1), inf too, 0 gives zeros, NaN gives a NaN row
+    k = torch.tensor([5.0, 6.0, 2.0], dtype=torch.float64)
+    p = soft_topk(scores, k, method=method)
+    assert torch.equal(p[:2], torch.ones(2, 5, dtype=torch.float64))
+    torch.testing.assert_close(p[2].sum(), torch.tensor(2.0, dtype=torch.float64))
+    p = soft_topk(
+        scores, torch.tensor([math.inf, 0.0, math.nan], dtype=torch.float64), method=method
+    )
+    assert torch.equal(p[0], torch.ones(5, dtype=torch.float64))
+    assert torch.equal(p[1], torch.zeros(5, dtype=torch.float64))
+    assert torch.isnan(p[2]).all()
+    # -inf entries: p = 0 on them; a row with at most k finite scores gets 1 on those
+    masked = scores.clone()
+    masked[0, 2:] = -math.inf
+    masked[1, 4] = -math.inf
+    p = soft_topk(masked, torch.tensor([3.0, 2.0, 2.0], dtype=torch.float64), method=method)
+    assert torch.equal(p[0], torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+    assert p[1, 4] == 0
+    torch.testing.assert_close(p[1:].sum(-1), torch.full((2,), 2.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="needs more than k finite scores"):
+        soft_topk(masked, 3, method=method)
 
 
 def test_tensor_k_nonpositive_gives_zeros():

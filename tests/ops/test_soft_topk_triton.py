@@ -54,6 +54,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
+from ops_testing import exact_reference, scale_cases  # noqa: E402
+
 from moe_router.ops import threshold_triton as kernels  # noqa: E402
 from moe_router.ops.soft_topk import soft_topk  # noqa: E402
 from moe_router.ops.threshold_torch import apply_f  # noqa: E402
@@ -63,6 +65,8 @@ from moe_router.ops.threshold_torch import apply_f  # noqa: E402
 pytestmark = [
     pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning"),
+    # (and about the differences that overflow to +-inf on purpose in rows near the fp32 max)
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]
 
 METHODS = ("sigmoid", "laplace", "exp", "sparse")
@@ -313,6 +317,20 @@ def test_forward_matches_torch_path(method):
     with _small_tensor_mode():
         p_torch = soft_topk(x.double(), 3, tau=tau_R.double(), method=method)
     torch.testing.assert_close(p.double(), p_torch.double(), atol=2e-5, rtol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", METHODS)
+def test_exact_in_the_rows_own_frame_at_any_scale(method):
+    """As the PyTorch and C++ paths: 1e-5 against a 100-digit solve on the same fp32 values,
+    for logits near 1e8 or 3e38, rows spanning the fp32 range, and tau from 1e-45 to 1e30."""
+    for name, row, k, tau in scale_cases():
+        x = row.float().unsqueeze(0)
+        tau = torch.tensor(tau).float().item()
+        p = forward(x, torch.tensor([float(k)]), torch.tensor([tau]), method)[0].double()
+        assert abs(p.sum().item() - k) <= 1e-5 * max(k, 1), name
+        expected = exact_reference(row.float(), k, tau, method)
+        torch.testing.assert_close(p, expected, atol=1e-5, rtol=0, msg=name)
 
 
 @needs_kernels
