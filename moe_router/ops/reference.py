@@ -45,6 +45,8 @@ def reference_soft_topk(
         on a number k).
     """
     k_R = k_R.round()
+    if x_RN.shape[-1] == 0:  # nothing to select: every row is saturated (or has k <= 0)
+        return x_RN.clone(), k_R > 0
     row_max_R1 = x_RN.amax(-1, keepdim=True)
     bad_row_R1 = torch.isnan(row_max_R1) | torch.isposinf(row_max_R1) | torch.isnan(k_R)[:, None]
     finite_RN = x_RN > -math.inf

@@ -256,6 +256,15 @@ def _per_row(
     """Broadcast a number or tensor k / tau to one value per row, [R], in the compute dtype."""
     if not torch.is_tensor(value):
         return like.new_full((math.prod(batch_shape),), float(value))
+    if value.dtype == torch.bool or value.is_complex():
+        raise ValueError(f"{name} must be a real-valued tensor, got dtype={value.dtype}")
+    if value.device != like.device:
+        if value.dim() > 0 or value.device.type != "cpu":  # (a CPU scalar goes anywhere)
+            raise ValueError(
+                f"{name} is on device {value.device}, but scores are on {like.device}; "
+                "pass it on the scores' device"
+            )
+        value = value.to(like.device)
     if not value.is_floating_point():
         value = value.to(like.dtype)
     # accept the keepdim form too: shape of scores with size 1 along dim
@@ -331,6 +340,9 @@ def soft_topk(
         raise ValueError(f"backend={backend!r} is not supported; use one of {BACKENDS}")
     if scores.dim() == 0:
         raise ValueError("scores must have at least one dimension, got a 0-d tensor")
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise ValueError(f"dim must be an int, got dim={dim!r}")
+    dim = int(dim)
     if not -scores.dim() <= dim < scores.dim():
         raise ValueError(
             f"dim={dim} is out of range for scores with {scores.dim()} dims "
@@ -377,7 +389,8 @@ def soft_topk(
     compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     scores_BN = scores.movedim(dim, -1)
     batch_shape = scores_BN.shape[:-1]
-    scores_RN = scores_BN.reshape(-1, num_entries).to(compute_dtype)  # (R, N)
+    # (R, N); R spelled out: -1 is ambiguous for N = 0
+    scores_RN = scores_BN.reshape(math.prod(batch_shape), num_entries).to(compute_dtype)
     k_R = _per_row(k, "k", batch_shape, dim, scores.dim(), scores_RN)
     tau_R = _per_row(tau, "tau", batch_shape, dim, scores.dim(), scores_RN)
 

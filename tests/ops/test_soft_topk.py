@@ -400,11 +400,31 @@ def test_tensor_k_nonpositive_gives_zeros():
         (dict(k=True), "k must be a number"),
         (dict(k=torch.ones(3)), "broadcast"),
         (dict(k=2, tau=torch.tensor([1.0, -1.0, 1.0, 1.0])), "tau"),
+        (dict(k=2, dim=1.0), "dim must be an int, got dim=1.0"),
+        (dict(k=2, dim=True), "dim must be an int, got dim=True"),
+        (dict(k=torch.tensor(True)), "k must be a real-valued tensor"),
+        (dict(k=2, tau=torch.ones(4, dtype=torch.complex64)), "tau must be a real-valued"),
+        (dict(k=torch.full((4,), 2.0, device="meta")), "k is on device meta"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         soft_topk(torch.randn(4, 5), **kwargs)
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("shape", [(3, 0), (0, 0), (2, 0, 3), (0, 4)])
+def test_empty_scores_with_tensor_k(shape, method):
+    """An empty score tensor gives an empty result (and gradient), whatever k is: a tensor k
+    with no entries per row used to fail in a reshape (issue 12 item 9)."""
+    backends = CPU_BACKENDS if method in THRESHOLD else ["auto"]
+    for backend in backends:
+        x = torch.empty(shape, requires_grad=True)
+        k = torch.tensor(2.0, requires_grad=True)
+        p = soft_topk(x, k, dim=1 if len(shape) == 3 else -1, method=method, backend=backend)
+        assert p.shape == x.shape
+        p.sum().backward()
+        assert x.grad.shape == x.shape
 
 
 def test_integer_scores_raise_value_error():

@@ -893,7 +893,10 @@ std::tuple<at::Tensor, at::Tensor> threshold_forward(const at::Tensor& scores,
   check_inputs(scores, k, tau, method);
   at::Tensor p = at::empty_like(scores);
   at::Tensor lam = at::empty({scores.size(0)}, scores.options());
-  if (scores.numel() == 0) return {p, lam};
+  if (scores.numel() == 0) {  // no entries: every row is saturated (as the fallback marks it)
+    lam.fill_(-std::numeric_limits<double>::infinity());
+    return {p, lam};
+  }
   dispatch(scores.scalar_type(), method, [&](auto scalar, auto method_c) {
     forward_impl<decltype(scalar), decltype(method_c)::value>(scores, k, tau,
                                                               sparse_newton_steps, p, lam);
