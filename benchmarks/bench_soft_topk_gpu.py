@@ -2,7 +2,7 @@
 
 For each shape (R rows x N entries) it times, with ``triton.testing.do_bench`` medians:
 
-- forward and backward of the Triton kernels (``moe_router.ops._triton_soft_topk``),
+- forward and backward of the Triton kernels (``moe_router.ops.threshold_triton``),
 - forward and backward (autograd) of the PyTorch path ``moe_router.soft_topk``,
 - forward and backward of the seed implementation (``benchmarks/seed_topk.py``, sigmoid only),
 - ``torch.softmax`` + ``torch.topk`` (what a hard top-k router computes) and its backward,
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         return 2
 
     sys.path.insert(0, str(ROOT))
-    from moe_router.ops import _triton_soft_topk as kernels
+    from moe_router.ops import threshold_triton as kernels
     from moe_router.ops.soft_topk import soft_topk
 
     seed_soft_topk = None

@@ -8,10 +8,20 @@ Threshold methods ("sigmoid", "laplace", "exp", "sparse") run as one registered 
 (`moe_router::soft_topk_threshold`, forward with a fake and a vmap rule) inside an
 autograd.Function with the hand-written one-pass backward, so they work under
 `torch.compile(fullgraph=True)`, `torch.func.vmap` and `torch.func.grad`. Three
-implementations, checked against each other: the readable PyTorch path (`_threshold.py`), fused
-C++ CPU kernels (`csrc/soft_topk_cpu.cpp`, built on first use by `_cpu_kernels.py`) and Triton
-GPU kernels (`_triton_soft_topk.py`). The reference methods ("iterative", "grad") are plain
-PyTorch differentiated by autograd.
+implementations, checked against each other: the readable PyTorch path (`threshold_torch.py`),
+fused C++ CPU kernels (`threshold_cpp.py`) and Triton GPU kernels (`threshold_triton.py`).
+`soft_topk` picks one per call (`_resolve_backend`) and the op's forward and backward both run
+that one. The reference methods ("iterative", "grad", `reference.py`) are plain PyTorch
+differentiated by autograd.
+
+First call: with the C++ build cached, the first call of soft_topk costs about what any small
+op's first call does (20-40 ms measured, mostly loading the kernels' library and asking the
+compiler for its version, which is part of the cache key). It imports no torch._dynamo (the op
+is registered through torch.library.Library for that reason: the custom_op decorator imports
+it on the first call, 2-5 s) and runs no compiler or ninja. What remains is a cold cache (one
+build of 10-30 s per source, torch, compiler and machine, shared by every checkout and virtual
+environment; see threshold_cpp.py) and the imports: torch itself, and `import moe_router`,
+which also imports torchmetrics for moe_router.metrics (2-3 s of the 3-5 s measured).
 
 Shape legend: R rows (all dims but `dim`, flattened), N entries per row.
 """
@@ -25,9 +35,9 @@ import os
 import torch
 from torch import Tensor
 
-from moe_router.ops._reference import REFERENCE_METHODS, grad_soft_topk, iterative_soft_topk
-from moe_router.ops._threshold import THRESHOLD_METHODS, solve_threshold, threshold_backward
 from moe_router.ops._vmap import batch_first
+from moe_router.ops.reference import REFERENCE_METHODS, reference_soft_topk
+from moe_router.ops.threshold_torch import THRESHOLD_METHODS, solve_threshold, threshold_backward
 
 METHODS = THRESHOLD_METHODS + REFERENCE_METHODS
 BACKENDS = ("auto", "torch", "cpp", "triton")
@@ -36,7 +46,7 @@ __all__ = ["BACKENDS", "METHODS", "soft_topk"]
 
 
 # --------------------------------------------------------------------------------------------
-# the custom op (threshold family)
+# the backend switch
 
 
 def _triton_available() -> bool:
@@ -47,34 +57,43 @@ def _triton_available() -> bool:
     return True
 
 
-def _use_cpp(scores_RN: Tensor, backend: str, build: bool = True) -> bool:
-    """backend="auto": the fused C++ kernels for CPU float32/float64 rows, once they build.
+def _cpp_kernels_ready() -> bool:
+    """Whether the C++ kernels can run: built and loaded here (building them on the first call).
 
-    build=False only reads whether they are loaded: code that torch.compile traces (the
-    autograd.Function's setup_context) cannot build them. The op's forward runs eagerly first.
+    Code that torch.compile traces cannot build them, so there this only reads whether they
+    are loaded; an eager call builds them first.
     """
-    if backend == "cpp":
-        return True
-    if backend != "auto" or scores_RN.device.type != "cpu":
-        return False
-    if scores_RN.dtype not in (torch.float32, torch.float64):
-        return False
-    from moe_router.ops import _cpu_kernels
+    from moe_router.ops import threshold_cpp
 
-    return _cpu_kernels.available() if build else _cpu_kernels.loaded()
+    if torch.compiler.is_compiling():
+        return threshold_cpp.loaded()
+    return threshold_cpp.available()
 
 
-def _use_triton(scores_RN: Tensor, method: str, backend: str) -> bool:
-    """backend="auto": Triton for CUDA tensors the kernels support (N <= 1024, not float64)."""
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    if not scores_RN.is_cuda:
-        return False
-    from moe_router.ops._triton_soft_topk import is_supported
+def _resolve_backend(scores_RN: Tensor, method: str, backend: str) -> str:
+    """The one implementation this call runs: "torch", "cpp" or "triton".
 
-    return is_supported(scores_RN, method)
+    Decided once per call and handed to the op, so that its forward and its backward always
+    run the same implementation. "auto": the C++ kernels for CPU float32/float64 rows when they
+    build, the Triton kernels for CUDA rows they support (N <= 1024, not float64), else PyTorch.
+    An explicit backend was validated by soft_topk.
+    """
+    if backend != "auto":
+        return backend
+    if scores_RN.device.type == "cpu":
+        if scores_RN.dtype in (torch.float32, torch.float64) and _cpp_kernels_ready():
+            return "cpp"
+        return "torch"
+    if scores_RN.is_cuda and _triton_available():
+        from moe_router.ops.threshold_triton import is_supported
+
+        if is_supported(scores_RN, method):
+            return "triton"
+    return "torch"
+
+
+# --------------------------------------------------------------------------------------------
+# the custom op (threshold family)
 
 
 def _check_tau(tau_R: Tensor) -> None:
@@ -86,11 +105,10 @@ def _check_tau(tau_R: Tensor) -> None:
         )
 
 
-def _check_enough_finite(scores_RN: Tensor, k_R: Tensor, lam_R: Tensor) -> None:
-    """A number k needs more than k finite scores per row. The solver already marks the rows
-    that have too few with lam = -inf, so this reads [R] values, not a second [R, N] count.
-    CPU only; on CUDA the documented fallback applies instead of an error."""
-    short_R = torch.isneginf(lam_R)
+def _check_enough_finite(scores_RN: Tensor, k_R: Tensor, short_R: Tensor) -> None:
+    """A number k needs more than k finite scores per row; `short_R` marks the rows that have
+    too few (the solvers find them anyway, so this reads [R] values, not a second [R, N]
+    count). CPU only; on CUDA the documented fallback applies instead of an error."""
     if bool(short_R.any()):
         row = int(short_R.nonzero()[0, 0])
         raise ValueError(
@@ -99,7 +117,17 @@ def _check_enough_finite(scores_RN: Tensor, k_R: Tensor, lam_R: Tensor) -> None:
         )
 
 
-@torch.library.custom_op("moe_router::soft_topk_threshold", mutates_args=())
+# Defined with torch.library.Library rather than the torch.library.custom_op decorator: the
+# decorator wraps the kernel in torch._disable_dynamo, whose first call imports torch._dynamo
+# (seconds) even in a program that never compiles. The op is the same to torch.compile, vmap
+# and opcheck: a schema, a kernel, a fake and a vmap rule.
+_LIB = torch.library.Library("moe_router", "DEF")
+_LIB.define(
+    "soft_topk_threshold(Tensor scores, Tensor k, Tensor tau, str method, float? max_k, "
+    "str backend) -> Tensor"
+)
+
+
 def _soft_topk_threshold(
     scores_RN: Tensor,
     k_R: Tensor,
@@ -108,17 +136,18 @@ def _soft_topk_threshold(
     max_k: float | None,
     backend: str,
 ) -> Tensor:
+    """The forward of the threshold family on [R, N] rows; `backend` is already resolved."""
     # Value checks that read data run on CPU only, where that costs no device sync.
     on_cpu = scores_RN.device.type == "cpu"
     check_finite = on_cpu and max_k is not None
     if on_cpu:
         _check_tau(tau_R)
-    if _use_cpp(scores_RN, backend):
-        from moe_router.ops import _cpu_kernels
+    if backend == "cpp":
+        from moe_router.ops import threshold_cpp
 
-        p_RN, lam_R = _cpu_kernels.forward(scores_RN, k_R, tau_R, method)
-    elif _use_triton(scores_RN, method, backend):
-        from moe_router.ops._triton_soft_topk import triton_soft_topk_forward
+        p_RN, lam_R = threshold_cpp.forward(scores_RN, k_R, tau_R, method)
+    elif backend == "triton":
+        from moe_router.ops.threshold_triton import triton_soft_topk_forward
 
         out = triton_soft_topk_forward(
             scores_RN.contiguous(), k_R, tau_R, method, return_threshold=check_finite
@@ -126,14 +155,19 @@ def _soft_topk_threshold(
         p_RN, lam_R = out if check_finite else (out, None)
         # the kernels leave k <= 0 undefined; match the torch path's documented zeros
         p_RN = torch.where((k_R <= 0).unsqueeze(-1), 0.0, p_RN).to(scores_RN.dtype)
+    elif backend == "torch":
+        p_RN, lam_R = solve_threshold(scores_RN, k_R, tau_R, method, max_k)
     else:
-        p_RN, lam_R = solve_threshold(scores_RN / tau_R.unsqueeze(-1), k_R, method, max_k)
+        raise ValueError(f"backend={backend!r} is not a resolved backend; use torch, cpp, triton")
     if check_finite:
-        _check_enough_finite(scores_RN, k_R, lam_R)
+        _check_enough_finite(scores_RN, k_R, torch.isneginf(lam_R))  # lam = -inf marks them
     return p_RN
 
 
-@_soft_topk_threshold.register_fake
+_LIB.impl("soft_topk_threshold", _soft_topk_threshold, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("moe_router::soft_topk_threshold", lib=_LIB)
 def _(scores_RN, k_R, tau_R, method, max_k, backend):
     return torch.empty_like(scores_RN)
 
@@ -143,22 +177,24 @@ class _SoftTopKThreshold(torch.autograd.Function):
 
     An autograd.Function with setup_context (rather than register_autograd on the op) so that
     torch.func transforms (vmap of grad, jacrev) compose with it; the op stays opaque to
-    torch.compile, which traces this Function's backward as plain torch ops.
+    torch.compile, which traces this Function's backward as plain torch ops. The backward runs
+    the backend the forward ran (a resolved name, an input of the op).
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(scores_RN, k_R, tau_R, method, max_k, backend):
-        return _soft_topk_threshold(scores_RN, k_R, tau_R, method, max_k, backend)
+        return torch.ops.moe_router.soft_topk_threshold(
+            scores_RN, k_R, tau_R, method, max_k, backend
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        scores_RN, k_R, tau_R, method, max_k, backend = inputs
+        _, _, tau_R, method, _, backend = inputs
         ctx.save_for_backward(output, tau_R)
         ctx.method = method
-        ctx.use_cpp = _use_cpp(scores_RN, backend, build=False)
-        ctx.use_triton = not ctx.use_cpp and _use_triton(scores_RN, method, backend)
+        ctx.backend = backend
 
     @staticmethod
     def backward(ctx, grad_RN):
@@ -166,15 +202,15 @@ class _SoftTopKThreshold(torch.autograd.Function):
         _, need_k_grad, need_tau_grad = ctx.needs_input_grad[:3]
         # The fused backwards are first-order only; double backward takes the torch formula,
         # which is written in differentiable ops on the saved output.
-        if ctx.use_cpp and not torch.is_grad_enabled():
-            from moe_router.ops import _cpu_kernels
+        if ctx.backend == "cpp" and not torch.is_grad_enabled():
+            from moe_router.ops import threshold_cpp
 
-            grad_x_RN, grad_k_R, grad_tau_R = _cpu_kernels.backward(
+            grad_x_RN, grad_k_R, grad_tau_R = threshold_cpp.backward(
                 p_RN, grad_RN, tau_R, ctx.method, need_tau_grad
             )
             grad_k_R = grad_k_R if need_k_grad else None
-        elif ctx.use_triton and not torch.is_grad_enabled():
-            from moe_router.ops._triton_soft_topk import triton_soft_topk_backward
+        elif ctx.backend == "triton" and not torch.is_grad_enabled():
+            from moe_router.ops.threshold_triton import triton_soft_topk_backward
 
             grad_x_RN, grad_k_R, grad_tau_R = triton_soft_topk_backward(
                 p_RN, grad_RN.contiguous(), tau_R, ctx.method, need_k_grad, need_tau_grad
@@ -187,8 +223,7 @@ class _SoftTopKThreshold(torch.autograd.Function):
         return grad_x_RN, grad_k_R, grad_tau_R, None, None, None
 
 
-@_soft_topk_threshold.register_vmap
-def _(info, in_dims, scores_RN, k_R, tau_R, method, max_k, backend):
+def _vmap_rule(info, in_dims, scores_RN, k_R, tau_R, method, max_k, backend):
     # Rows are independent: fold the vmapped dim into the rows and call the op once.
     batch = info.batch_size
 
@@ -197,7 +232,7 @@ def _(info, in_dims, scores_RN, k_R, tau_R, method, max_k, backend):
 
     scores_BRN = batched(scores_RN, in_dims[0])
     num_rows, num_entries = scores_BRN.shape[1:]
-    p_BRN = _soft_topk_threshold(
+    p_BRN = torch.ops.moe_router.soft_topk_threshold(
         scores_BRN.reshape(batch * num_rows, num_entries),
         batched(k_R, in_dims[1]).reshape(batch * num_rows),
         batched(tau_R, in_dims[2]).reshape(batch * num_rows),
@@ -206,6 +241,9 @@ def _(info, in_dims, scores_RN, k_R, tau_R, method, max_k, backend):
         backend,
     )
     return p_BRN.reshape(batch, num_rows, num_entries), 0
+
+
+torch.library.register_vmap("moe_router::soft_topk_threshold", _vmap_rule, lib=_LIB)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +256,15 @@ def _per_row(
     """Broadcast a number or tensor k / tau to one value per row, [R], in the compute dtype."""
     if not torch.is_tensor(value):
         return like.new_full((math.prod(batch_shape),), float(value))
+    if value.dtype == torch.bool or value.is_complex():
+        raise ValueError(f"{name} must be a real-valued tensor, got dtype={value.dtype}")
+    if value.device != like.device:
+        if value.dim() > 0 or value.device.type != "cpu":  # (a CPU scalar goes anywhere)
+            raise ValueError(
+                f"{name} is on device {value.device}, but scores are on {like.device}; "
+                "pass it on the scores' device"
+            )
+        value = value.to(like.device)
     if not value.is_floating_point():
         value = value.to(like.dtype)
     # accept the keepdim form too: shape of scores with size 1 along dim
@@ -293,6 +340,9 @@ def soft_topk(
         raise ValueError(f"backend={backend!r} is not supported; use one of {BACKENDS}")
     if scores.dim() == 0:
         raise ValueError("scores must have at least one dimension, got a 0-d tensor")
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise ValueError(f"dim must be an int, got dim={dim!r}")
+    dim = int(dim)
     if not -scores.dim() <= dim < scores.dim():
         raise ValueError(
             f"dim={dim} is out of range for scores with {scores.dim()} dims "
@@ -320,10 +370,7 @@ def soft_topk(
             raise ValueError(f"backend='cpp' supports {THRESHOLD_METHODS}, not {method!r}")
         if scores.device.type != "cpu":
             raise ValueError(f"backend='cpp' needs CPU tensors, got device={scores.device}")
-        from moe_router.ops import _cpu_kernels
-
-        built = _cpu_kernels.loaded() if torch.compiler.is_compiling() else None
-        if not (built if built is not None else _cpu_kernels.available()):
+        if not _cpp_kernels_ready():
             raise ValueError(
                 "backend='cpp' needs the C++ kernels, which could not be built here (see the "
                 "warning above, or MOE_ROUTER_CPU_KERNELS=0 is set); use backend='torch'"
@@ -342,19 +389,22 @@ def soft_topk(
     compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     scores_BN = scores.movedim(dim, -1)
     batch_shape = scores_BN.shape[:-1]
-    scores_RN = scores_BN.reshape(-1, num_entries).to(compute_dtype)  # (R, N)
+    # (R, N); R spelled out: -1 is ambiguous for N = 0
+    scores_RN = scores_BN.reshape(math.prod(batch_shape), num_entries).to(compute_dtype)
     k_R = _per_row(k, "k", batch_shape, dim, scores.dim(), scores_RN)
     tau_R = _per_row(tau, "tau", batch_shape, dim, scores.dim(), scores_RN)
 
     if method in THRESHOLD_METHODS:
         max_k = float(k) if k_is_number else None
-        p_RN = _SoftTopKThreshold.apply(scores_RN, k_R, tau_R, method, max_k, backend)
+        resolved = _resolve_backend(scores_RN, method, backend)
+        p_RN = _SoftTopKThreshold.apply(scores_RN, k_R, tau_R, method, max_k, resolved)
     else:
-        z_RN = scores_RN / tau_R.unsqueeze(-1)
+        # the threshold family's contract: the same checks, masking and special rows
+        on_cpu = scores_RN.device.type == "cpu"
+        if on_cpu:
+            _check_tau(tau_R)
         max_k = int(k) if k_is_number else None
-        reference = iterative_soft_topk if method == "iterative" else grad_soft_topk
-        p_RN = reference(z_RN, k_R, max_k)
-        # same contract as the threshold family: a NaN (or +inf) poisons its own row only
-        bad_row_R1 = (torch.isnan(z_RN) | torch.isposinf(z_RN)).any(-1, keepdim=True)
-        p_RN = torch.where(bad_row_R1, math.nan, p_RN)
+        p_RN, short_R = reference_soft_topk(scores_RN, k_R, tau_R, method, max_k)
+        if on_cpu and k_is_number:
+            _check_enough_finite(scores_RN, k_R, short_R)
     return p_RN.reshape(scores_BN.shape).movedim(-1, dim).to(scores.dtype)

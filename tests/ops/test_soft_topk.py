@@ -12,10 +12,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ops_testing import exact_reference, scale_cases
 from torch.autograd import gradcheck, gradgradcheck
 
 from moe_router import soft_topk
-from moe_router.ops._threshold import apply_f
+from moe_router.ops.threshold_torch import apply_f
 
 THRESHOLD = ["sigmoid", "laplace", "exp", "sparse"]
 # the two CPU implementations of the threshold methods: the PyTorch path and the C++ kernels
@@ -167,6 +168,31 @@ def test_huge_logits_give_no_nan(dtype, method):
     assert torch.isfinite(scores.grad).all()
 
 
+# ------------------------------------------------------------------------------ any scale
+
+
+@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", scale_cases(), ids=lambda case: case[0])
+def test_exact_in_the_rows_own_frame_at_any_scale(case, method, backend):
+    """1e-5 on logits of any scale: the threshold is solved next to itself, so p matches a
+    float64 solve on the same fp32 values, and sums to k, however large the logits, however
+    wide the row and however small or large tau."""
+    _, row, k, tau = case
+    scores = row.float().unsqueeze(0)
+    tau = torch.tensor(tau).float().item()  # the fp32 value the op computes with
+    p = soft_topk(scores, k, tau=tau, method=method, backend=backend)
+    assert torch.isfinite(p).all()
+    assert abs(p.double().sum().item() - k) <= 1e-5 * max(k, 1)
+    key = (case[0], method)
+    if key not in _EXACT:
+        _EXACT[key] = exact_reference(row.float(), k, tau, method)
+    torch.testing.assert_close(p[0].double(), _EXACT[key], atol=1e-5, rtol=0)
+
+
+_EXACT: dict[tuple[str, str], torch.Tensor] = {}  # the references, shared by both backends
+
+
 # ------------------------------------------------------------------------------ limits
 
 
@@ -251,7 +277,7 @@ def test_backward_matches_explicit_jacobian(method, backend):
     tau = 0.8
     p = soft_topk(x, 3, tau=tau, method=method, backend=backend)
     (grad,) = torch.autograd.grad(p, x, g)
-    from moe_router.ops._threshold import f_prime_from_p
+    from moe_router.ops.threshold_torch import f_prime_from_p
 
     for row in range(4):
         v = f_prime_from_p(p[row].detach(), method) / tau
@@ -314,6 +340,40 @@ def test_nan_propagates_to_its_row_only(method):
     torch.testing.assert_close(p[[0, 2]], soft_topk(scores[[0, 2]], 2, method=method))
 
 
+@pytest.mark.parametrize("method", ALL)
+def test_every_method_validates_and_masks_alike(method):
+    """The reference methods follow the threshold family's contract (issue 12 item 7: a
+    negative tensor tau selected the bottom k, tau = 0 gave NaN, a tensor k = n summed to
+    n - 1 (iterative) or 1.5e-4 (grad), k = n + 1, NaN or inf raised IndexError, grad put
+    p = 1 on -inf entries)."""
+    torch.manual_seed(18)
+    scores = torch.randn(3, 5, dtype=torch.float64)
+    for bad_tau in (torch.tensor([1.0, -1.0, 1.0]), torch.tensor([1.0, 0.0, 1.0])):
+        with pytest.raises(ValueError, match="tau must be positive"):
+            soft_topk(scores, 2, tau=bad_tau.double(), method=method)
+    # per-row k: n and n + 1 saturate (p = 1), inf too, 0 gives zeros, NaN gives a NaN row
+    k = torch.tensor([5.0, 6.0, 2.0], dtype=torch.float64)
+    p = soft_topk(scores, k, method=method)
+    assert torch.equal(p[:2], torch.ones(2, 5, dtype=torch.float64))
+    torch.testing.assert_close(p[2].sum(), torch.tensor(2.0, dtype=torch.float64))
+    p = soft_topk(
+        scores, torch.tensor([math.inf, 0.0, math.nan], dtype=torch.float64), method=method
+    )
+    assert torch.equal(p[0], torch.ones(5, dtype=torch.float64))
+    assert torch.equal(p[1], torch.zeros(5, dtype=torch.float64))
+    assert torch.isnan(p[2]).all()
+    # -inf entries: p = 0 on them; a row with at most k finite scores gets 1 on those
+    masked = scores.clone()
+    masked[0, 2:] = -math.inf
+    masked[1, 4] = -math.inf
+    p = soft_topk(masked, torch.tensor([3.0, 2.0, 2.0], dtype=torch.float64), method=method)
+    assert torch.equal(p[0], torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+    assert p[1, 4] == 0
+    torch.testing.assert_close(p[1:].sum(-1), torch.full((2,), 2.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="needs more than k finite scores"):
+        soft_topk(masked, 3, method=method)
+
+
 def test_tensor_k_nonpositive_gives_zeros():
     p = soft_topk(torch.randn(2, 5), torch.tensor([0.0, 2.0]), method="exp")
     assert torch.equal(p[0], torch.zeros(5))
@@ -340,11 +400,31 @@ def test_tensor_k_nonpositive_gives_zeros():
         (dict(k=True), "k must be a number"),
         (dict(k=torch.ones(3)), "broadcast"),
         (dict(k=2, tau=torch.tensor([1.0, -1.0, 1.0, 1.0])), "tau"),
+        (dict(k=2, dim=1.0), "dim must be an int, got dim=1.0"),
+        (dict(k=2, dim=True), "dim must be an int, got dim=True"),
+        (dict(k=torch.tensor(True)), "k must be a real-valued tensor"),
+        (dict(k=2, tau=torch.ones(4, dtype=torch.complex64)), "tau must be a real-valued"),
+        (dict(k=torch.full((4,), 2.0, device="meta")), "k is on device meta"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         soft_topk(torch.randn(4, 5), **kwargs)
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("shape", [(3, 0), (0, 0), (2, 0, 3), (0, 4)])
+def test_empty_scores_with_tensor_k(shape, method):
+    """An empty score tensor gives an empty result (and gradient), whatever k is: a tensor k
+    with no entries per row used to fail in a reshape (issue 12 item 9)."""
+    backends = CPU_BACKENDS if method in THRESHOLD else ["auto"]
+    for backend in backends:
+        x = torch.empty(shape, requires_grad=True)
+        k = torch.tensor(2.0, requires_grad=True)
+        p = soft_topk(x, k, dim=1 if len(shape) == 3 else -1, method=method, backend=backend)
+        assert p.shape == x.shape
+        p.sum().backward()
+        assert x.grad.shape == x.shape
 
 
 def test_integer_scores_raise_value_error():
@@ -457,3 +537,26 @@ def test_property_small_tau_limit(values, method):
     k = len(values) // 2
     p = soft_topk(scores, k, tau=1e-3, method=method)
     torch.testing.assert_close(p, hard_topk_mask(scores, k), atol=1e-6, rtol=0)
+
+
+def test_sparse_torch_path_memory_is_linear_in_the_row():
+    """The PyTorch sparse solve needs O(R N) memory: it used to build an [R, ceil(k), N + 1]
+    temporary (4 x 100000 at k = 5000: 23 GB). Peak resident memory of a fresh process, before
+    and after one solve of 2 x 20000 at k = 1000 (that temporary alone: 160 MB per copy)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, torch; from moe_router import soft_topk;"
+        "x = torch.randn(2, 20000); soft_topk(x[:, :100], 10, method='sparse', backend='torch');"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "p = soft_topk(x, 1000, method='sparse', backend='torch');"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "assert abs(p.sum(-1) - 1000).max() < 1e-2, p.sum(-1);"
+        "print((after - before) / 1024)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout) < 40, f"peak memory grew by {result.stdout.strip()} MB"

@@ -1,4 +1,4 @@
-"""The fused C++ CPU kernels (moe_router/ops/csrc) against the PyTorch path (_threshold.py).
+"""The C++ CPU path (threshold_cpp.py, csrc/) against the PyTorch path (threshold_torch.py).
 
 The PyTorch path is itself checked against a float64 bisection in test_soft_topk.py (which also
 runs its accuracy and gradcheck tests through both backends); here the two implementations are
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from moe_router import soft_topk
-from moe_router.ops import _cpu_kernels
-from moe_router.ops._threshold import solve_threshold, threshold_backward
+from moe_router.ops import threshold_cpp
+from moe_router.ops.threshold_torch import solve_threshold, threshold_backward
 
 THRESHOLD = ["sigmoid", "laplace", "exp", "sparse"]
 
@@ -71,7 +71,7 @@ def assert_same_threshold(lam_a: torch.Tensor, lam_b: torch.Tensor, scale: torch
 
 
 def test_kernels_build_and_auto_uses_them():
-    assert _cpu_kernels.available()
+    assert threshold_cpp.available()
     scores = torch.randn(16, 32)
     for method in THRESHOLD:
         auto = soft_topk(scores, 4, method=method)
@@ -86,11 +86,13 @@ def test_kernels_build_and_auto_uses_them():
 def test_forward_matches_torch_path(method, num_entries, dtype):
     scores_RN = stress_rows(num_entries, dtype)
     k_R, tau_R = per_row_budgets(scores_RN.shape[0], num_entries, dtype)
-    p_RN, lam_R = _cpu_kernels.forward(scores_RN, k_R, tau_R, method)
+    p_RN, lam_R = threshold_cpp.forward(scores_RN, k_R, tau_R, method)
     z_RN = scores_RN / tau_R.unsqueeze(-1)
-    # the reference: the PyTorch path in float64 on the same z (in fp32 it is the less
+    # the reference: the PyTorch path in float64 on the same rows (in fp32 it is the less
     # accurate of the two at large k, where its sums of p round)
-    p_ref_RN, lam_ref_R = solve_threshold(z_RN.double(), k_R.double(), method, None)
+    p_ref_RN, lam_ref_R = solve_threshold(
+        scores_RN.double(), k_R.double(), tau_R.double(), method, None
+    )
     p_ref_RN, lam_ref_R = p_ref_RN.to(dtype), lam_ref_R.to(dtype)
     atol = 5e-6 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(p_RN, p_ref_RN, atol=atol, rtol=0, equal_nan=True)
@@ -104,10 +106,10 @@ def test_sparse_exact_sorted_path_matches(num_entries, dtype):
     """sparse_newton_steps=0 sends every row to the exact sorted fallback of the Newton solve."""
     scores_RN = stress_rows(num_entries, dtype, seed=3)
     k_R, tau_R = per_row_budgets(scores_RN.shape[0], num_entries, dtype, seed=3)
-    p_RN, _ = _cpu_kernels.forward(scores_RN, k_R, tau_R, "sparse", sparse_newton_steps=0)
-    p_newton_RN, _ = _cpu_kernels.forward(scores_RN, k_R, tau_R, "sparse")
-    z_RN = (scores_RN / tau_R.unsqueeze(-1)).double()
-    p_ref_RN = solve_threshold(z_RN, k_R.double(), "sparse", None)[0].to(dtype)
+    p_RN, _ = threshold_cpp.forward(scores_RN, k_R, tau_R, "sparse", sparse_newton_steps=0)
+    p_newton_RN, _ = threshold_cpp.forward(scores_RN, k_R, tau_R, "sparse")
+    p_ref_RN = solve_threshold(scores_RN.double(), k_R.double(), tau_R.double(), "sparse")[0]
+    p_ref_RN = p_ref_RN.to(dtype)
     atol = 5e-6 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(p_RN, p_ref_RN, atol=atol, rtol=0, equal_nan=True)
     torch.testing.assert_close(p_newton_RN, p_ref_RN, atol=atol, rtol=0, equal_nan=True)
@@ -118,15 +120,15 @@ def test_sparse_exact_sorted_path_matches(num_entries, dtype):
 def test_backward_matches_torch_formula(method, dtype):
     scores_RN = stress_rows(37, dtype, seed=5)
     k_R, tau_R = per_row_budgets(scores_RN.shape[0], 37, dtype, seed=5)
-    p_RN, _ = _cpu_kernels.forward(scores_RN, k_R, tau_R, method)
+    p_RN, _ = threshold_cpp.forward(scores_RN, k_R, tau_R, method)
     grad_RN = torch.randn(p_RN.shape, dtype=dtype, generator=torch.Generator().manual_seed(5))
-    grad_x, grad_k, grad_tau = _cpu_kernels.backward(p_RN, grad_RN, tau_R, method, True)
+    grad_x, grad_k, grad_tau = threshold_cpp.backward(p_RN, grad_RN, tau_R, method, True)
     ref_x, ref_k, ref_tau = threshold_backward(p_RN, grad_RN, tau_R, method)
     atol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(grad_x, ref_x, atol=atol, rtol=1e-5, equal_nan=True)
     torch.testing.assert_close(grad_k, ref_k, atol=atol, rtol=1e-5, equal_nan=True)
     torch.testing.assert_close(grad_tau, ref_tau, atol=atol, rtol=1e-4, equal_nan=True)
-    assert _cpu_kernels.backward(p_RN, grad_RN, tau_R, method, False)[2] is None
+    assert threshold_cpp.backward(p_RN, grad_RN, tau_R, method, False)[2] is None
 
 
 @pytest.mark.parametrize("method", THRESHOLD)
@@ -153,11 +155,11 @@ def test_thread_count_does_not_change_results():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = {m: _cpu_kernels.forward(scores_RN, k_R, tau_R, m)[0] for m in THRESHOLD}
+        single = {m: threshold_cpp.forward(scores_RN, k_R, tau_R, m)[0] for m in THRESHOLD}
         torch.set_num_threads(max(2, threads))
         for method in THRESHOLD:
             assert torch.equal(
-                _cpu_kernels.forward(scores_RN, k_R, tau_R, method)[0], single[method]
+                threshold_cpp.forward(scores_RN, k_R, tau_R, method)[0], single[method]
             )
     finally:
         torch.set_num_threads(threads)
@@ -167,26 +169,26 @@ def test_failed_build_warns_and_falls_back(monkeypatch):
     def broken_build(verbose=False):
         raise RuntimeError("Error building extension 'moe_router_cpu': no compiler")
 
-    _cpu_kernels.available.cache_clear()
-    monkeypatch.setattr(_cpu_kernels, "build", broken_build)
+    threshold_cpp.available.cache_clear()
+    monkeypatch.setattr(threshold_cpp, "build", broken_build)
     try:
         with pytest.warns(RuntimeWarning, match="using the PyTorch path instead"):
-            assert not _cpu_kernels.available()
+            assert not threshold_cpp.available()
         scores = torch.randn(8, 16)
         torch.testing.assert_close(soft_topk(scores, 3), soft_topk(scores, 3, backend="torch"))
         with pytest.raises(ValueError, match="backend='cpp' needs the C\\+\\+ kernels"):
             soft_topk(scores, 3, backend="cpp")
     finally:
         monkeypatch.undo()
-        _cpu_kernels.available.cache_clear()
-        assert _cpu_kernels.available()
+        threshold_cpp.available.cache_clear()
+        assert threshold_cpp.available()
 
 
 def test_environment_switch_turns_them_off():
     code = (
         "import torch, warnings; warnings.simplefilter('error');"
-        "from moe_router import soft_topk; from moe_router.ops import _cpu_kernels;"
-        "assert not _cpu_kernels.available();"
+        "from moe_router import soft_topk; from moe_router.ops import threshold_cpp;"
+        "assert not threshold_cpp.available();"
         "x = torch.randn(4, 8); soft_topk(x, 2)"
     )
     env = dict(os.environ, MOE_ROUTER_CPU_KERNELS="0")
@@ -199,3 +201,63 @@ def test_cpp_backend_rejects_what_it_cannot_run():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs CPU tensors"):
             soft_topk(torch.randn(4, 8, device="cuda"), 2, backend="cpp")
+
+
+# ------------------------------------------------------------------------------ the build cache
+
+
+def test_build_key_covers_what_the_binary_depends_on(monkeypatch):
+    name = threshold_cpp._build_name()
+    assert name == threshold_cpp._build_name()
+    monkeypatch.setattr(threshold_cpp, "_compiler_identity", lambda: "/usr/bin/clang++ 18.1")
+    assert threshold_cpp._build_name() != name
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert threshold_cpp._build_name() != name
+
+
+def _copy_package(destination):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    shutil.copytree(
+        os.path.join(root, "moe_router"),
+        os.path.join(destination, "moe_router"),
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    return str(destination)
+
+
+def test_other_checkouts_load_the_cached_build_without_rebuilding(tmp_path):
+    """The cache is keyed by what the binary depends on, not by which checkout asks: a second
+    checkout (another path, same source, same torch and compiler) loads the file directly,
+    without ninja or torch.utils.cpp_extension. It used to share one build folder whose
+    build.ninja named the source path, so two checkouts rebuilt it in turn."""
+    assert threshold_cpp.available()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    built = threshold_cpp.library_path()
+    shutil.copy(built, cache / built.name)
+    checkout = _copy_package(tmp_path / "other_checkout")
+    code = (
+        "import sys; from moe_router.ops import threshold_cpp;"
+        "assert threshold_cpp.available();"
+        "assert 'torch.utils.cpp_extension' not in sys.modules, 'rebuilt';"
+        "print(threshold_cpp.library_path())"
+    )
+    env = dict(os.environ, MOE_ROUTER_CACHE=str(cache), PYTHONPATH=checkout)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == str(cache / built.name)
+    assert sorted(p.name for p in cache.iterdir()) == [built.name]
+
+
+def test_build_key_stays_the_same_after_a_build():
+    """torch.utils.cpp_extension appends to the flag lists it is given (_prepare_ldflags); the
+    key hashes the flags, so with shared lists a second build() in the same process looked for
+    another file, compiled it and loaded a second library of the same ops, which aborts the
+    process. The flags are tuples, and build() loads one library per process."""
+    name = threshold_cpp._build_name()
+    assert threshold_cpp.build() == threshold_cpp.build() == threshold_cpp.library_path()
+    assert threshold_cpp._build_name() == name
+    assert isinstance(threshold_cpp._CFLAGS, tuple) and isinstance(threshold_cpp._LDFLAGS, tuple)

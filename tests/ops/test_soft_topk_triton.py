@@ -46,7 +46,7 @@ if not _CUDA and "triton" not in sys.modules:
     with _interpreter_env(), contextlib.suppress(ImportError):
         import triton  # noqa: F401  (decorates triton.language under the interpreter)
 
-        from moe_router.ops import _triton_soft_topk  # noqa: F401
+        from moe_router.ops import threshold_triton  # noqa: F401
 
 import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
@@ -54,15 +54,19 @@ from hypothesis import strategies as st  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from moe_router.ops import _triton_soft_topk as kernels  # noqa: E402
-from moe_router.ops._threshold import apply_f  # noqa: E402
+from ops_testing import exact_reference, scale_cases  # noqa: E402
+
+from moe_router.ops import threshold_triton as kernels  # noqa: E402
 from moe_router.ops.soft_topk import soft_topk  # noqa: E402
+from moe_router.ops.threshold_torch import apply_f  # noqa: E402
 
 # The interpreter runs the kernels' guarded divisions and logs with numpy, which warns about the
 # branch that tl.where throws away.
 pytestmark = [
     pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning"),
+    # (and about the differences that overflow to +-inf on purpose in rows near the fp32 max)
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]
 
 METHODS = ("sigmoid", "laplace", "exp", "sparse")
@@ -316,6 +320,20 @@ def test_forward_matches_torch_path(method):
 
 
 @needs_kernels
+@pytest.mark.parametrize("method", METHODS)
+def test_exact_in_the_rows_own_frame_at_any_scale(method):
+    """As the PyTorch and C++ paths: 1e-5 against a 100-digit solve on the same fp32 values,
+    for logits near 1e8 or 3e38, rows spanning the fp32 range, and tau from 1e-45 to 1e30."""
+    for name, row, k, tau in scale_cases():
+        x = row.float().unsqueeze(0)
+        tau = torch.tensor(tau).float().item()
+        p = forward(x, torch.tensor([float(k)]), torch.tensor([tau]), method)[0].double()
+        assert abs(p.sum().item() - k) <= 1e-5 * max(k, 1), name
+        expected = exact_reference(row.float(), k, tau, method)
+        torch.testing.assert_close(p, expected, atol=1e-5, rtol=0, msg=name)
+
+
+@needs_kernels
 def test_forward_row_stride():
     x, k_R, tau_R = make_rows(10, 40, seed=2)
     p_view = forward(x[:, :30], k_R, tau_R, "exp")
@@ -480,7 +498,7 @@ _COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from moe_router.ops import _triton_soft_topk as kernels
+from moe_router.ops import threshold_triton as kernels
 assert not kernels.INTERPRETED
 fwd = {name: "*fp32" for name in ("k_ptr", "tau_ptr", "p_ptr", "lam_ptr")}
 fwd.update({"x_ptr": "*bf16", "R": "i32", "N": "i32", "stride_x": "i32"})

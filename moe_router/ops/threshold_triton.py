@@ -1,5 +1,14 @@
 """Fused Triton kernels for the threshold soft top-k (methods sigmoid, laplace, exp, sparse).
 
+A different algorithm from the PyTorch and C++ paths, on purpose. Those two first select the
+top candidates of each row (torch.topk, or a partial selection in cache) and then evaluate
+closed forms on the sorted candidates, which is cheapest on a CPU. A GPU program instead holds
+a tile of whole rows in registers: a per-row sort or top-k there is a data-dependent sorting
+network, costly in registers and instructions, while an elementwise pass with a row reduction
+is nearly free. So these kernels iterate safeguarded segment (Newton) steps over the whole row,
+each step one pass over the registers, and stop when every row of the tile has converged. They
+solve the same equation and are tested against the PyTorch path to fp32 rounding.
+
 Shape legend: R rows (tokens, flattened batch), N entries per row (experts), BN = N rounded up to
 a power of two (the kernel tile width), ROWS rows per program.
 
@@ -11,8 +20,10 @@ Forward: one program holds a ROWS x BN tile in registers, solves lambda for ever
 tile and writes p once. Backward: one pass over p and the incoming gradient (implicit function
 theorem; everything it needs is a function of p).
 
-The solver works in shifted coordinates y = z - max_finite(z) <= 0, which is free (the operator
-is shift invariant) and keeps exp() in range and lambda near 0 where fp32 is densest. Each step
+The solver works in shifted coordinates y = (x - max x) / tau <= 0, which is free (the operator
+is shift invariant) and keeps exp() in range and lambda near 0 where fp32 is densest; the
+difference is taken before the division, so the entries near the max keep every bit however
+large x is (x / tau - max would round them to ulp(x / tau)). Each step
 is a *segment* solve: at the current lambda the entries split into pieces on which f has one
 formula, and the equation restricted to that split has a closed form:
 
@@ -39,8 +50,17 @@ z = logits / tau with standard deviation <= 5) every row converges within 8 iter
 (sigmoid runs two solves, see below); at standard deviation 10 and k = 8 a few rows need more.
 MAX_ITERS = 64 is a cap for such hard rows (and k near N on widely spread rows), which converge
 by the bisection steps.
-Accuracy: p within 1e-5 of a float64 solve and |sum p - k| <= 1e-5 max(k, 1) while |z| stays
-below ~100; beyond that the fp32 rounding of z = x / tau itself (ulp(|z|) ~ 1e-5) dominates.
+Exact in the row's own frame at any scale: a threshold more than FRAME_REACH = 8 units of tau
+from the frame's origin was solved on coordinates rounded to ~2^-24 of their size (1e8-scale
+logits, a tiny tau, k near N on a widely spread row). Such rows move the origin to their entry
+nearest the threshold, where the entries that carry the mass have exact coordinates again, and
+solve once more inside a bracket around the translated threshold (widened until it holds the
+root; bisection in sign(v) log(1 + |v|) for a bracket spanning the fp32 range). Each move gains
+~2^-23 of the distance, so a few stages (at most MAX_STAGES) cover the whole fp32 range, and
+rows that need none, the usual case, pay one reduction. Differences that overflow are clamped
+to the finite range: they belong to entries whose p is 0 or 1 anyway.
+Accuracy: p within 1e-5 of an exact solve on the same fp32 values and |sum p - k| <=
+1e-5 max(k, 1), for logits of any scale and any tau > 0 (tested from 1e-45 to 1e30).
 
 Initial brackets (shifted coordinates: max y = 0, M = number of entries that are not -inf,
 S0 = sum_i e^y_i, y_min the smallest finite y, t the ceil(k)-th largest y):
@@ -61,8 +81,8 @@ steps; on a width-1.39 bracket Newton converges quadratically.
 
 Special rows: an entry that is -inf (or a column beyond N) gets p = 0 exactly and zero gradient;
 a row with at most k entries that are not -inf gets p = 1 on them (the documented fallback of the
-PyTorch path) and threshold -inf; a NaN anywhere in a row makes its p, threshold and gradients
-NaN, other rows unaffected.
+PyTorch path) and threshold -inf; a NaN or +inf anywhere in a row makes its p, threshold and
+gradients NaN, other rows unaffected.
 
 Importing this module never fails: without Triton, ``HAS_TRITON`` is False and the wrappers
 raise. Kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter when
@@ -93,6 +113,11 @@ MAX_N = 1024
 # Cap on the iterations of one solve; rows converge long before it (see the module docstring),
 # and a tile stops iterating when all its rows have converged.
 MAX_ITERS = 64
+# The threshold is re-solved next to itself when it lies more than this many units of tau
+# from the frame's origin (there the coordinates' rounding stays below ~2e-6), at most
+# MAX_STAGES times.
+FRAME_REACH = 8.0
+MAX_STAGES = 8
 # Elements per program tile: large enough to amortise the per-row reductions, small enough to
 # stay in registers at 4-8 warps.
 _TILE_ELEMENTS = 2048
@@ -102,6 +127,10 @@ _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 if HAS_TRITON:
+    # (globals a kernel reads must be constexpr)
+    _FRAME_REACH = tl.constexpr(FRAME_REACH)
+    _MAX_STAGES = tl.constexpr(MAX_STAGES)
+    _FLOAT_MAX = tl.constexpr(3.4028234663852886e38)
 
     @triton.jit
     def _segment_step(y, lam, k, METHOD: tl.constexpr):
@@ -146,6 +175,19 @@ if HAS_TRITON:
         return total - k, candidate
 
     @triton.jit
+    def _midpoint(lo, hi):
+        """The bisection point of [lo, hi]: the middle, or for a bracket much wider than its
+        distance from 0 (a re-solve that starts from the whole fp32 range) the middle in
+        sign(v) log(1 + |v|), which reaches any threshold in ~8 + 24 halvings, not ~150."""
+        half_width = 0.5 * hi - 0.5 * lo  # (no overflow)
+        wide = half_width > 32.0 + 0.25 * (tl.abs(lo) + tl.abs(hi))
+        g_lo = tl.where(lo < 0, -tl.log(1.0 - lo), tl.log(1.0 + lo))
+        g_hi = tl.where(hi < 0, -tl.log(1.0 - hi), tl.log(1.0 + hi))
+        g_mid = 0.5 * (g_lo + g_hi)
+        geometric = tl.where(g_mid < 0, 1.0 - tl.exp(-g_mid), tl.exp(g_mid) - 1.0)
+        return tl.where(wide, geometric, 0.5 * lo + 0.5 * hi)
+
+    @triton.jit
     def _solve(y, lam, lo, hi, k, active, METHOD: tl.constexpr, ITERS: tl.constexpr):
         """Safeguarded segment / Newton iterations from lam inside [lo, hi]; returns lambda.
 
@@ -180,7 +222,7 @@ if HAS_TRITON:
             # crawling (the monotone walk of exp / laplace through many kinks when k is large
             # and the row widely spread): bisect instead, so the bracket keeps halving.
             fast = (it < 4) | (move <= 0.5 * tl.maximum(last_move, older_move)) | (move <= tol)
-            new_lam = tl.where(inside & fast, step, 0.5 * (lo + hi))
+            new_lam = tl.where(inside & fast, step, _midpoint(lo, hi))
             # |F(lam) - k| <= eps bounds every |p_i - p_i*| by eps (f is monotone), so lam is
             # done; this also ends the rounding dance of an entry sitting exactly on lam, and
             # flat pieces (sparse, integer k) where the step is 0/0.
@@ -194,6 +236,14 @@ if HAS_TRITON:
             n_active = tl.sum(active.to(tl.int32), axis=0)
             it += 1
         return lam
+
+    @triton.jit
+    def _frame(x, origin, tau, present):
+        """(x - origin) / tau on present entries, clamped to the finite range (a difference
+        that overflows belongs to an entry whose p is 0 or 1 anyway); -inf on masked ones."""
+        y = (x - origin[:, None]) / tau[:, None]
+        y = tl.minimum(tl.maximum(y, -_FLOAT_MAX), _FLOAT_MAX)
+        return tl.where(present, y, float("-inf"))
 
     @triton.jit
     def _apply_f(u, METHOD: tl.constexpr):
@@ -234,20 +284,22 @@ if HAS_TRITON:
         x = tl.load(x_ptr + row_offsets[:, None] + cols[None, :], mask=mask, other=float("-inf"))
         k = tl.load(k_ptr + rows, mask=row_ok, other=1.0)
         tau = tl.load(tau_ptr + rows, mask=row_ok, other=1.0)
-        z = x.to(tl.float32) / tau[:, None]
+        x = x.to(tl.float32)
 
-        is_nan = z != z
-        row_nan = tl.max(is_nan.to(tl.int32), axis=1) > 0
-        z = tl.where(is_nan, float("-inf"), z)
-        present = z > float("-inf")
-        finite = present & (z < float("inf"))
+        # A NaN or +inf anywhere makes the row NaN (as the PyTorch path); -inf marks entries
+        # that must not be selected.
+        row_nan = tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=1) > 0
+        x = tl.where(row_nan[:, None], 0.0, x)
+        present = x > float("-inf")
         n_present = tl.sum(present.to(tl.float32), axis=1)
-        z_max = tl.max(tl.where(finite, z, float("-inf")), axis=1)
-        z_min = tl.min(tl.where(finite, z, float("inf")), axis=1)
-        any_finite = z_max > float("-inf")
-        z_max = tl.where(any_finite, z_max, 0.0)
-        y_min = tl.where(any_finite, z_min - z_max, 0.0)
-        y = z - z_max[:, None]  # <= 0 on finite entries, -inf on masked ones
+        x_max = tl.max(tl.where(present, x, float("-inf")), axis=1)
+        any_present = x_max > float("-inf")
+        origin = tl.where(any_present, x_max, 0.0)
+        # The row in the frame of its max, in units of tau: (x - max) / tau, not x / tau - max,
+        # so that entries near the max keep every bit however large x is.
+        y = _frame(x, origin, tau, present)  # <= 0 on present entries, -inf on masked ones
+        y_min = tl.min(tl.where(present, y, float("inf")), axis=1)
+        y_min = tl.where(any_present, y_min, 0.0)
 
         # At most k entries to share k: all of them are selected (the torch path's fallback).
         fallback = n_present <= k
@@ -273,13 +325,13 @@ if HAS_TRITON:
             lo = tl.where(short, tl.minimum(y_min - 1.0, t - 1.0), t - 1.0)
             lam = _solve(y, t, lo, t, k_solve, active, 3, ITERS)
         elif METHOD == 2:
-            s0 = tl.sum(tl.exp(tl.where(finite, y, float("-inf"))), axis=1)
-            s0 = tl.where(any_finite, s0, 1.0)
+            s0 = tl.sum(tl.exp(y), axis=1)
+            s0 = tl.where(any_present, s0, 1.0)
             hi = tl.log(s0) - tl.log(k_solve)
             lam = _solve(y, hi, tl.minimum(y_min, hi), hi, k_solve, active, 2, ITERS)
         else:
-            s0 = tl.sum(tl.exp(tl.where(finite, y, float("-inf"))), axis=1)
-            s0 = tl.where(any_finite, s0, 1.0)
+            s0 = tl.sum(tl.exp(y), axis=1)
+            s0 = tl.where(any_present, s0, 1.0)
             hi = tl.log(s0) - tl.log(2.0 * k_solve)
             lo = tl.minimum(y_min + tl.log(2.0 * (1.0 - k_solve / m_solve)), hi)
             lam = _solve(y, hi, lo, hi, k_solve, active, 1, ITERS)
@@ -289,12 +341,60 @@ if HAS_TRITON:
                 ln2 = 0.6931471805599453
                 lam = _solve(y, lam, lam - ln2, lam + ln2, k_solve, active, 0, ITERS)
 
+        # Exact in the row's own frame: a threshold more than FRAME_REACH units of tau from
+        # the origin was solved on coordinates rounded to ~ulp(lam) (1e8-scale logits, a tiny
+        # tau, k near N on a wide row). Move the origin to the entry nearest the threshold,
+        # where the coordinates of the entries that carry the mass are exact again, and solve
+        # there inside a bracket around the translated threshold. Each move gains ~2^-23 of
+        # the distance, so a few stages cover the whole fp32 range; rows that need none (the
+        # usual case) cost one reduction.
+        refine = active & (tl.abs(lam) > _FRAME_REACH)
+        n_refine = tl.sum(refine.to(tl.int32), axis=0)
+        stage = 0
+        while (n_refine > 0) & (stage < _MAX_STAGES):
+            dist = tl.where(present, tl.abs(y - lam[:, None]), float("inf"))
+            nearest = tl.min(dist, axis=1)
+            at_nearest = present & (dist == nearest[:, None])
+            new_origin = tl.max(tl.where(at_nearest, x, float("-inf")), axis=1)
+            y_new_origin = tl.max(tl.where(at_nearest, y, float("-inf")), axis=1)
+            lam_start = lam - y_new_origin
+            # the old coordinates were good to ~2^-23 of their size: bracket 16x that
+            width = 2e-6 * (tl.abs(lam) + tl.abs(y_new_origin) + 64.0)
+            origin = tl.where(refine, new_origin, origin)
+            y = _frame(x, origin, tau, present)
+            lo = lam_start - width
+            hi = lam_start + width
+            # Widen until F(lo) >= k >= F(hi): the estimate above holds unless the old frame
+            # had tied distinct entries (at its clamp), and then the whole range does.
+            widened = 0
+            while widened < 4:
+                excess_lo, _ = _segment_step(y, lo, k_solve, METHOD)
+                excess_hi, _ = _segment_step(y, hi, k_solve, METHOD)
+                short_lo = refine & ~(excess_lo >= 0)
+                short_hi = refine & ~(excess_hi <= 0)
+                if widened == 3:
+                    lo = tl.where(short_lo, -_FLOAT_MAX, lo)
+                    hi = tl.where(short_hi, _FLOAT_MAX, hi)
+                else:
+                    lo = tl.where(short_lo, lam_start - 1024.0 * (lam_start - lo), lo)
+                    hi = tl.where(short_hi, lam_start + 1024.0 * (hi - lam_start), hi)
+                    lo = tl.maximum(lo, -_FLOAT_MAX)
+                    hi = tl.minimum(hi, _FLOAT_MAX)
+                widened += 1
+            lam = tl.where(refine, lam_start, lam)
+            lam = _solve(y, lam, lo, hi, k_solve, refine, METHOD, ITERS)
+            refine = refine & (tl.abs(lam) > _FRAME_REACH)
+            n_refine = tl.sum(refine.to(tl.int32), axis=0)
+            stage += 1
+
         p = _apply_f(y - lam[:, None], METHOD)
         p = tl.where(fallback[:, None], tl.where(present, 1.0, 0.0), p)
         p = tl.where(row_nan[:, None], float("nan"), p)
         tl.store(p_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], p, mask=mask)
         if WRITE_LAM:
-            lam_z = tl.where(fallback, float("-inf"), lam + z_max)
+            # lambda in units of x / tau, within the finite range (a solved row is never -inf)
+            lam_z = tl.minimum(tl.maximum(origin / tau + lam, -_FLOAT_MAX), _FLOAT_MAX)
+            lam_z = tl.where(fallback, float("-inf"), lam_z)
             lam_z = tl.where(row_nan, float("nan"), lam_z)
             tl.store(lam_ptr + rows, lam_z, mask=row_ok)
 
@@ -417,7 +517,7 @@ def _check_available(t: Tensor, name: str) -> None:
     if t.device.type != "cuda" and not INTERPRETED:
         raise ValueError(
             f"{name} is on {t.device}; the Triton soft top-k kernels need a CUDA tensor "
-            "(or TRITON_INTERPRET=1 set before moe_router.ops._triton_soft_topk is imported)"
+            "(or TRITON_INTERPRET=1 set before moe_router.ops.threshold_triton is imported)"
         )
 
 

@@ -1,12 +1,13 @@
 // Fused CPU kernels of the threshold soft top-k family (sigmoid, laplace, exp, sparse).
 //
-// The same math as moe_router/ops/_threshold.py (the readable reference path; read it first),
-// one row at a time with the row in cache: a partial selection of the top candidates (a cut
-// from column maxima, then insertion), the closed forms on those candidates in double
-// (exp, laplace), safeguarded Newton for sigmoid (laplace bracket) and for sparse (on the
-// piecewise-linear sum, with the sorted closed form as fallback), then the exact final step in
-// the threshold's own frame and p: a handful of SIMD passes over the row. Rows run in parallel
-// (at::parallel_for). Built on first use by moe_router/ops/_cpu_kernels.py.
+// The same math as moe_router/ops/threshold_torch.py (the readable reference path; read it
+// first), one row at a time with the row in cache: a partial selection of the top candidates
+// (a cut from column maxima, then insertion), their tail sums in each candidate's own frame,
+// the segment and the closed forms in double (exp, laplace), safeguarded Newton for sigmoid
+// (laplace bracket) and for sparse (on the piecewise-linear sum, with the sorted closed form as
+// fallback), all in the frame of a pivot score next to the threshold (exact at any scale),
+// then one final step there and p: a handful of SIMD passes over the row. Rows run in parallel
+// (at::parallel_for). Built on first use by moe_router/ops/threshold_cpp.py.
 //
 // Shape legend: R rows, N entries per row, K candidates (top values) per row.
 //
@@ -180,7 +181,7 @@ template <typename T>
 struct Scratch {
   explicit Scratch(int64_t n)
       : padded(round_up(n, kWidth<T>)),
-        z(padded),
+        x(padded),
         y(padded),
         out(padded),
         mark(padded),
@@ -189,16 +190,18 @@ struct Scratch {
         top_idx(n),
         candidates(n),
         pairs(n) {
-    std::fill(z.begin() + n, z.end(), -std::numeric_limits<T>::infinity());
+    std::fill(x.begin() + n, x.end(), -std::numeric_limits<T>::infinity());
     std::fill(y.begin() + n, y.end(), -std::numeric_limits<T>::infinity());
   }
   int64_t padded;
   int64_t sparse_newton_steps = kSparseNewtonSteps;  // tests set 0 to check exact_sparse
-  std::vector<T> z, y, out;  // the row / tau, a shifted copy (y, then u), f of it; pads -inf
+  // the row's scores; the row in the frame of its pivot (y = (x - P) / tau, then u = y - d);
+  // f of it. Pads -inf.
+  std::vector<T> x, y, out;
   // per entry, 1 or 0 (in T, so that masked sums are plain arithmetic); pads 0
   std::vector<T> mark;    // among the selected / "above" (capped, for sparse) entries
   std::vector<T> linear;  // sparse: on the linear piece
-  std::vector<T> top_val;  // the K largest values, descending; -inf pads
+  std::vector<T> top_val;  // the K largest scores, descending; -inf pads
   std::vector<int64_t> top_idx;
   std::vector<int64_t> candidates;
   std::vector<std::pair<T, int64_t>> pairs;
@@ -210,16 +213,16 @@ struct Scratch {
 // of the row seen as blocks of `cols` entries (each column max is a different entry). Only the
 // entries >= cut can be among the top `num`; for num << n they are a few more than num.
 template <typename T>
-T selection_cut(const T* y, int64_t padded, int64_t num) {
+T selection_cut(const T* x, int64_t padded, int64_t num) {
   constexpr int64_t width = kWidth<T>;
   const int64_t cols = round_up(num, width);
   const int64_t blocks = padded / cols;
   if (blocks < 2 || cols > 4 * width) return -std::numeric_limits<T>::infinity();
   Vec<T> colmax[4] = {};
-  for (int64_t c = 0; c < cols / width; ++c) colmax[c] = load(y + c * width);
+  for (int64_t c = 0; c < cols / width; ++c) colmax[c] = load(x + c * width);
   for (int64_t b = 1; b < blocks; ++b) {
     for (int64_t c = 0; c < cols / width; ++c) {
-      colmax[c] = vmax(colmax[c], load(y + b * cols + c * width));
+      colmax[c] = vmax(colmax[c], load(x + b * cols + c * width));
     }
   }
   Vec<T> least = colmax[0];
@@ -229,40 +232,41 @@ T selection_cut(const T* y, int64_t padded, int64_t num) {
   return cut;
 }
 
-// The K largest of y[0..n) in descending order (ties: the earlier index first), into
-// s.top_val / s.top_idx; positions past the finite entries hold -inf and index -1.
+// The K largest of x[0..n) in descending order (ties: the earlier index first), into
+// s.top_val / s.top_idx; positions past the finite entries hold -inf and index -1. Comparisons
+// only: exact at any scale.
 template <typename T>
-void select_top(const T* y, int64_t n, int64_t num, Scratch<T>& s) {
+void select_top(const T* x, int64_t n, int64_t num, Scratch<T>& s) {
   T* val = s.top_val.data();
   int64_t* idx = s.top_idx.data();
   if (num <= kInsertionMaxK) {
     std::fill(val, val + num, -std::numeric_limits<T>::infinity());
     std::fill(idx, idx + num, int64_t(-1));
     // branch-free compaction of the entries >= cut, then insertion of those into the buffer
-    const T cut = selection_cut(y, s.padded, num);
+    const T cut = selection_cut(x, s.padded, num);
     int64_t* cand = s.candidates.data();
     int64_t count = 0;
     for (int64_t i = 0; i < n; ++i) {
       cand[count] = i;
-      count += y[i] >= cut ? 1 : 0;
+      count += x[i] >= cut ? 1 : 0;
     }
     for (int64_t c = 0; c < count; ++c) {
       const int64_t i = cand[c];
-      const T yi = y[i];
-      if (!(yi > val[num - 1])) continue;
+      const T xi = x[i];
+      if (!(xi > val[num - 1])) continue;
       int64_t j = num - 1;
-      while (j > 0 && yi > val[j - 1]) {
+      while (j > 0 && xi > val[j - 1]) {
         val[j] = val[j - 1];
         idx[j] = idx[j - 1];
         --j;
       }
-      val[j] = yi;
+      val[j] = xi;
       idx[j] = i;
     }
     return;
   }
   auto* pairs = s.pairs.data();
-  for (int64_t i = 0; i < n; ++i) pairs[i] = {y[i], i};
+  for (int64_t i = 0; i < n; ++i) pairs[i] = {x[i], i};
   std::partial_sort(pairs, pairs + num, pairs + n, [](const auto& a, const auto& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   });
@@ -282,11 +286,23 @@ void mark_top(int64_t count, Scratch<T>& s) {
   }
 }
 
-// tail_rel[j] = sum_{rank >= j} e^{s_rank - s_j} for j < K (each in [1, N]): the sum over the
-// entries below candidate j, relative to s_j, without under- or overflow. The entries outside
-// the top K enter through one masked pass relative to s_{K-1}.
+// (b - a) / tau in double: a difference of two scores in units of tau. For float rows it is
+// exact before the division; it may overflow to -inf (float64 rows), where e^ gives 0.
 template <typename T>
-void relative_tails(const T* y, int64_t n, int64_t num, Scratch<T>& s) {
+inline double scaled_gap(T b, T a, double tau) {
+  return (static_cast<double>(b) - static_cast<double>(a)) / tau;
+}
+// e^{(b - a) / tau}, the exponential in the row's dtype (fast for float)
+template <typename T>
+inline double exp_gap(T b, T a, double tau) {
+  return exp_scalar(static_cast<T>(scaled_gap(b, a, tau)));
+}
+
+// tail_rel[j] = sum_{rank >= j} e^{(s_rank - s_j) / tau} for j < K (each in [1, N]): the sum
+// over candidate j and the entries below it, in the frame of s_j, without under- or overflow.
+// The entries outside the top K enter through one masked pass in the frame of s_{K-1}.
+template <typename T>
+void relative_tails(const T* x, int64_t n, int64_t num, T tau, Scratch<T>& s) {
   const T* val = s.top_val.data();
   std::vector<double>& tail = s.tail;
   tail.assign(num, 1.0);
@@ -295,48 +311,68 @@ void relative_tails(const T* y, int64_t n, int64_t num, Scratch<T>& s) {
   if (ref > -std::numeric_limits<T>::infinity() && num < n) {
     mark_top(num, s);
     const T* mark = s.mark.data();
+    const Vec<T> ref_v = splat(ref);
+    const Vec<T> tau_v = splat(tau);
     Vec<T> acc = splat<T>(0);
     for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
-      acc += (T(1) - load(mark + i)) * vexp(vmin(load(y + i) - ref, splat<T>(0)));
+      const Vec<T> y = (load(x + i) - ref_v) / tau_v;  // <= 0 off the top K; -inf pads
+      acc += (T(1) - load(mark + i)) * vexp(vmin(y, splat<T>(0)));
     }
     rest = hsum(acc);
   }
   tail[num - 1] = 1.0 + rest;
   for (int64_t j = num - 2; j >= 0; --j) {
-    const double gap = static_cast<double>(val[j + 1]) - static_cast<double>(val[j]);
     tail[j] = val[j + 1] > -std::numeric_limits<T>::infinity()
-                  ? 1.0 + tail[j + 1] * exp_scalar(static_cast<T>(gap))
+                  ? 1.0 + tail[j + 1] * exp_gap(val[j + 1], val[j], tau)
                   : 1.0;
   }
 }
 
+// The row in the frame of a pivot: y = (x - pivot) / tau, clamped to [lo, hi].
+template <typename T>
+void to_frame(const T* x, T pivot, T tau, T lo, T hi, Scratch<T>& s) {
+  const Vec<T> pivot_v = splat(pivot);
+  const Vec<T> tau_v = splat(tau);
+  const Vec<T> lo_v = splat(lo);
+  const Vec<T> hi_v = splat(hi);
+  T* y = s.y.data();
+  for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
+    store(y + i, vmin(vmax((load(x + i) - pivot_v) / tau_v, lo_v), hi_v));
+  }
+}
+
 // ------------------------------------------------------------------------------------------
-// the solvers: lam0 in the frame y = z - max z, and the segment by rank (s.mark = "above" /
-// capped entries; `linear` = the sparse support past the capped ones)
+// the solvers. Each finds the threshold as theta = pivot + tau * offset, with the pivot one of
+// the row's own scores next to the threshold, and the segment by rank (s.mark = "above" /
+// capped entries; `linear` = the sparse support past the capped ones). Every quantity comes
+// from differences of scores in units of tau, exact near the pivot: the solve is exact in the
+// row's own frame at any scale of x or tau (as solve_threshold in threshold_torch.py).
 
 struct Segment {
-  double lam = 0.0;
-  int64_t above = 0;  // entries on the "above" branch (exp, laplace) or capped (sparse)
-  int64_t end = 0;    // sparse: the support is ranks [0, end)
+  double pivot = 0.0;   // a score of the row (exact in double for float and double rows)
+  double offset = 0.0;  // (theta - pivot) / tau
+  int64_t above = 0;    // entries on the "above" branch (exp, laplace) or capped (sparse)
+  int64_t end = 0;      // sparse: the support is ranks [0, end)
+  bool framed = false;  // s.y holds the row in the pivot's frame (sigmoid, sparse)
 };
 
-// f = min(1, e^u): the min over the candidate counts m < k of the segment roots
-// lam_m = log(sum_{rank >= m} e^{s}) - log(k - m).
+// f = min(1, e^u): the m entries above the threshold are the candidates j with
+// F(s_j) = j + tail_rel[j] < k (m < k: the top ceil(k) suffice); then the closed form in the
+// frame of s_m, the largest entry below: offset = log tail_rel[m] - log(k - m).
 template <typename T>
-Segment solve_exp(const T* y, int64_t n, double k, Scratch<T>& s) {
+Segment solve_exp(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
   const int64_t num = std::min<int64_t>(n, static_cast<int64_t>(std::ceil(k)));
-  select_top(y, n, num, s);
-  relative_tails(y, n, num, s);
-  const std::vector<double>& tail = s.tail;
-  Segment seg;
-  seg.lam = kInf;
-  for (int64_t m = 0; m < num && k - m > 0; ++m) {
-    const double lam = s.top_val[m] + std::log(tail[m]) - std::log(k - m);
-    if (lam < seg.lam) {
-      seg.lam = lam;
-      seg.above = m;
-    }
+  select_top(x, n, num, s);
+  relative_tails(x, n, num, tau, s);
+  int64_t above = 0;
+  while (above < num - 1 && s.top_val[above] > -std::numeric_limits<T>::infinity() &&
+         above + s.tail[above] < k) {
+    ++above;
   }
+  Segment seg;
+  seg.above = above;
+  seg.pivot = s.top_val[above];
+  seg.offset = std::log(s.tail[above]) - std::log(k - above);
   return seg;
 }
 
@@ -352,11 +388,11 @@ inline double log_c_plus_root(double c, double log_prod) {
 }
 
 // f = 1 - e^-u/2 above, e^u/2 below: the segment from F at the breakpoints,
-// F(s_j) = j - A_j / 2 + T_j / 2 with A_j = sum_{i<j} e^{s_j - s_i} and T_j = tail_rel[j],
-// counted where F(s_j) < k; then the closed form of seed 002 around pivots that keep every
-// sum in [1, N] (as _log_c_plus_root does in log space).
+// F(s_j) = j - A_j / 2 + T_j / 2 with A_j = sum_{i<j} e^{(s_j - s_i) / tau} and T_j =
+// tail_rel[j], counted where F(s_j) < k; then the closed form of seed 002 in the frame of the
+// pivot on the side whose sum is >= 1 (as _solve_laplace): s_m when k >= m, else s_{m-1}.
 template <typename T>
-Segment solve_laplace(const T* y, int64_t n, double k, Scratch<T>& s) {
+Segment solve_laplace(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
   // F(s_j) increases with j, so the count is the first j with F(s_j) >= k. It is < ceil(2k)
   // always and < ceil(k) nearly always: try the short list first.
   const int64_t full = std::min<int64_t>(n, static_cast<int64_t>(std::ceil(2 * k)));
@@ -366,37 +402,46 @@ Segment solve_laplace(const T* y, int64_t n, double k, Scratch<T>& s) {
   const std::vector<double>& tail = s.tail;
   int64_t above = 0;
   while (true) {
-    select_top(y, n, num, s);
-    relative_tails(y, n, num, s);
+    select_top(x, n, num, s);
+    relative_tails(x, n, num, tau, s);
     above = 0;
     double a_rel = 0.0;  // A_j
     for (int64_t j = 0; j < num && val[j] > neg_inf; ++j) {
-      if (j > 0) a_rel = (a_rel + 1.0) * exp_scalar(val[j] - val[j - 1]);
+      if (j > 0) a_rel = (a_rel + 1.0) * exp_gap(val[j], val[j - 1], tau);
       if (!(j - 0.5 * a_rel + 0.5 * tail[j] < k)) break;
       ++above;
     }
     if (above < num || num == full) break;
     num = full;
   }
-  // above <= ceil(2k) - 1 (F(s_{K-1}) >= K / 2 >= k), so s_above exists unless K = N.
+  // above <= ceil(2k) - 1 (F(s_{K-1}) >= K / 2 >= k), so s_above exists unless K = N, and
+  // then k - above < 0.
   const double c = k - above;
   Segment seg;
   seg.above = above;
-  if (above == 0) {
-    seg.lam = val[0] + std::log(tail[0]) - std::log(2 * c);
-    return seg;
+  // S_A = sum_{i < above} e^{-(s_i - P) / tau} and S_B = sum_{i >= above} e^{(s_i - P) / tau}
+  // in log space (in the frame of s_above, S_A can underflow where its log does not)
+  double a_top = 1.0;  // sum_{i < above} e^{(s_{above-1} - s_i) / tau} >= 1
+  for (int64_t i = 0; i + 1 < above; ++i) {
+    a_top += exp_gap(val[above - 1], val[i], tau);
   }
-  const double pivot = val[above - 1];
-  double a = 1.0;  // sum_{i < above} e^{pivot - s_i}
-  for (int64_t i = 0; i < above - 1; ++i) a += exp_scalar(static_cast<T>(pivot - val[i]));
-  // S_B relative to the pivot; no entry below when all are above (K = N) or the rest is -inf
-  const double log_b = above < num && val[above] > neg_inf
-                           ? (val[above] - pivot) + std::log(tail[above])
-                           : -kInf;
-  // e^-mu = (c + sqrt(c^2 + a b)) / b for c >= 0; e^mu = (|c| + sqrt(c^2 + a b)) / a for c < 0
-  const double log_a = std::log(a);
+  const bool has_below = above < num && val[above] > neg_inf;  // (not when all are above)
+  // (s_above - s_{above-1}) / tau <= 0: the gap between the last entry above and the first below
+  const double gap = above > 0 && has_below ? scaled_gap(val[above], val[above - 1], tau) : 0.0;
+  double log_a = 0.0;
+  double log_b = 0.0;
+  if (c >= 0 && has_below) {  // (else: only by rounding)
+    seg.pivot = val[above];
+    log_a = above > 0 ? gap + std::log(a_top) : -kInf;
+    log_b = std::log(tail[above]);
+  } else {
+    seg.pivot = val[above - 1];
+    log_a = std::log(a_top);
+    log_b = has_below ? gap + std::log(tail[above]) : -kInf;
+  }
+  // e^-d = (c + sqrt(c^2 + a b)) / b for c >= 0; e^d = (|c| + sqrt(c^2 + a b)) / a for c < 0
   const double root = log_c_plus_root(std::abs(c), log_a + log_b);
-  seg.lam = pivot + (c >= 0 ? log_b - root : root - log_a);
+  seg.offset = c >= 0 ? log_b - root : root - log_a;
   return seg;
 }
 
@@ -406,7 +451,7 @@ Segment solve_laplace(const T* y, int64_t n, double k, Scratch<T>& s) {
 // where the value falls: lam_e rises while v_e > lam_{e-1} and falls from then on.
 inline Segment capped_simplex(const std::vector<double>& prefix, int64_t count, double k) {
   Segment seg;
-  seg.lam = kInf;
+  seg.offset = kInf;
   for (int64_t a = 0; a < count && k - a > 0; ++a) {
     double best = -kInf;
     int64_t best_end = a + 1;
@@ -416,8 +461,8 @@ inline Segment capped_simplex(const std::vector<double>& prefix, int64_t count, 
       best = lam;
       best_end = e;
     }
-    if (best < seg.lam) {
-      seg.lam = best;
+    if (best < seg.offset) {
+      seg.offset = best;
       seg.above = a;
       seg.end = best_end;
     }
@@ -425,24 +470,24 @@ inline Segment capped_simplex(const std::vector<double>& prefix, int64_t count, 
   return seg;
 }
 
-
-// f = clip(u, 0, 1): projection onto the capped simplex. F is piecewise linear: on the cell
-// of lam, F = c + sum_L (y - lam) with c entries capped (y >= lam + 1) and L linear
-// (lam < y < lam + 1). Safeguarded Newton in the bracket [s_{K-1} - 1, s_{K-1}] (K = ceil k:
-// F >= K there, <= K - 1 here) jumps to the root of the current cell's line; when the next
-// point lies in the same cell, that is the root. A few vector passes; rows that have not
-// settled after kSparseNewtonSteps take the exact sorted path (exact_sparse).
+// f = clip(u, 0, 1): projection onto the capped simplex, in the frame of the pivot
+// t = s_{K-1} (K = ceil k): y = (x - t) / tau, where the threshold lies in [-1, 0] (F >= K at
+// -1, <= K - 1 at 0). Entries with y >= 2 are capped and those with y <= -2 get 0 for every
+// threshold in that bracket, so y is clamped to [-2, 2]: overflowing differences stay finite
+// and the sums below cannot overflow. F is piecewise linear: on the cell of lam,
+// F = c + sum_L (y - lam) with c entries capped (y >= lam + 1) and L linear
+// (lam < y < lam + 1). Safeguarded Newton in the bracket jumps to the root of the current
+// cell's line; when the next point lies in the same cell, that is the root. A few vector
+// passes; rows that have not settled after kSparseNewtonSteps take the exact sorted path.
 
 template <typename T>
 Segment exact_sparse(const T* y, int64_t n, double k, Scratch<T>& s) {
-  const int64_t num = std::min<int64_t>(n, static_cast<int64_t>(std::ceil(k)));
-  // the entries within 1 of the ceil(k)-th largest: lam* >= s_{K-1} - 1, so the others get
-  // p = 0 and cannot move a segment root below lam*
-  const T cut = s.top_val[num - 1] - T(1);
+  // the entries above -1: lam* >= -1, so the others get p = 0 and cannot move a segment root
+  // below lam*
   auto* pairs = s.pairs.data();
   int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) {
-    if (y[i] > cut) pairs[count++] = {y[i], i};
+    if (y[i] > T(-1)) pairs[count++] = {y[i], i};
   }
   std::sort(pairs, pairs + count, [](const auto& a, const auto& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
@@ -450,7 +495,7 @@ Segment exact_sparse(const T* y, int64_t n, double k, Scratch<T>& s) {
   s.prefix.resize(count + 1);
   s.prefix[0] = 0.0;
   for (int64_t j = 0; j < count; ++j) s.prefix[j + 1] = s.prefix[j] + pairs[j].first;
-  const Segment seg = capped_simplex(s.prefix, count, k);
+  Segment seg = capped_simplex(s.prefix, count, k);
   std::fill(s.mark.begin(), s.mark.end(), T(0));
   std::fill(s.linear.begin(), s.linear.end(), T(0));
   for (int64_t j = 0; j < seg.end; ++j) (j < seg.above ? s.mark : s.linear)[pairs[j].second] = T(1);
@@ -458,15 +503,21 @@ Segment exact_sparse(const T* y, int64_t n, double k, Scratch<T>& s) {
 }
 
 template <typename T>
-Segment solve_sparse(const T* y, int64_t n, double k, Scratch<T>& s) {
+Segment solve_sparse(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
   typedef typename Lanes<T>::ivec IVec;
   const int64_t num = std::min<int64_t>(n, static_cast<int64_t>(std::ceil(k)));
-  select_top(y, n, num, s);
-  double lo = static_cast<double>(s.top_val[num - 1]) - 1.0;
-  double hi = static_cast<double>(s.top_val[num - 1]);
+  select_top(x, n, num, s);
+  const T pivot = s.top_val[num - 1];
+  to_frame(x, pivot, tau, T(-2), T(2), s);
+  const T* y = s.y.data();
+  double lo = -1.0;
+  double hi = 0.0;
   double lam = lo;
   int64_t prev_capped = -1;
   int64_t prev_linear = -1;
+  Segment seg;
+  seg.framed = true;
+  seg.pivot = pivot;
   for (int64_t step = 0; step < s.sparse_newton_steps; ++step) {
     const T lam_t = static_cast<T>(lam);
     IVec capped_v = {};  // counts down: a true comparison is -1
@@ -488,8 +539,7 @@ Segment solve_sparse(const T* y, int64_t n, double k, Scratch<T>& s) {
     }
     if (num_capped == prev_capped && num_linear == prev_linear) {
       // lam is the root of this cell's line: the answer
-      Segment seg;
-      seg.lam = lam;
+      seg.offset = lam;
       seg.above = num_capped;
       seg.end = num_capped + num_linear;
       T* mark = s.mark.data();
@@ -518,7 +568,11 @@ Segment solve_sparse(const T* y, int64_t n, double k, Scratch<T>& s) {
       prev_linear = -1;
     }
   }
-  return exact_sparse(y, n, k, s);
+  const Segment exact = exact_sparse(y, n, k, s);
+  seg.offset = exact.offset;
+  seg.above = exact.above;
+  seg.end = exact.end;
+  return seg;
 }
 
 // sum_i sigma(y_i - lam) and sum_i sigma' over a padded row. The sum is taken as
@@ -545,12 +599,20 @@ std::pair<double, double> sigmoid_sums(const T* y, int64_t padded, double lam) {
   return {static_cast<double>(num_positive) + hsum(signed_tail), hsum(slope)};
 }
 
-// Safeguarded Newton in w = e^-lam inside the bracket lam_laplace -+ log 2 (as _solve_sigmoid).
+// Safeguarded Newton in w = e^-lam inside the bracket lam_laplace -+ log 2 (as _solve_sigmoid),
+// in the frame of laplace's pivot.
 template <typename T>
-double solve_sigmoid(const T* y, int64_t n, double k, Scratch<T>& s) {
-  const double lam_laplace = solve_laplace(y, n, k, s).lam;
-  double lo = lam_laplace - kLog2;
-  double hi = lam_laplace + kLog2;
+Segment solve_sigmoid(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  Segment seg = solve_laplace(x, n, k, tau, s);
+  to_frame(x, static_cast<T>(seg.pivot), tau, -inf, inf, s);
+  seg.framed = true;
+  const T* y = s.y.data();
+  // (an infinite laplace offset: see forward_row)
+  constexpr double big = std::numeric_limits<T>::max();
+  const double laplace_offset = std::min(std::max(seg.offset, -big), big);
+  double lo = laplace_offset - kLog2;
+  double hi = laplace_offset + kLog2;
   double lam = hi;
   for (int step = 0; step < kSigmoidNewtonSteps; ++step) {
     const auto [total, slope] = sigmoid_sums(y, s.padded, lam);
@@ -567,12 +629,14 @@ double solve_sigmoid(const T* y, int64_t n, double k, Scratch<T>& s) {
     lam = next;
     if (converged) break;
   }
-  return lam;
+  seg.offset = lam;
+  return seg;
 }
 
 // ------------------------------------------------------------------------------------------
-// the final step: u = z - anchor, the offset d with sum_i f(u_i - d) = k given the segment
-// (as _solve_offset), then p = f(u - d). Sums over e^{-|u|} <~ 1 only.
+// the final step: u = y - d in the frame of the pivot, the correction e with
+// sum_i f(u_i - e) = k given the segment (it repairs the rounding of d; as the sigmoid step of
+// _solve_sigmoid), then p = f(u - e). Sums over e^{-|u|} <~ 1 only.
 
 template <typename T, int64_t M>
 double final_offset(const T* u, double k, const Segment& seg, const Scratch<T>& s) {
@@ -617,26 +681,21 @@ double final_offset(const T* u, double k, const Segment& seg, const Scratch<T>& 
 
 // One row of the forward pass.
 template <typename T, int64_t M>
-void forward_row(const T* x, T* p, T* lam_out, T k_t, T tau, Scratch<T>& s, int64_t n) {
+void forward_row(const T* x_row, T* p, T* lam_out, T k_t, T tau, Scratch<T>& s, int64_t n) {
   constexpr T inf = std::numeric_limits<T>::infinity();
   typedef typename Lanes<T>::ivec IVec;
-  T* z = s.z.data();
-  T* y = s.y.data();
-  for (int64_t i = 0; i < n; ++i) z[i] = x[i] / tau;
-  Vec<T> zmax_v = splat(-inf);
+  T* x = s.x.data();
+  std::memcpy(x, x_row, n * sizeof(T));
   IVec bad_v = {};
   IVec finite_v = {};  // counts down: a true comparison is -1
   for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
-    const Vec<T> zi = load(z + i);
-    zmax_v = vmax(zmax_v, zi);
-    bad_v |= (zi != zi) | (zi == inf);
-    finite_v += zi > -inf;
+    const Vec<T> xi = load(x + i);
+    bad_v |= (xi != xi) | (xi == inf);
+    finite_v += xi > -inf;
   }
-  T zmax = zmax_v[0];
   int64_t bad = 0;
   int64_t num_finite = 0;
   for (int64_t l = 0; l < kWidth<T>; ++l) {
-    zmax = std::max(zmax, zmax_v[l]);
     bad |= bad_v[l];
     num_finite -= finite_v[l];
   }
@@ -653,33 +712,38 @@ void forward_row(const T* x, T* p, T* lam_out, T k_t, T tau, Scratch<T>& s, int6
     return;
   }
   if (static_cast<double>(num_finite) <= k) {
-    for (int64_t i = 0; i < n; ++i) p[i] = z[i] > -inf ? T(1) : T(0);
+    for (int64_t i = 0; i < n; ++i) p[i] = x[i] > -inf ? T(1) : T(0);
     *lam_out = -inf;
     return;
   }
-  for (int64_t i = 0; i < s.padded; i += kWidth<T>) store(y + i, load(z + i) - zmax);
   Segment seg;
   if constexpr (M == kSigmoid) {
-    seg.lam = solve_sigmoid(y, n, k, s);
+    seg = solve_sigmoid(x, n, k, tau, s);
   } else if constexpr (M == kLaplace) {
-    seg = solve_laplace(y, n, k, s);
+    seg = solve_laplace(x, n, k, tau, s);
     mark_top(seg.above, s);
   } else if constexpr (M == kExp) {
-    seg = solve_exp(y, n, k, s);
+    seg = solve_exp(x, n, k, tau, s);
     mark_top(seg.above, s);
   } else {
-    seg = solve_sparse(y, n, k, s);
+    seg = solve_sparse(x, n, k, tau, s);
   }
-  // Exact final step in the threshold's own frame: u = z - anchor is exact (Sterbenz) for the
-  // entries near the threshold, which carry the mass.
-  const T anchor = zmax + static_cast<T>(seg.lam);
-  T* u = y;
-  for (int64_t i = 0; i < s.padded; i += kWidth<T>) store(u + i, load(z + i) - anchor);
-  const T offset = static_cast<T>(final_offset<T, M>(u, k, seg, s));
+  // An offset beyond the dtype's range: the threshold lies between two groups of scores whose
+  // differences overflow it (tiny tau); any finite value that far is the same threshold.
+  constexpr double big = std::numeric_limits<T>::max();
+  const T offset = static_cast<T>(std::min(std::max(seg.offset, -big), big));
+  // u = y - d in the pivot's frame (y exact near the pivot)
+  if (!seg.framed) to_frame(x, static_cast<T>(seg.pivot), tau, -inf, inf, s);
+  T* u = s.y.data();
+  for (int64_t i = 0; i < s.padded; i += kWidth<T>) store(u + i, load(u + i) - offset);
+  const T correction = static_cast<T>(final_offset<T, M>(u, k, seg, s));
   T* out = s.out.data();
-  for (int64_t i = 0; i < s.padded; i += kWidth<T>) store(out + i, apply_f<T, M>(load(u + i) - offset));
+  for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
+    store(out + i, apply_f<T, M>(load(u + i) - correction));
+  }
   std::memcpy(p, out, n * sizeof(T));
-  *lam_out = anchor + offset;
+  const double lam = seg.pivot / static_cast<double>(tau) + offset + correction;
+  *lam_out = static_cast<T>(std::min(std::max(lam, -big), big));
 }
 
 template <typename T, int64_t M>
@@ -829,7 +893,10 @@ std::tuple<at::Tensor, at::Tensor> threshold_forward(const at::Tensor& scores,
   check_inputs(scores, k, tau, method);
   at::Tensor p = at::empty_like(scores);
   at::Tensor lam = at::empty({scores.size(0)}, scores.options());
-  if (scores.numel() == 0) return {p, lam};
+  if (scores.numel() == 0) {  // no entries: every row is saturated (as the fallback marks it)
+    lam.fill_(-std::numeric_limits<double>::infinity());
+    return {p, lam};
+  }
   dispatch(scores.scalar_type(), method, [&](auto scalar, auto method_c) {
     forward_impl<decltype(scalar), decltype(method_c)::value>(scores, k, tau,
                                                               sparse_newton_steps, p, lam);

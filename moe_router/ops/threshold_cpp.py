@@ -1,14 +1,18 @@
-"""The fused CPU kernels of the threshold family (csrc/soft_topk_cpu.cpp), built on first use.
+"""The C++ CPU path of the threshold family: loads csrc/threshold_cpp.cpp, built on first use.
 
 `soft_topk(..., backend="auto")` runs CPU tensors through these kernels when they build, and
-through the PyTorch path of `_threshold.py` (which they are tested against) otherwise.
+through the PyTorch path of `threshold_torch.py` (which they are tested against) otherwise.
 
-The extension is compiled once per machine with torch.utils.cpp_extension (a C++ compiler and
-ninja are needed; the build takes about 10 s) into a cache folder: $MOE_ROUTER_CACHE, else
-$XDG_CACHE_HOME/moe_router, else ~/.cache/moe_router. The folder name hashes the source, the
-torch version and the CPU's instruction-set flags (the kernels are built with -march=native),
-so a changed source, torch or machine gets its own build. Set MOE_ROUTER_CPU_KERNELS=0 to
-never build or use them.
+The extension is compiled once with torch.utils.cpp_extension (a C++ compiler and ninja are
+needed; the build takes about 10-30 s) into one file of a cache folder: $MOE_ROUTER_CACHE, else
+$XDG_CACHE_HOME/moe_router, else ~/.cache/moe_router. Its name hashes everything the binary
+depends on: the source, the torch build, the Python ABI, the compiler (its --version), the
+flags and the CPU's instruction-set flags (-march=native). It does not depend on which
+checkout or virtual environment asks, so all of them share one build, and a changed source,
+torch, compiler or machine gets its own. Later processes load the file directly, without
+ninja or torch.utils.cpp_extension. A build happens in a private folder and is moved into
+place atomically, so concurrent processes never see half a file. Set MOE_ROUTER_CPU_KERNELS=0
+to never build or use them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import hashlib
 import os
 import platform
 import shutil
+import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,11 +33,12 @@ from torch import Tensor
 
 from moe_router.ops._vmap import batch_first
 
-__all__ = ["available", "backward", "build", "forward"]
+__all__ = ["available", "backward", "build", "forward", "loaded"]
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "soft_topk_cpu.cpp"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "threshold_cpp.cpp"
 METHOD_IDS = {"sigmoid": 0, "laplace": 1, "exp": 2, "sparse": 3}
-_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_CFLAGS = ("-O3", "-march=native", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
 _ENV_SWITCH = "MOE_ROUTER_CPU_KERNELS"
 
 
@@ -46,6 +53,21 @@ def _cpu_flags() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
+@functools.cache
+def _compiler_identity() -> str:
+    """The compiler torch.utils.cpp_extension runs ($CXX, else c++): its path and --version."""
+    compiler = os.environ.get("CXX", "c++")
+    path = shutil.which(compiler)
+    try:
+        result = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=60, check=False
+        )
+        version = result.stdout.strip().splitlines()[0] if result.stdout.strip() else ""
+    except (OSError, subprocess.SubprocessError):
+        version = "unknown"
+    return f"{os.path.realpath(path) if path else compiler} {version}"
+
+
 def _cache_dir() -> Path:
     if os.environ.get("MOE_ROUTER_CACHE"):
         return Path(os.environ["MOE_ROUTER_CACHE"])
@@ -54,11 +76,24 @@ def _cache_dir() -> Path:
 
 
 def _build_name() -> str:
-    digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_CFLAGS).encode()):
-        digest.update(part)
-    digest.update(_cpu_flags().encode())
-    return f"moe_router_cpu_{digest.hexdigest()[:12]}"
+    """moe_router_cpu_<hash of everything the built library depends on>."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    for part in (
+        torch.__version__,
+        str(torch.version.git_version),
+        sys.implementation.cache_tag,  # the library links libtorch_python
+        _compiler_identity(),
+        " ".join(_CFLAGS + _LDFLAGS),  # (tuples: cpp_extension appends to the lists it gets)
+        _cpu_flags(),
+    ):
+        digest.update(b"\0" + part.encode())
+    return f"moe_router_cpu_{digest.hexdigest()[:16]}"
+
+
+def library_path() -> Path:
+    """Where the built library of this source, torch, compiler and machine lives."""
+    name = _build_name()
+    return _cache_dir() / f"{name}.so"
 
 
 def _put_ninja_on_path() -> None:
@@ -76,33 +111,53 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = os.pathsep.join([*dirs, os.environ.get("PATH", "")])
 
 
-def build(verbose: bool = False) -> None:
-    """Compile (or load the cached build of) the extension; registers torch.ops.moe_router_cpu.
+_LIBRARY: Path | None = None  # the library this process loaded
 
-    Raises whatever torch.utils.cpp_extension raises when the build fails.
+
+def build(verbose: bool = False) -> Path:
+    """Load the cached build of the extension, compiling it first if there is none.
+
+    Registers torch.ops.moe_router_cpu and returns the library's path. Once per process: later
+    calls return the library already loaded.
+
+    Raises:
+        Whatever torch.utils.cpp_extension raises when the build fails.
     """
+    global _LIBRARY
+    if _LIBRARY is not None:  # a second library of the same ops would abort the process
+        return _LIBRARY
+    path = library_path()
+    if path.exists():
+        try:
+            torch.ops.load_library(str(path))
+            _LIBRARY = path
+            return path
+        except OSError:  # a damaged file: build it again
+            path.unlink(missing_ok=True)
     from torch.utils.cpp_extension import load
 
     _put_ninja_on_path()
-    name = _build_name()
-    build_dir = _cache_dir() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    if not (build_dir / f"{name}.so").exists():
-        print(
-            "moe_router: building the CPU soft top-k kernels (once per machine, ~10 s) in "
-            f"{build_dir}",
-            file=sys.stderr,
-            flush=True,
-        )
-    load(
-        name=name,
-        sources=[str(SOURCE)],
-        extra_cflags=_CFLAGS,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=verbose,
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(
+        f"moe_router: building the CPU soft top-k kernels (once, ~10-30 s) into {path}",
+        file=sys.stderr,
+        flush=True,
     )
+    name = path.stem
+    with tempfile.TemporaryDirectory(prefix=f"{name}.", dir=path.parent) as build_dir:
+        # load() builds and loads the library; the loaded file keeps its inode when moved
+        load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
+            build_directory=build_dir,
+            is_python_module=False,
+            verbose=verbose,
+        )
+        os.replace(Path(build_dir) / f"{name}.so", path)
+    _LIBRARY = path
+    return path
 
 
 _LOADED = False
