@@ -53,7 +53,7 @@ from torch import Tensor
 
 from moe_router.config import RouterConfig
 from moe_router.ops import soft_topk
-from moe_router.ops._threshold import apply_f, f_prime_from_p
+from moe_router.ops.threshold_torch import apply_f, f_prime_from_p
 
 __all__ = [
     "GATE_FUNCTIONS",
