@@ -36,6 +36,7 @@ __all__ = [
     "capacity_keep_mask",
     "grouped_matmul",
     "grouped_mm_available",
+    "slice_sizes",
 ]
 
 DROP_POLICIES = ("score", "position")
@@ -68,7 +69,36 @@ def grouped_mm_available(x: Tensor, w_EIO: Tensor) -> bool:
     return False
 
 
-def grouped_matmul(x_PI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str = "auto") -> Tensor:
+def slice_sizes(offsets_E: Tensor, num_rows: int) -> list[int]:
+    """Host-side row counts of the expert slices, then of the tail past the last one.
+
+    Reads ``offsets_E`` once (free on CPU, one sync on an accelerator). A layer that runs
+    several grouped matmuls over the same slices reads them once and passes the list to each:
+    under ``torch.compile`` every read creates fresh unbacked sizes, and inductor cannot
+    generate the backward of a graph whose saved slices are differences of sizes read apart
+    (``expected [u6, u7] to have been codegen-ed``).
+
+    Args:
+        offsets_E: int32 end offset of each expert's slice.
+        num_rows: P, rows of the left operand.
+
+    Returns:
+        E + 1 sizes summing to P.
+    """
+    ends = offsets_E.tolist()
+    return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)] + [
+        num_rows - ends[-1]
+    ]
+
+
+def grouped_matmul(
+    x_PI: Tensor,
+    w_EIO: Tensor,
+    offsets_E: Tensor,
+    backend: str = "auto",
+    *,
+    sizes: list[int] | None = None,
+) -> Tensor:
     """``out[rows of expert e] = x[rows of expert e] @ w[e]`` for contiguous expert slices.
 
     Rows ``offsets[e-1]:offsets[e]`` belong to expert e. Rows past ``offsets[-1]`` are
@@ -80,6 +110,8 @@ def grouped_matmul(x_PI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str 
         offsets_E: int32 end offset of each expert's slice (inclusive cumsum of the counts).
         backend: ``grouped_mm`` (torch's kernel), ``loop`` (one matmul per expert slice; the
             CPU reference, and the fallback where the kernel does not apply) or ``auto``.
+        sizes: ``slice_sizes(offsets_E, P)`` when the caller already read them; the loop
+            reads them from ``offsets_E`` otherwise.
 
     Returns:
         ``[P, O]`` in x's dtype.
@@ -99,11 +131,11 @@ def grouped_matmul(x_PI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str 
         return _grouped_mm_op(x_PI, w_EIO, offs=offsets_E)
     # One matmul per expert slice. Slice bounds must live on the host: free on CPU, one sync
     # on an accelerator without a grouped kernel.
-    ends = offsets_E.tolist()
-    sizes = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+    if sizes is None:
+        sizes = slice_sizes(offsets_E, x_PI.shape[0])
     # split / unbind rather than slicing and indexing: their backward concatenates / stacks
     # the pieces once instead of adding E zero-padded full-size gradients.
-    *x_slices, x_tail = x_PI.split([*sizes, x_PI.shape[0] - ends[-1]])
+    *x_slices, x_tail = x_PI.split(sizes)
     pieces = [x_NI @ w_IO for x_NI, w_IO in zip(x_slices, w_EIO.unbind(0), strict=True)]
     tail = x_tail.new_zeros(x_tail.shape[0], w_EIO.shape[-1])
     return torch.cat([*pieces, tail])
@@ -416,9 +448,14 @@ class MoELayer(nn.Module):
         backend = self.config.backend
         # `.to` is a no-op unless autocast-style mixed precision keeps fp32 master weights.
         w1_EDF, w3_EDF, w2_EFD = (w.to(x_TD.dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
-        h_PF = F.silu(grouped_matmul(xs_PD, w1_EDF, offsets_E, backend))
-        h_PF = h_PF * grouped_matmul(xs_PD, w3_EDF, offsets_E, backend)
-        ys_PD = grouped_matmul(h_PF, w2_EFD, offsets_E, backend)
+        # The three matmuls share one host read of the slice sizes where the loop runs (see
+        # slice_sizes: reading them per call breaks inductor's backward).
+        sizes = None
+        if backend == "loop" or not grouped_mm_available(xs_PD, w1_EDF):
+            sizes = slice_sizes(offsets_E, xs_PD.shape[0])
+        h_PF = F.silu(grouped_matmul(xs_PD, w1_EDF, offsets_E, backend, sizes=sizes))
+        h_PF = h_PF * grouped_matmul(xs_PD, w3_EDF, offsets_E, backend, sizes=sizes)
+        ys_PD = grouped_matmul(h_PF, w2_EFD, offsets_E, backend, sizes=sizes)
 
         # Combine in fp32 (the weights are fp32) and cast once at the end.
         if valid_TK is not None:

@@ -14,6 +14,7 @@ from moe_router.moe import (
     capacity_keep_mask,
     grouped_matmul,
     grouped_mm_available,
+    slice_sizes,
 )
 from moe_router.router import GATES
 from tests.test_router import needs_neg_inf_support
@@ -168,9 +169,9 @@ def test_rows_past_the_slices_never_leak(gate, options, backend, monkeypatch):
 
     real = moe.grouped_matmul
 
-    def nan_tail_matmul(x, w, offsets, backend="auto"):
+    def nan_tail_matmul(x, w, offsets, backend="auto", **kwargs):
         end = int(offsets[-1])
-        return _NaNTail.apply(real(_NaNTail.apply(x, end), w, offsets, backend), end)
+        return _NaNTail.apply(real(_NaNTail.apply(x, end), w, offsets, backend, **kwargs), end)
 
     monkeypatch.setattr(moe, "grouped_matmul", nan_tail_matmul)
     layer = make_layer(gate, backend=backend, **options)
@@ -363,3 +364,37 @@ def test_topk_layer_compiles_without_graph_breaks():
     padding[0, 3:] = True
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, padding_mask=padding), layer(x, padding_mask=padding))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("gate", "options"),
+    [("topk", {"capacity_factor": 1.0}), ("soft_topk", {})],
+)
+def test_layer_compiles_with_inductor_forward_and_backward(gate, options):
+    # fp32 on CPU takes the per-expert loop (torch's grouped kernel traces only in bf16), whose
+    # slice sizes are host ints. Reading them once per matmul gave inductor three unrelated
+    # sets of unbacked sizes and its backward codegen failed ("expected [u6, u7] to have been
+    # codegen-ed"); the layer reads them once per forward.
+    torch._dynamo.reset()
+    layer = make_layer(gate, **options)
+    x = torch.randn(4, 6, D, requires_grad=True)
+    padding = torch.zeros(4, 6, dtype=torch.bool)
+    padding[0, 3:] = True
+    compiled = torch.compile(layer, fullgraph=True)  # the default backend, inductor
+    y = compiled(x, padding_mask=padding)
+    y_ref = layer(x, padding_mask=padding)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(gradients(layer, x, y), gradients(layer, x, y_ref), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_slice_sizes_and_grouped_matmul_with_given_sizes():
+    offsets = torch.tensor([0, 7, 7, 20], dtype=torch.int32)
+    sizes = slice_sizes(offsets, 23)
+    assert sizes == [0, 7, 0, 13, 3]
+    x = torch.randn(23, 16)
+    w = torch.randn(4, 16, 8)
+    out = grouped_matmul(x, w, offsets, backend="loop", sizes=sizes)
+    torch.testing.assert_close(out[:20], torch.cat([x[:7] @ w[1], x[7:20] @ w[3]]))
+    torch.testing.assert_close(out, grouped_matmul(x, w, offsets, backend="loop"))
