@@ -181,6 +181,90 @@ def capacity_keep_mask(
     return valid_TK & (rank_P.view_as(valid_TK) < capacity)
 
 
+# Rows of the combine's fp32 temporary per step: small blocks stay in the allocator's reused
+# heap, where one [P, D] temporary would be fresh (page-faulted) memory on every call.
+_COMBINE_BLOCK_BYTES = 4 << 20
+
+
+class _WeightedScatterAdd(torch.autograd.Function):
+    """``y[token[p]] += weight[p] * rows[p]`` in fp32, over the rows where ``valid[p]``.
+
+    The plain composition (``rows * weight`` then ``index_add_``) allocates a [P, D] product in
+    forward and three more [P, D] tensors in backward (the gathered gradient, its product with
+    the weights, its product with the rows). Here forward accumulates block by block, and
+    backward gathers the gradient once, takes the weights' gradient as a batched dot product
+    and scales the gathered gradient in place.
+    """
+
+    @staticmethod
+    def forward(ctx, rows_PD, weight_P, token_P, valid_P, num_tokens):
+        num_rows, width = rows_PD.shape
+        # fp32 at least (bf16 rows, fp32 weights); fp64 stays fp64.
+        dtype = torch.promote_types(rows_PD.dtype, weight_P.dtype)
+        y_TD = torch.zeros(num_tokens, width, device=rows_PD.device, dtype=dtype)
+        block = max(1, _COMBINE_BLOCK_BYTES // (4 * width))
+        for start in range(0, num_rows, block):
+            stop = min(start + block, num_rows)
+            part_ND = rows_PD[start:stop].to(dtype) * weight_P[start:stop].unsqueeze(-1)
+            if valid_P is not None:
+                part_ND = torch.where(valid_P[start:stop].unsqueeze(-1), part_ND, 0)
+            y_TD.index_add_(0, token_P[start:stop], part_ND)
+        ctx.save_for_backward(rows_PD, weight_P, token_P, valid_P)
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        rows_PD, weight_P, token_P, valid_P = ctx.saved_tensors
+        grad_PD = grad_TD.index_select(0, token_P)
+        grad_weight_P = None
+        if ctx.needs_input_grad[1]:
+            rows_P1D = rows_PD.to(grad_PD.dtype).unsqueeze(1)
+            grad_weight_P = torch.bmm(rows_P1D, grad_PD.unsqueeze(-1)).view(-1)
+            if valid_P is not None:
+                grad_weight_P = torch.where(valid_P, grad_weight_P, 0)
+        grad_rows_PD = None
+        if ctx.needs_input_grad[0]:
+            grad_rows_PD = grad_PD.mul_(weight_P.unsqueeze(-1))
+            if valid_P is not None:
+                grad_rows_PD.masked_fill_(~valid_P.unsqueeze(-1), 0)
+            grad_rows_PD = grad_rows_PD.to(rows_PD.dtype)
+        return grad_rows_PD, grad_weight_P, None, None, None
+
+
+class _GatedSiLU(torch.autograd.Function):
+    """``silu(gate) * up`` of a fused ``[P, 2F]`` gate|up projection, without the copies.
+
+    Autograd's composition of ``chunk``, ``silu`` and ``*`` keeps ``silu(gate)`` and ``up``,
+    and in backward allocates three [P, F] products plus a [P, 2F] concatenation of the two
+    halves' gradients. This keeps only its input and writes both halves' gradients straight
+    into one [P, 2F] buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up_PG):
+        gate_PF, up_PF = gate_up_PG.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up_PG)
+        return F.silu(gate_PF).mul_(up_PF)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_PF):
+        (gate_up_PG,) = ctx.saved_tensors
+        gate_PF, up_PF = gate_up_PG.chunk(2, dim=-1)
+        grad_PG = torch.empty_like(gate_up_PG)
+        grad_gate_PF, grad_up_PF = grad_PG.chunk(2, dim=-1)
+        sig_PF = torch.sigmoid(gate_PF)
+        # In-place on the halves of one buffer (copy_ then mul_: `out=` a strided view is what
+        # torch.compile cannot trace).
+        grad_up_PF.copy_(gate_PF).mul_(sig_PF).mul_(grad_PF)  # d up = grad * silu(gate)
+        # d gate = grad * up * silu'(gate), silu' = s + gate * s * (1 - s), s = sigmoid(gate)
+        grad_gate_PF.copy_(gate_PF).mul_(sig_PF)
+        one_minus_sig_PF = sig_PF.neg_().add_(1)
+        grad_gate_PF.mul_(one_minus_sig_PF).sub_(one_minus_sig_PF).add_(1)
+        grad_gate_PF.mul_(up_PF).mul_(grad_PF)
+        return grad_PG
+
+
 class SwiGLU(nn.Module):
     """Dense SwiGLU feed-forward ``(silu(x W1) * (x W3)) W2`` (the shared expert).
 
@@ -437,33 +521,32 @@ class MoELayer(nn.Module):
         offsets_E = counts_E1[:num_experts].cumsum(0).to(torch.int32)
 
         xs_PD = x_TD.index_select(0, token_P)
+        in_slice_P = None
         if valid_TK is not None:
             # Rows past the last slice are left uninitialised by the grouped kernel, in forward
-            # and in backward. Two `where`s (selects, not multiplications, which would turn
-            # garbage into NaN) fence them off: on the kernel's input, so that no garbage
-            # gradient reaches x, and on its output *before* the combine weights touch it, so
-            # that neither y nor the weights' gradient (sum of grad * output) sees garbage.
-            in_slice_P1 = valid_TK.reshape(-1)[order_P].unsqueeze(-1)
-            xs_PD = torch.where(in_slice_P1, xs_PD, 0)
+            # and in backward. Selects (not multiplications, which would turn garbage into NaN)
+            # fence them off: a `where` on the kernel's input, so that no garbage gradient
+            # reaches x, and the combine's own select on its output, so that neither y nor the
+            # weights' gradient (a dot product with the output row) sees garbage.
+            in_slice_P = valid_TK.reshape(-1)[order_P]
+            xs_PD = torch.where(in_slice_P.unsqueeze(-1), xs_PD, 0)
         backend = self.config.backend
-        # `.to` is a no-op unless autocast-style mixed precision keeps fp32 master weights.
-        w1_EDF, w3_EDF, w2_EFD = (w.to(x_TD.dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
-        # The three matmuls share one host read of the slice sizes where the loop runs (see
+        # Gate and up projections as one [E, D, 2F] grouped matmul: one pass over the gathered
+        # rows, and one input gradient in backward instead of two summed. `.to` is a no-op
+        # unless autocast-style mixed precision keeps fp32 master weights.
+        w13_EDG = torch.cat([self.w1_EDF, self.w3_EDF], dim=-1).to(x_TD.dtype)  # G = 2F
+        w2_EFD = self.w2_EFD.to(x_TD.dtype)
+        # The matmuls share one host read of the slice sizes where the loop runs (see
         # slice_sizes: reading them per call breaks inductor's backward).
         sizes = None
-        if backend == "loop" or not grouped_mm_available(xs_PD, w1_EDF):
+        if backend == "loop" or not grouped_mm_available(xs_PD, w13_EDG):
             sizes = slice_sizes(offsets_E, xs_PD.shape[0])
-        h_PF = F.silu(grouped_matmul(xs_PD, w1_EDF, offsets_E, backend, sizes=sizes))
-        h_PF = h_PF * grouped_matmul(xs_PD, w3_EDF, offsets_E, backend, sizes=sizes)
+        h_PF = _GatedSiLU.apply(grouped_matmul(xs_PD, w13_EDG, offsets_E, backend, sizes=sizes))
         ys_PD = grouped_matmul(h_PF, w2_EFD, offsets_E, backend, sizes=sizes)
-
+        weight_P = weights_TK.reshape(-1)[order_P]
         # Combine in fp32 (the weights are fp32) and cast once at the end.
-        if valid_TK is not None:
-            ys_PD = torch.where(in_slice_P1, ys_PD, 0)
-        weight_P1 = weights_TK.reshape(-1)[order_P].unsqueeze(-1)
-        ys_PD = ys_PD.float() * weight_P1
-        y_TD = torch.zeros(num_tokens, x_TD.shape[-1], device=x_TD.device)
-        return y_TD.index_add_(0, token_P, ys_PD).to(x_TD.dtype)
+        y_TD = _WeightedScatterAdd.apply(ys_PD, weight_P, token_P, in_slice_P, num_tokens)
+        return y_TD.to(x_TD.dtype)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -398,3 +398,29 @@ def test_slice_sizes_and_grouped_matmul_with_given_sizes():
     out = grouped_matmul(x, w, offsets, backend="loop", sizes=sizes)
     torch.testing.assert_close(out[:20], torch.cat([x[:7] @ w[1], x[7:20] @ w[3]]))
     torch.testing.assert_close(out, grouped_matmul(x, w, offsets, backend="loop"))
+
+
+def test_fused_dispatch_pieces_gradcheck():
+    # The layer's two hand-written backwards (gated SiLU of the fused gate|up projection, and
+    # the weighted scatter-add combine with its invalid-row select) against finite differences.
+    from moe_router.moe import _GatedSiLU, _WeightedScatterAdd
+
+    gen = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(7, 10, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(_GatedSiLU.apply, (gate_up,))
+    gate, up = gate_up.detach().chunk(2, -1)
+    torch.testing.assert_close(_GatedSiLU.apply(gate_up), F.silu(gate) * up)
+    rows = torch.randn(9, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.rand(9, dtype=torch.float64, generator=gen, requires_grad=True)
+    token = torch.randint(0, 4, (9,), generator=gen)
+    for valid in (None, torch.rand(9, generator=gen) > 0.3):
+        assert torch.autograd.gradcheck(
+            lambda r, w, v=valid: _WeightedScatterAdd.apply(r, w, token, v, 4), (rows, weight)
+        )
+        kept = torch.ones(9, dtype=torch.bool) if valid is None else valid
+        expected = torch.zeros(4, 5, dtype=torch.float64).index_add_(
+            0, token, (rows * weight.unsqueeze(-1) * kept.unsqueeze(-1)).detach()
+        )
+        torch.testing.assert_close(
+            _WeightedScatterAdd.apply(rows, weight, token, valid, 4), expected
+        )
