@@ -1,5 +1,11 @@
-"""Shared timing helpers for the benchmark scripts: medians of wall-clock times, measured
-round-robin so that load changes on a shared machine hit every contender alike."""
+"""Shared timing helpers for the benchmark scripts: medians, measured round-robin so that load
+changes on a shared machine hit every contender alike.
+
+Two clocks: ``wall`` (``time.perf_counter``) and ``cpu`` (``time.process_time``, user + system
+time of this process). With one thread on a loaded machine the CPU clock leaves out the time
+the process spends descheduled, which the wall clock charges to whichever contender was
+running; page faults and memory stalls still count. With several threads the CPU clock sums
+them, so it is only meaningful at one thread."""
 
 from __future__ import annotations
 
@@ -13,26 +19,40 @@ from pathlib import Path
 
 import torch
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
-def _timed(fn: Callable[[], object]) -> float:
+
+def default_clock(threads: int) -> str:
+    """``cpu`` at one thread (robust to other jobs), ``wall`` otherwise."""
+    return "cpu" if threads == 1 else "wall"
+
+
+def timed_ms(fn: Callable[[], object], clock: str = "wall") -> float:
+    """Milliseconds of one fn() call on the given clock (synchronising CUDA around it)."""
+    now = CLOCKS[clock]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = now()
     fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
+    return (now() - start) * 1e3
 
 
-def median_ms(fn: Callable[[], object], *, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of fn() in milliseconds (synchronising CUDA around each call)."""
+def median_ms(
+    fn: Callable[[], object], *, repeats: int, warmup: int = 2, clock: str = "wall"
+) -> float:
+    """Median time of fn() in milliseconds (synchronising CUDA around each call)."""
     for _ in range(warmup):
         fn()
-    return statistics.median(_timed(fn) for _ in range(repeats))
+    return statistics.median(timed_ms(fn, clock) for _ in range(repeats))
 
 
 def round_robin_ms(
-    contenders: dict[str, tuple[Callable[[], object], int]], *, warmup: int = 1
+    contenders: dict[str, tuple[Callable[[], object], int]],
+    *,
+    warmup: int = 1,
+    clock: str = "wall",
 ) -> dict[str, float]:
     """Median milliseconds of each contender, timed in interleaved rounds.
 
@@ -42,6 +62,7 @@ def round_robin_ms(
     Args:
         contenders: ``name -> (fn, repeats)``.
         warmup: Untimed calls of each contender first.
+        clock: ``wall`` or ``cpu`` (see the module docstring).
 
     Returns:
         ``name -> median ms``.
@@ -53,7 +74,7 @@ def round_robin_ms(
     for round_index in range(max(repeats for _, repeats in contenders.values())):
         for name, (fn, repeats) in contenders.items():
             if round_index < repeats:
-                times[name].append(_timed(fn))
+                times[name].append(timed_ms(fn, clock))
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -32,7 +32,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,7 +43,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repo 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _hf_blocks import build_hf_blocks, transformers_version  # noqa: E402
-from _timing import machine_load  # noqa: E402
+from _timing import CLOCKS, default_clock, machine_load  # noqa: E402
 
 from moe_router.moe import MoELayer, SwiGLU  # noqa: E402
 from moe_router.router import GATES, Router  # noqa: E402
@@ -97,15 +96,16 @@ def per_expert_loop(router: Router, experts: nn.ModuleList, x_TD: torch.Tensor) 
     return y_TD
 
 
-def time_fwd_bwd(fn: Callable, x: torch.Tensor, grad: torch.Tensor) -> float:
-    """Seconds of one forward + backward."""
+def time_fwd_bwd(fn: Callable, x: torch.Tensor, grad: torch.Tensor, clock: str = "wall") -> float:
+    """Seconds of one forward + backward on the given clock (see _timing.py)."""
+    now = CLOCKS[clock]
     xi = x.detach().requires_grad_()
-    start = time.perf_counter()
+    start = now()
     fn(xi).backward(grad)
-    return time.perf_counter() - start
+    return now() - start
 
 
-def bench_shape(shape: dict, gates: list[str], reps: int, naive_tokens: int) -> dict:
+def bench_shape(shape: dict, gates: list[str], reps: int, naive_tokens: int, clock: str) -> dict:
     """Time every path on one shape, round-robin (rep 1 of each, then rep 2 of each, ...) so
     that load changes on a shared machine hit them all alike."""
     T, D, E, K, Fh = shape["T"], shape["D"], shape["E"], shape["K"], shape["F"]
@@ -145,7 +145,7 @@ def bench_shape(shape: dict, gates: list[str], reps: int, naive_tokens: int) -> 
     times: dict[str, list[float]] = {name: [] for name, *_ in paths}
     for rep in range(reps + 1):  # rep 0 is the warm-up
         for name, _, fn, _ in paths:
-            seconds = time_fwd_bwd(fn, x, grad_TD)
+            seconds = time_fwd_bwd(fn, x, grad_TD, clock)
             if rep:
                 times[name].append(seconds)
 
@@ -157,7 +157,9 @@ def bench_shape(shape: dict, gates: list[str], reps: int, naive_tokens: int) -> 
     # The naive loop costs the same per token by construction: time a prefix, scale to T.
     subset = min(naive_tokens, T)
     naive_times = [
-        time_fwd_bwd(lambda xi: naive_token_loop(router, experts, xi), x[:subset], grad_TD[:subset])
+        time_fwd_bwd(
+            lambda xi: naive_token_loop(router, experts, xi), x[:subset], grad_TD[:subset], clock
+        )
         for _ in range(max(2, reps // 2) + 1)
     ][1:]
     note = f"timed on {subset} tokens, scaled x{T / subset:g}" if subset < T else ""
@@ -182,7 +184,9 @@ def markdown(results: dict) -> str:
         "",
         f"torch {results['torch']}, transformers {results['transformers'] or 'not installed'}, "
         f"{results['threads']} thread(s), {results['machine']}; median of {results['reps']} "
-        "reps after a warm-up, paths timed round-robin; soft_topk implementation: "
+        f"reps after a warm-up, paths timed round-robin, {results['clock']} clock (process CPU "
+        "time at one thread: robust to the other jobs of a shared machine); soft_topk "
+        "implementation: "
         f"`{results['soft_topk_impl']}`.",
         "",
         f"Machine load before: `{results['load_before']}`; after: `{results['load_after']}`. "
@@ -262,9 +266,16 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--shapes", nargs="+", default=[s["name"] for s in SHAPES])
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default=None,
+        help="process CPU time (default at 1 thread: robust to other jobs) or wall time",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reps = args.reps or (3 if args.quick else 5)
+    clock = args.clock or default_clock(args.threads)
     shapes = [dict(s, T=1024) if args.quick else s for s in SHAPES if s["name"] in args.shapes]
     naive_tokens = min(args.naive_tokens, 128) if args.quick else args.naive_tokens
 
@@ -276,13 +287,14 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "machine": f"{platform.processor() or platform.machine()}",
         "reps": reps,
+        "clock": clock,
         "quick": args.quick,
         "soft_topk_impl": f"{soft_topk.__module__}.{soft_topk.__qualname__}",
         "load_before": machine_load(),
         "shapes": {},
     }
     for shape in shapes:
-        entry = bench_shape(shape, args.gates, reps, naive_tokens)
+        entry = bench_shape(shape, args.gates, reps, naive_tokens, clock)
         results["shapes"][shape["name"]] = entry
         print("  targets:", entry["targets"], flush=True)
     results["load_after"] = machine_load()

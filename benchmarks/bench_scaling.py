@@ -31,7 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 if __package__ in (None, ""):  # run as a script from a checkout: make the repo importable
     sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from _timing import machine_load, markdown_table, round_robin_ms, save_results  # noqa: E402
+from _timing import (  # noqa: E402
+    default_clock,
+    machine_load,
+    markdown_table,
+    round_robin_ms,
+    save_results,
+)
 
 from moe_router import soft_topk  # noqa: E402
 from moe_router.moe import MoELayer, SwiGLU  # noqa: E402
@@ -70,13 +76,15 @@ def exponents(sizes: list[float], series: list[float]) -> list[float | None]:
     return out
 
 
-def operator_series(label: str, shapes: list[tuple[int, int, int]], repeats: int) -> dict:
+def operator_series(
+    label: str, shapes: list[tuple[int, int, int]], repeats: int, clock: str
+) -> dict:
     """Time every method at every shape; sizes = R*N."""
     times: dict[str, list[float]] = {}
     for num_rows, num_entries, k in shapes:
         # fewer rounds for the biggest shapes keeps the run short
         reps = max(3, repeats if num_rows * num_entries <= 2**22 else repeats // 2)
-        medians = round_robin_ms(operator_contenders(num_rows, num_entries, k, reps))
+        medians = round_robin_ms(operator_contenders(num_rows, num_entries, k, reps), clock=clock)
         for name, ms in medians.items():
             times.setdefault(name, []).append(ms)
         print(f"  {label}: done R={num_rows} N={num_entries} k={k}", flush=True)
@@ -90,7 +98,7 @@ def operator_series(label: str, shapes: list[tuple[int, int, int]], repeats: int
     }
 
 
-def layer_series(experts: list[int], repeats: int, num_tokens: int) -> dict:
+def layer_series(experts: list[int], repeats: int, num_tokens: int, clock: str) -> dict:
     d_model, k, d_ff = 256, 2, 512
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(num_tokens, d_model, generator=gen)
@@ -104,7 +112,7 @@ def layer_series(experts: list[int], repeats: int, num_tokens: int) -> dict:
             contenders[gate] = (fwd_bwd(layer, x, grad), repeats)
         torch.manual_seed(0)
         contenders["dense SwiGLU (K*F)"] = (fwd_bwd(SwiGLU(d_model, k * d_ff), x, grad), repeats)
-        for name, ms in round_robin_ms(contenders).items():
+        for name, ms in round_robin_ms(contenders, clock=clock).items():
             times.setdefault(name, []).append(ms)
         print(f"  layer: done E={num_experts}", flush=True)
     return {
@@ -138,8 +146,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=["cpu", "wall"], default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    clock = args.clock or default_clock(args.threads)
     repeats = args.repeats or (2 if args.quick else 5)
     rows_list = [1000, 10000] if args.quick else [1000, 10000, 100000, 1000000]
     entries_list = [8, 64, 256] if args.quick else [8, 16, 32, 64, 128, 256, 512, 1024]
@@ -151,18 +161,20 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "clock": clock,
         "cpu_kernels": _cpu_kernels.available(),
         "load_before": machine_load(),
     }
     vs_rows = operator_series(
-        "soft_topk vs R (N=64, k=8)", [(r, 64, 8) for r in rows_list], repeats
+        "soft_topk vs R (N=64, k=8)", [(r, 64, 8) for r in rows_list], repeats, clock
     )
     vs_entries = operator_series(
         f"soft_topk vs N (R={num_rows_n}, k=N/8)",
         [(num_rows_n, n, max(1, n // 8)) for n in entries_list],
         repeats,
+        clock,
     )
-    layer = layer_series(experts_list, max(2, repeats - 2), num_tokens)
+    layer = layer_series(experts_list, max(2, repeats - 2), num_tokens, clock)
     payload.update(
         {"vs_rows": vs_rows, "vs_entries": vs_entries, "layer": layer, "load_after": machine_load()}
     )
@@ -190,7 +202,8 @@ def main() -> None:
             "",
             f"torch {payload['torch']}, {payload['machine']}, {payload['threads']} thread(s); "
             f"C++ kernels {'loaded' if payload['cpu_kernels'] else 'NOT available'}. Medians, "
-            "contenders timed round-robin at each size.",
+            f"contenders timed round-robin at each size, {clock} clock (process CPU time at one "
+            "thread: robust to the other jobs of a shared machine).",
             "",
             f"Machine load before: `{payload['load_before']}`; after: `{payload['load_after']}`. "
             "**A shared, loaded machine**: the exponents between neighbouring sizes carry its "

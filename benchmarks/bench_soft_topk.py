@@ -40,7 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if __package__ in (None, ""):  # run as a script from a checkout: make the repo importable
     sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from _peers import Peer, load_peers  # noqa: E402
-from _timing import machine_load, markdown_table, round_robin_ms, save_results  # noqa: E402
+from _timing import (  # noqa: E402
+    default_clock,
+    machine_load,
+    markdown_table,
+    round_robin_ms,
+    save_results,
+)
 from seed_topk import seed_soft_topk  # noqa: E402
 
 from moe_router import soft_topk  # noqa: E402
@@ -155,7 +161,7 @@ def accuracy(contenders, x, grad_out, k, peers: list[Peer]) -> dict[str, dict[st
     return result
 
 
-def bench_threads(threads, shapes, repeats, tau, peers, accuracies) -> dict:
+def bench_threads(threads, shapes, repeats, tau, peers, accuracies, clock) -> dict:
     torch.set_num_threads(threads)
     entries = []
     for num_rows, num_entries, k in shapes:
@@ -170,7 +176,7 @@ def bench_threads(threads, shapes, repeats, tau, peers, accuracies) -> dict:
         for label, c in contenders.items():
             xs, gs = (x, grad_out) if c.rows is None else (x[: c.rows], grad_out[: c.rows])
             timed[label] = (fwd_bwd(c.fn, xs, gs), c.repeats)
-        medians = round_robin_ms(timed)
+        medians = round_robin_ms(timed, clock=clock)
         rows_out = []
         for label, c in contenders.items():
             scale = 1.0 if c.rows is None else num_rows / c.rows
@@ -182,7 +188,7 @@ def bench_threads(threads, shapes, repeats, tau, peers, accuracies) -> dict:
                 rows_out.append({**row, "note": "skipped: " + peer.skip_reason})
         entries.append({"shape": [num_rows, num_entries], "k": k, "key": key, "rows": rows_out})
         print(f"  [{threads} thread(s)] done {key}", flush=True)
-    return {"threads": threads, "load_after": machine_load(), "shapes": entries}
+    return {"threads": threads, "clock": clock, "load_after": machine_load(), "shapes": entries}
 
 
 def goals(entry: dict, peers: list[Peer]) -> list[str]:
@@ -221,7 +227,9 @@ def markdown(payload: dict, peers: list[Peer]) -> str:
         "",
         f"torch {payload['torch']}, {payload['machine']}, tau = {payload['tau']}; C++ kernels "
         f"{'loaded' if payload['cpu_kernels'] else 'NOT available (torch path)'}. Medians, "
-        "contenders timed round-robin in the same run. `method` = the default CPU path (fused "
+        "contenders timed round-robin in the same run; the clock is process CPU time at one "
+        "thread (robust to the other jobs of a shared machine), wall time otherwise. "
+        "`method` = the default CPU path (fused "
         "C++ kernels); `method (torch path)` = backend='torch'.",
         "",
         f"Machine load before: `{payload['load_before']}`. **A shared, loaded machine** "
@@ -239,7 +247,12 @@ def markdown(payload: dict, peers: list[Peer]) -> str:
         "random upstream gradient), fp32.",
     ]
     for run in payload["runs"]:
-        parts += ["", f"## {run['threads']} thread(s)", "", f"Load after: `{run['load_after']}`"]
+        parts += [
+            "",
+            f"## {run['threads']} thread(s), {run['clock']} clock",
+            "",
+            f"Load after: `{run['load_after']}`",
+        ]
         for entry in run["shapes"]:
             by_label = {r["label"]: r for r in entry["rows"]}
             hard = by_label["hard (softmax+topk+gather)"]["ms"]
@@ -287,6 +300,12 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--tau", type=float, default=1.0)
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default=None,
+        help="process CPU time (default at 1 thread: robust to other jobs) or wall time",
+    )
     args = parser.parse_args()
     repeats = args.repeats or (3 if args.quick else 15)
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -310,7 +329,8 @@ def main() -> None:
     }
     print(f"C++ CPU kernels: {'loaded' if payload['cpu_kernels'] else 'NOT available'}")
     for threads in args.threads:
-        run = bench_threads(threads, shapes, repeats, args.tau, peers, payload["accuracy"])
+        clock = args.clock or default_clock(threads)
+        run = bench_threads(threads, shapes, repeats, args.tau, peers, payload["accuracy"], clock)
         payload["runs"].append(run)
     text = markdown(payload, peers)
     print(text)
