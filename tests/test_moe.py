@@ -368,15 +368,19 @@ def test_topk_layer_compiles_without_graph_breaks():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("gate", "options"),
-    [("topk", {"capacity_factor": 1.0}), ("soft_topk", {})],
+    ("gate", "options", "grouped_path"),
+    [("topk", {"capacity_factor": 1.0}, False), ("soft_topk", {}, False), ("topk", {}, True)],
 )
-def test_layer_compiles_with_inductor_forward_and_backward(gate, options):
-    # fp32 on CPU takes the per-expert loop (torch's grouped kernel traces only in bf16), whose
-    # slice sizes are host ints. Reading them once per matmul gave inductor three unrelated
-    # sets of unbacked sizes and its backward codegen failed ("expected [u6, u7] to have been
-    # codegen-ed"); the layer reads them once per forward.
+def test_layer_compiles_with_inductor_forward_and_backward(
+    gate, options, grouped_path, monkeypatch
+):
+    # The loops over expert slices (the CPU per-expert path; the grouped path's fallback where
+    # torch's grouped kernel does not trace, e.g. fp32) use host-side slice sizes. Reading them
+    # once per matmul gave inductor unrelated sets of unbacked sizes and its backward codegen
+    # failed ("expected [u6, u7] to have been codegen-ed"); the layer reads them once.
     torch._dynamo.reset()
+    if grouped_path:
+        monkeypatch.setattr(MoELayer, "_use_per_slice", lambda self, x: False, raising=False)
     layer = make_layer(gate, **options)
     x = torch.randn(4, 6, D, requires_grad=True)
     padding = torch.zeros(4, 6, dtype=torch.bool)
