@@ -244,7 +244,10 @@ def markdown(payload: dict, peers: list[Peer]) -> str:
         )
         + ". Accuracy columns: max over the rows of |sum p - k|, and for "
         "peers computing one of our functions the max |p - ours| and |grad_x - ours| (same "
-        "random upstream gradient), fp32.",
+        "random upstream gradient), fp32. A large max|grad-ours| beside a tiny max|p-ours| "
+        "marks an entry on a kink of the capped-simplex projection (p exactly 0 or 1 in fp32) "
+        "that the peer's rounding put on the other side: a different subgradient, not a "
+        "different function (ours matches the fp64 result there).",
     ]
     for run in payload["runs"]:
         parts += [
