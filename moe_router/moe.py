@@ -599,7 +599,10 @@ class MoELayer(nn.Module):
         )
         for token_N, weight_N, w13_DG, w2_FD in slices:  # N = pairs of one expert
             x_ND = x_TD.index_select(0, token_N)
-            y_ND = _GatedSiLU.apply(x_ND @ w13_DG) @ w2_FD
+            # Plain autograd here: one expert's temporaries are cheap to allocate, and
+            # _GatedSiLU's in-place backward takes more passes over them (measured slower).
+            gate_NF, up_NF = (x_ND @ w13_DG).chunk(2, dim=-1)
+            y_ND = (F.silu(gate_NF) * up_NF) @ w2_FD
             y_TD.index_add_(0, token_N, y_ND.to(dtype) * weight_N.unsqueeze(-1))
         return y_TD
 
