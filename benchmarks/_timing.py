@@ -1,30 +1,90 @@
-"""Shared timing helpers for the benchmark scripts: medians of wall-clock times."""
+"""Shared timing helpers for the benchmark scripts: medians, measured round-robin so that load
+changes on a shared machine hit every contender alike.
+
+Two clocks: ``wall`` (``time.perf_counter``) and ``cpu`` (``time.process_time``, user + system
+time of this process). With one thread on a loaded machine the CPU clock leaves out the time
+the process spends descheduled, which the wall clock charges to whichever contender was
+running; page faults and memory stalls still count. With several threads the CPU clock sums
+them, so it is only meaningful at one thread."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
-def median_ms(fn: Callable[[], object], *, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of fn() in milliseconds (synchronising CUDA around each call)."""
+
+def default_clock(threads: int) -> str:
+    """``cpu`` at one thread (robust to other jobs), ``wall`` otherwise."""
+    return "cpu" if threads == 1 else "wall"
+
+
+def timed_ms(fn: Callable[[], object], clock: str = "wall") -> float:
+    """Milliseconds of one fn() call on the given clock (synchronising CUDA around it)."""
+    now = CLOCKS[clock]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = now()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (now() - start) * 1e3
+
+
+def median_ms(
+    fn: Callable[[], object], *, repeats: int, warmup: int = 2, clock: str = "wall"
+) -> float:
+    """Median time of fn() in milliseconds (synchronising CUDA around each call)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timed_ms(fn, clock) for _ in range(repeats))
+
+
+def round_robin_ms(
+    contenders: dict[str, tuple[Callable[[], object], int]],
+    *,
+    warmup: int = 1,
+    clock: str = "wall",
+) -> dict[str, float]:
+    """Median milliseconds of each contender, timed in interleaved rounds.
+
+    Round r times every contender whose repeat count exceeds r, one call each, in turn; slow
+    contenders (the reference methods) ask for fewer repeats and drop out of later rounds.
+
+    Args:
+        contenders: ``name -> (fn, repeats)``.
+        warmup: Untimed calls of each contender first.
+        clock: ``wall`` or ``cpu`` (see the module docstring).
+
+    Returns:
+        ``name -> median ms``.
+    """
+    for fn, _ in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_index in range(max(repeats for _, repeats in contenders.values())):
+        for name, (fn, repeats) in contenders.items():
+            if round_index < repeats:
+                times[name].append(timed_ms(fn, clock))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def machine_load() -> str:
+    """``uptime``'s line (load averages over 1, 5, 15 minutes) and the core count."""
+    try:
+        line = subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        line = "load average: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return f"{line.strip()} ({os.cpu_count()} cores)"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -10,8 +10,14 @@ Dispatch (megablocks / torchtitan style, no token dropped unless a capacity is s
 2. gather the token rows in that order, so each expert owns one contiguous slice;
 3. run the experts as grouped matmuls over the slices (``torch.nn.functional.grouped_mm`` /
    ``torch._grouped_mm`` where torch supports the device and dtype, else one matmul per
-   expert over its slice);
+   expert over its slice), gate and up projections as one [E, D, 2F] matmul;
 4. scale each row by its combine weight and scatter-add it back to its token.
+
+At fine-grained shapes the [P, D] and [P, F] intermediates, not the matmuls, dominate the
+time outside the FLOP floor on CPU, so steps 3-4 use two small autograd Functions
+(``_GatedSiLU``, ``_WeightedScatterAdd``) that allocate fewer of them than the plain
+composition; both are checked by gradcheck and by the layer-vs-naive-loop tests.
+G = 2F below.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ __all__ = [
     "capacity_keep_mask",
     "grouped_matmul",
     "grouped_mm_available",
+    "slice_sizes",
 ]
 
 _grouped_mm_op = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -67,7 +74,36 @@ def grouped_mm_available(x: Tensor, w_EIO: Tensor) -> bool:
     return False
 
 
-def grouped_matmul(x_PI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str = "auto") -> Tensor:
+def slice_sizes(offsets_E: Tensor, num_rows: int) -> list[int]:
+    """Host-side row counts of the expert slices, then of the tail past the last one.
+
+    Reads ``offsets_E`` once (free on CPU, one sync on an accelerator). A layer that runs
+    several grouped matmuls over the same slices reads them once and passes the list to each:
+    under ``torch.compile`` every read creates fresh unbacked sizes, and inductor cannot
+    generate the backward of a graph whose saved slices are differences of sizes read apart
+    (``expected [u6, u7] to have been codegen-ed``).
+
+    Args:
+        offsets_E: int32 end offset of each expert's slice.
+        num_rows: P, rows of the left operand.
+
+    Returns:
+        E + 1 sizes summing to P.
+    """
+    ends = offsets_E.tolist()
+    return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)] + [
+        num_rows - ends[-1]
+    ]
+
+
+def grouped_matmul(
+    x_PI: Tensor,
+    w_EIO: Tensor,
+    offsets_E: Tensor,
+    backend: str = "auto",
+    *,
+    sizes: list[int] | None = None,
+) -> Tensor:
     """``out[rows of expert e] = x[rows of expert e] @ w[e]`` for contiguous expert slices.
 
     Rows ``offsets[e-1]:offsets[e]`` belong to expert e. Rows past ``offsets[-1]`` are
@@ -79,6 +115,8 @@ def grouped_matmul(x_PI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str 
         offsets_E: int32 end offset of each expert's slice (inclusive cumsum of the counts).
         backend: ``grouped_mm`` (torch's kernel), ``loop`` (one matmul per expert slice; the
             CPU reference, and the fallback where the kernel does not apply) or ``auto``.
+        sizes: ``slice_sizes(offsets_E, P)`` when the caller already read them; the loop
+            reads them from ``offsets_E`` otherwise.
 
     Returns:
         ``[P, O]`` in x's dtype.
@@ -98,11 +136,11 @@ def grouped_matmul(x_PI: Tensor, w_EIO: Tensor, offsets_E: Tensor, backend: str 
         return _grouped_mm_op(x_PI, w_EIO, offs=offsets_E)
     # One matmul per expert slice. Slice bounds must live on the host: free on CPU, one sync
     # on an accelerator without a grouped kernel.
-    ends = offsets_E.tolist()
-    sizes = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+    if sizes is None:
+        sizes = slice_sizes(offsets_E, x_PI.shape[0])
     # split / unbind rather than slicing and indexing: their backward concatenates / stacks
     # the pieces once instead of adding E zero-padded full-size gradients.
-    *x_slices, x_tail = x_PI.split([*sizes, x_PI.shape[0] - ends[-1]])
+    *x_slices, x_tail = x_PI.split(sizes)
     pieces = [x_NI @ w_IO for x_NI, w_IO in zip(x_slices, w_EIO.unbind(0), strict=True)]
     tail = x_tail.new_zeros(x_tail.shape[0], w_EIO.shape[-1])
     return torch.cat([*pieces, tail])
@@ -146,6 +184,90 @@ def capacity_keep_mask(
     rank_sorted_P = torch.arange(num_pairs, device=key_P.device) - starts_E1[key_sorted_P]
     rank_P = torch.empty_like(rank_sorted_P).scatter_(0, order_P, rank_sorted_P)
     return valid_TK & (rank_P.view_as(valid_TK) < capacity)
+
+
+# Rows of the combine's fp32 temporary per step: small blocks stay in the allocator's reused
+# heap, where one [P, D] temporary would be fresh (page-faulted) memory on every call.
+_COMBINE_BLOCK_BYTES = 4 << 20
+
+
+class _WeightedScatterAdd(torch.autograd.Function):
+    """``y[token[p]] += weight[p] * rows[p]`` in fp32, over the rows where ``valid[p]``.
+
+    The plain composition (``rows * weight`` then ``index_add_``) allocates a [P, D] product in
+    forward and three more [P, D] tensors in backward (the gathered gradient, its product with
+    the weights, its product with the rows). Here forward accumulates block by block, and
+    backward gathers the gradient once, takes the weights' gradient as a batched dot product
+    and scales the gathered gradient in place.
+    """
+
+    @staticmethod
+    def forward(ctx, rows_PD, weight_P, token_P, valid_P, num_tokens):
+        num_rows, width = rows_PD.shape
+        # fp32 at least (bf16 rows, fp32 weights); fp64 stays fp64.
+        dtype = torch.promote_types(rows_PD.dtype, weight_P.dtype)
+        y_TD = torch.zeros(num_tokens, width, device=rows_PD.device, dtype=dtype)
+        block = max(1, _COMBINE_BLOCK_BYTES // (4 * width))
+        for start in range(0, num_rows, block):
+            stop = min(start + block, num_rows)
+            part_ND = rows_PD[start:stop].to(dtype) * weight_P[start:stop].unsqueeze(-1)
+            if valid_P is not None:
+                part_ND = torch.where(valid_P[start:stop].unsqueeze(-1), part_ND, 0)
+            y_TD.index_add_(0, token_P[start:stop], part_ND)
+        ctx.save_for_backward(rows_PD, weight_P, token_P, valid_P)
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        rows_PD, weight_P, token_P, valid_P = ctx.saved_tensors
+        grad_PD = grad_TD.index_select(0, token_P)
+        grad_weight_P = None
+        if ctx.needs_input_grad[1]:
+            rows_P1D = rows_PD.to(grad_PD.dtype).unsqueeze(1)
+            grad_weight_P = torch.bmm(rows_P1D, grad_PD.unsqueeze(-1)).view(-1)
+            if valid_P is not None:
+                grad_weight_P = torch.where(valid_P, grad_weight_P, 0)
+        grad_rows_PD = None
+        if ctx.needs_input_grad[0]:
+            grad_rows_PD = grad_PD.mul_(weight_P.unsqueeze(-1))
+            if valid_P is not None:
+                grad_rows_PD.masked_fill_(~valid_P.unsqueeze(-1), 0)
+            grad_rows_PD = grad_rows_PD.to(rows_PD.dtype)
+        return grad_rows_PD, grad_weight_P, None, None, None
+
+
+class _GatedSiLU(torch.autograd.Function):
+    """``silu(gate) * up`` of a fused ``[P, 2F]`` gate|up projection, without the copies.
+
+    Autograd's composition of ``chunk``, ``silu`` and ``*`` keeps ``silu(gate)`` and ``up``,
+    and in backward allocates three [P, F] products plus a [P, 2F] concatenation of the two
+    halves' gradients. This keeps only its input and writes both halves' gradients straight
+    into one [P, 2F] buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up_PG):
+        gate_PF, up_PF = gate_up_PG.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up_PG)
+        return F.silu(gate_PF).mul_(up_PF)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_PF):
+        (gate_up_PG,) = ctx.saved_tensors
+        gate_PF, up_PF = gate_up_PG.chunk(2, dim=-1)
+        grad_PG = torch.empty_like(gate_up_PG)
+        grad_gate_PF, grad_up_PF = grad_PG.chunk(2, dim=-1)
+        sig_PF = torch.sigmoid(gate_PF)
+        # In-place on the halves of one buffer (copy_ then mul_: `out=` a strided view is what
+        # torch.compile cannot trace).
+        grad_up_PF.copy_(gate_PF).mul_(sig_PF).mul_(grad_PF)  # d up = grad * silu(gate)
+        # d gate = grad * up * silu'(gate), silu' = s + gate * s * (1 - s), s = sigmoid(gate)
+        grad_gate_PF.copy_(gate_PF).mul_(sig_PF)
+        one_minus_sig_PF = sig_PF.neg_().add_(1)
+        grad_gate_PF.mul_(one_minus_sig_PF).sub_(one_minus_sig_PF).add_(1)
+        grad_gate_PF.mul_(up_PF).mul_(grad_PF)
+        return grad_PG
 
 
 class SwiGLU(nn.Module):
@@ -318,31 +440,96 @@ class MoELayer(nn.Module):
         token_P = order_P.div(num_slots, rounding_mode="floor")
         counts_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=key_P.device)
         counts_E1.scatter_add_(0, key_P, torch.ones_like(key_P))
+        weight_P = weights_TK.reshape(-1)[order_P]
+        backend = self.config.backend
+        if self._use_per_slice(x_TD):
+            return self._experts_per_slice(x_TD, token_P, weight_P, counts_E1).to(x_TD.dtype)
         offsets_E = counts_E1[:num_experts].cumsum(0).to(torch.int32)
 
         xs_PD = x_TD.index_select(0, token_P)
+        in_slice_P = None
         if valid_TK is not None:
             # Rows past the last slice are left uninitialised by the grouped kernel, in forward
-            # and in backward. Two `where`s (selects, not multiplications, which would turn
-            # garbage into NaN) fence them off: on the kernel's input, so that no garbage
-            # gradient reaches x, and on its output *before* the combine weights touch it, so
-            # that neither y nor the weights' gradient (sum of grad * output) sees garbage.
-            in_slice_P1 = valid_TK.reshape(-1)[order_P].unsqueeze(-1)
-            xs_PD = torch.where(in_slice_P1, xs_PD, 0)
-        backend = self.config.backend
-        # `.to` is a no-op unless autocast-style mixed precision keeps fp32 master weights.
-        w1_EDF, w3_EDF, w2_EFD = (w.to(x_TD.dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD))
-        h_PF = F.silu(grouped_matmul(xs_PD, w1_EDF, offsets_E, backend))
-        h_PF = h_PF * grouped_matmul(xs_PD, w3_EDF, offsets_E, backend)
-        ys_PD = grouped_matmul(h_PF, w2_EFD, offsets_E, backend)
-
+            # and in backward. Selects (not multiplications, which would turn garbage into NaN)
+            # fence them off: a `where` on the kernel's input, so that no garbage gradient
+            # reaches x, and the combine's own select on its output, so that neither y nor the
+            # weights' gradient (a dot product with the output row) sees garbage.
+            in_slice_P = valid_TK.reshape(-1)[order_P]
+            xs_PD = torch.where(in_slice_P.unsqueeze(-1), xs_PD, 0)
+        # Gate and up projections as one [E, D, 2F] grouped matmul: one pass over the gathered
+        # rows, and one input gradient in backward instead of two summed. `.to` is a no-op
+        # unless autocast-style mixed precision keeps fp32 master weights.
+        w13_EDG = torch.cat([self.w1_EDF, self.w3_EDF], dim=-1).to(x_TD.dtype)  # G = 2F
+        w2_EFD = self.w2_EFD.to(x_TD.dtype)
+        # The matmuls share one host read of the slice sizes where the loop runs (see
+        # slice_sizes: reading them per call breaks inductor's backward).
+        sizes = None
+        if backend == "loop" or not grouped_mm_available(xs_PD, w13_EDG):
+            sizes = slice_sizes(offsets_E, xs_PD.shape[0])
+        h_PF = _GatedSiLU.apply(grouped_matmul(xs_PD, w13_EDG, offsets_E, backend, sizes=sizes))
+        ys_PD = grouped_matmul(h_PF, w2_EFD, offsets_E, backend, sizes=sizes)
         # Combine in fp32 (the weights are fp32) and cast once at the end.
-        if valid_TK is not None:
-            ys_PD = torch.where(in_slice_P1, ys_PD, 0)
-        weight_P1 = weights_TK.reshape(-1)[order_P].unsqueeze(-1)
-        ys_PD = ys_PD.float() * weight_P1
-        y_TD = torch.zeros(num_tokens, x_TD.shape[-1], device=x_TD.device)
-        return y_TD.index_add_(0, token_P, ys_PD).to(x_TD.dtype)
+        y_TD = _WeightedScatterAdd.apply(ys_PD, weight_P, token_P, in_slice_P, num_tokens)
+        return y_TD.to(x_TD.dtype)
+
+    def _use_per_slice(self, x_TD: Tensor) -> bool:
+        """``loop``, or ``auto`` on CPU: the per-expert path; else the grouped path."""
+        backend = self.config.backend
+        return backend == "loop" or (backend == "auto" and x_TD.device.type == "cpu")
+
+    def _experts_per_slice(
+        self, x_TD: Tensor, token_P: Tensor, weight_P: Tensor, counts_E1: Tensor
+    ) -> Tensor:
+        """Each expert's whole MLP on its slice of the sorted pairs, accumulated in place.
+
+        The CPU path (and ``backend="loop"``): the slice sizes are read on the host once (free
+        on CPU; one sync on an accelerator). Working one expert at a time keeps every
+        intermediate at [pairs of one expert, ...], memory the allocator reuses, where the
+        grouped path materialises [P, D] and [P, 2F] tensors that are fresh, page-faulted
+        memory on every call; measured faster on CPU at every shape of the layer benchmark.
+        Pairs without compute (key E) form the last split and are never touched.
+
+        Args:
+            x_TD: Token rows.
+            token_P: Token of each pair, sorted by expert.
+            weight_P: Combine weight of each pair, same order.
+            counts_E1: Pairs per expert, then the count of pairs without compute.
+
+        Returns:
+            ``[T, D]`` in fp32 (fp64 for fp64 input).
+        """
+        num_experts = self.config.num_experts
+        sizes = counts_E1.tolist()
+        dtype = torch.promote_types(x_TD.dtype, weight_P.dtype)
+        y_TD = torch.zeros(x_TD.shape, device=x_TD.device, dtype=dtype)
+        # One [D, 2F] matmul per expert for gate and up is faster than two [D, F] ones, but
+        # needs the [E, D, 2F] concatenation (a copy of those weights and of their gradients
+        # per step): worth it while that copy is no bigger than the pairs' activations
+        # (measured: fused faster at E=64, K=8, F=128; split at E=128, K=2, F=512).
+        fuse = self.config.num_experts * x_TD.shape[-1] <= token_P.shape[0]
+        w2_EFD = self.w2_EFD.to(x_TD.dtype)
+        if fuse:
+            w_up = (torch.cat([self.w1_EDF, self.w3_EDF], dim=-1).to(x_TD.dtype).unbind(0),)
+        else:
+            w_up = tuple(w.to(x_TD.dtype).unbind(0) for w in (self.w1_EDF, self.w3_EDF))
+        # split / unbind: their backward concatenates / stacks once instead of adding E
+        # zero-padded full-size gradients.
+        slices = zip(
+            token_P.split(sizes)[:num_experts],
+            weight_P.split(sizes)[:num_experts],
+            w2_EFD.unbind(0),
+            *w_up,
+            strict=True,
+        )
+        for token_N, weight_N, w2_FD, *w_up_D in slices:  # N = pairs of one expert
+            x_ND = x_TD.index_select(0, token_N)
+            if fuse:
+                gate_NF, up_NF = (x_ND @ w_up_D[0]).chunk(2, dim=-1)
+            else:
+                gate_NF, up_NF = x_ND @ w_up_D[0], x_ND @ w_up_D[1]
+            y_ND = (F.silu(gate_NF) * up_NF) @ w2_FD
+            y_TD.index_add_(0, token_N, y_ND.to(dtype) * weight_N.unsqueeze(-1))
+        return y_TD
 
     def extra_repr(self) -> str:
         c = self.config

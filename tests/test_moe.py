@@ -14,6 +14,7 @@ from moe_router.moe import (
     capacity_keep_mask,
     grouped_matmul,
     grouped_mm_available,
+    slice_sizes,
 )
 from moe_router.router import GATES
 from tests.test_router import needs_neg_inf_support
@@ -181,9 +182,9 @@ def test_rows_past_the_slices_never_leak(gate, options, backend, monkeypatch):
 
     real = moe.grouped_matmul
 
-    def nan_tail_matmul(x, w, offsets, backend="auto"):
+    def nan_tail_matmul(x, w, offsets, backend="auto", **kwargs):
         end = int(offsets[-1])
-        return _NaNTail.apply(real(_NaNTail.apply(x, end), w, offsets, backend), end)
+        return _NaNTail.apply(real(_NaNTail.apply(x, end), w, offsets, backend, **kwargs), end)
 
     monkeypatch.setattr(moe, "grouped_matmul", nan_tail_matmul)
     layer = make_layer(gate, backend=backend, **options)
@@ -415,3 +416,67 @@ def test_padding_mask_must_be_a_bool_tensor():
         layer(torch.randn(2, D), padding_mask=[False, True])
     with pytest.raises(ValueError, match="got torch.float32"):
         layer(torch.randn(2, D), padding_mask=torch.zeros(2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("gate", "options", "grouped_path"),
+    [("topk", {"capacity_factor": 1.0}, False), ("soft_topk", {}, False), ("topk", {}, True)],
+)
+def test_layer_compiles_with_inductor_forward_and_backward(
+    gate, options, grouped_path, monkeypatch
+):
+    # The loops over expert slices (the CPU per-expert path; the grouped path's fallback where
+    # torch's grouped kernel does not trace, e.g. fp32) use host-side slice sizes. Reading them
+    # once per matmul gave inductor unrelated sets of unbacked sizes and its backward codegen
+    # failed ("expected [u6, u7] to have been codegen-ed"); the layer reads them once.
+    torch._dynamo.reset()
+    if grouped_path:
+        monkeypatch.setattr(MoELayer, "_use_per_slice", lambda self, x: False, raising=False)
+    layer = make_layer(gate, **options)
+    x = torch.randn(4, 6, D, requires_grad=True)
+    padding = torch.zeros(4, 6, dtype=torch.bool)
+    padding[0, 3:] = True
+    compiled = torch.compile(layer, fullgraph=True)  # the default backend, inductor
+    y = compiled(x, padding_mask=padding)
+    y_ref = layer(x, padding_mask=padding)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(gradients(layer, x, y), gradients(layer, x, y_ref), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_slice_sizes_and_grouped_matmul_with_given_sizes():
+    offsets = torch.tensor([0, 7, 7, 20], dtype=torch.int32)
+    sizes = slice_sizes(offsets, 23)
+    assert sizes == [0, 7, 0, 13, 3]
+    x = torch.randn(23, 16)
+    w = torch.randn(4, 16, 8)
+    out = grouped_matmul(x, w, offsets, backend="loop", sizes=sizes)
+    torch.testing.assert_close(out[:20], torch.cat([x[:7] @ w[1], x[7:20] @ w[3]]))
+    torch.testing.assert_close(out, grouped_matmul(x, w, offsets, backend="loop"))
+
+
+def test_fused_dispatch_pieces_gradcheck():
+    # The layer's two hand-written backwards (gated SiLU of the fused gate|up projection, and
+    # the weighted scatter-add combine with its invalid-row select) against finite differences.
+    from moe_router.moe import _GatedSiLU, _WeightedScatterAdd
+
+    gen = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(7, 10, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(_GatedSiLU.apply, (gate_up,))
+    gate, up = gate_up.detach().chunk(2, -1)
+    torch.testing.assert_close(_GatedSiLU.apply(gate_up), F.silu(gate) * up)
+    rows = torch.randn(9, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.rand(9, dtype=torch.float64, generator=gen, requires_grad=True)
+    token = torch.randint(0, 4, (9,), generator=gen)
+    for valid in (None, torch.rand(9, generator=gen) > 0.3):
+        assert torch.autograd.gradcheck(
+            lambda r, w, v=valid: _WeightedScatterAdd.apply(r, w, token, v, 4), (rows, weight)
+        )
+        kept = torch.ones(9, dtype=torch.bool) if valid is None else valid
+        expected = torch.zeros(4, 5, dtype=torch.float64).index_add_(
+            0, token, (rows * weight.unsqueeze(-1) * kept.unsqueeze(-1)).detach()
+        )
+        torch.testing.assert_close(
+            _WeightedScatterAdd.apply(rows, weight, token, valid, 4), expected
+        )
