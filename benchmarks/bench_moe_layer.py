@@ -47,6 +47,7 @@ from _timing import CLOCKS, default_clock, machine_load  # noqa: E402
 
 from moe_router.moe import MoELayer, SwiGLU  # noqa: E402
 from moe_router.router import GATES, Router  # noqa: E402
+from moe_router.stepping import step_routers  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = [
@@ -96,6 +97,16 @@ def per_expert_loop(router: Router, experts: nn.ModuleList, x_TD: torch.Tensor) 
     return y_TD
 
 
+def settle_budget(layer: MoELayer, x_TD: torch.Tensor, steps: int = 40) -> float:
+    """Runs the layer's budget controller to its target on this input (training forwards and
+    router steps, no weight update); returns the mean experts per token it then computes."""
+    for _ in range(steps):
+        routing = layer.router(x_TD)
+        step_routers(layer)
+    active_T = routing.valid_TK.sum(-1).float() + routing.overflow_T
+    return float(active_T.mean())
+
+
 def time_fwd_bwd(fn: Callable, x: torch.Tensor, grad: torch.Tensor, clock: str = "wall") -> float:
     """Seconds of one forward + backward on the given clock (see _timing.py)."""
     now = CLOCKS[clock]
@@ -121,6 +132,16 @@ def bench_shape(shape: dict, gates: list[str], reps: int, naive_tokens: int, clo
     for gate in gates:
         note = "dense compute over all E experts" if gate == "soft_topk_dense" else ""
         paths.append((gate, "layer", layer(gate), note))
+    # The support-exact gates at the compute of top-K: their budget controllers settle first.
+    for gate, options in (
+        ("sparse_soft_topk", {"target_active": float(K)}),
+        ("balanced_soft_topk", {"method": "sparse", "target_active": float(K)}),
+    ):
+        if gate in gates:
+            settled = layer(gate, **options)
+            active = settle_budget(settled, x)
+            note = f"{active:.2f} experts/token after 40 controller steps (target {K})"
+            paths.append((f"{gate} (target_active={K})", "layer", settled, note))
     loop_layer = layer("topk", backend="loop")
     router, experts = loop_layer.router, split_experts(loop_layer)
     checks: list[str] = []
