@@ -396,8 +396,9 @@ class MoEOptions(RouterOptions):
             ``ceil(capacity_factor * T * K / E)`` assignments per forward.
         drop_policy: Which assignments a full expert drops: ``score`` (lowest gate score
             first) or ``position`` (latest tokens first).
-        backend: Expert matmuls: ``auto`` (torch's grouped kernel where it applies),
-            ``grouped_mm`` or ``loop``.
+        backend: Expert dispatch: ``auto`` (the per-expert-slice path on CPU, torch's grouped
+            kernel on other devices where it applies), ``grouped_mm``, or ``loop`` (the
+            per-expert-slice path on any device; reads the slice sizes on the host).
     """
 
     # experts
