@@ -1,5 +1,6 @@
 """Two gloo processes on CPU: the expert bias stays identical across data-parallel ranks."""
 
+import math
 import socket
 from datetime import timedelta
 
@@ -75,3 +76,59 @@ def test_expert_bias_identical_across_ranks(tmp_path):
             local_only += UPDATE_RATE * torch.sign(load.mean() - load)
             local_only -= local_only.mean()
         assert not torch.allclose(biases[0], local_only)
+
+
+def controller_worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=timedelta(seconds=20),
+    )
+    try:
+        torch.manual_seed(0)  # identical weights on both ranks
+        sparse = Router(8, 8, 2, gate="sparse_soft_topk", target_active=2.0, init_std=0.3)
+        balanced = Router(8, 8, 2, gate="balanced_soft_topk", init_std=0.3)
+        gen = torch.Generator().manual_seed(100 + rank)  # each rank sees its own tokens
+        supports, budgets = [], []
+        for _ in range(5):
+            x = torch.randn(64 * (rank + 1), 8, generator=gen)
+            routing = sparse(x)
+            supports.append(float(routing.valid_TK.sum() + routing.overflow_T.sum()))
+            balanced(x)
+            sparse.step()
+            balanced.step()
+            budgets.append(float(sparse.budget))
+        state = torch.cat([sparse.budget.view(1), balanced.balance_mu_E])
+        gathered = [torch.empty_like(state) for _ in range(WORLD_SIZE)]
+        dist.all_gather(gathered, state)
+        torch.save(
+            {
+                "states": torch.stack(gathered),
+                "supports": torch.tensor(supports, dtype=torch.float64),
+                "budgets": torch.tensor(budgets, dtype=torch.float64),
+            },
+            f"{out_dir}/controller{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_budget_controller_and_balance_thresholds_identical_across_ranks(tmp_path):
+    mp.spawn(controller_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    results = [torch.load(tmp_path / f"controller{rank}.pt") for rank in range(WORLD_SIZE)]
+    for result in results:  # every rank holds the same budget and running thresholds
+        torch.testing.assert_close(result["states"][0], result["states"][1], rtol=0, atol=0)
+    torch.testing.assert_close(results[0]["budgets"], results[1]["budgets"], rtol=0, atol=0)
+    # Slow replay of the controller on the supports of both ranks together (64 + 128 tokens
+    # per step): log k += 0.2 * (2 - mean support) / 2.
+    budget = 2.0
+    for step in range(5):
+        mean_support = (results[0]["supports"][step] + results[1]["supports"][step]) / 192
+        budget = min(max(budget * math.exp(0.2 * (2.0 - mean_support) / 2.0), 1e-3), 8 - 1e-3)
+        assert results[0]["budgets"][step].item() == pytest.approx(budget, rel=1e-5)
+    # One rank's supports alone would have given another budget.
+    alone = 2.0 * math.exp(0.2 * (2.0 - results[0]["supports"][0].item() / 64) / 2.0)
+    assert results[0]["budgets"][0].item() != pytest.approx(alone, rel=1e-6)
