@@ -2,7 +2,7 @@
 
 p = soft_topk(scores, k) maps each row of scores (along `dim`) to p in [0, 1]^n with sum k:
 a smooth, monotone, shift-invariant relaxation of the hard top-k mask that tends to it as
-tau -> 0 (DESIGN.md, "The soft top-k operator"; seeds 000, 002, 004).
+tau -> 0 (docs/design.md, "The soft top-k operator"; seeds 000, 002, 004).
 
 Threshold methods ("sigmoid", "laplace", "exp", "sparse") run as one registered custom op
 (`moe_router::soft_topk_threshold`, forward with a fake and a vmap rule) inside an
@@ -292,7 +292,7 @@ def soft_topk(
     """Differentiable soft top-k: p in [0, 1] with sum k along `dim`.
 
     Threshold methods compute p_i = f((x_i - lambda) / tau) with lambda chosen so that the row
-    sums to k (DESIGN.md): "sigmoid" (smooth everywhere), "laplace" (C^1, closed form), "exp"
+    sums to k (docs/design.md): "sigmoid" (smooth everywhere), "laplace" (C^1, closed form), "exp"
     (min(1, e^z): k = 1 gives softmax), "sparse" (clip(z, 0, 1): exact zeros, the projection
     onto the capped simplex). Their backward is the implicit-function formula in one pass over
     the saved output. "iterative" (softmax applied k times) and "grad" (gradient of the
