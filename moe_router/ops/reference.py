@@ -23,15 +23,23 @@ def _integer_k(k_R: Tensor, num_entries: int, max_k: int | None) -> tuple[Tensor
     return k_long_R, num_orders
 
 
+# grad's log-space sums lose about 4e-15 of the row's spread in float64 (measured: sum p - k
+# of 4e-9 at a spread of 1e6 tau, 4e-7 at 1e8, 4e-3 at 1e12): beyond this spread the method
+# cannot hold its own budget to 1e-6, and soft_topk refuses it (on CPU, where checking costs
+# no device sync).
+GRAD_MAX_SPREAD = 1e8
+
+
 def reference_soft_topk(
     x_RN: Tensor, k_R: Tensor, tau_R: Tensor, method: str, max_k: int | None
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """A reference method under the threshold family's contract for special rows.
 
     A row holding a NaN or +inf, or with a NaN k, is NaN; a row with k <= 0 is 0; a row with
     at most k finite scores gets 1 on its finite scores (the nearest the budget allows);
-    -inf scores get 0. The other rows run the method on z = (x - max x) / tau, which is
-    invariant to the shift and, clamped to the dtype's range, finite for any finite x and tau.
+    -inf scores get 0. The other rows run the method in float64 (these are references: their
+    sums must hold k, which float32 log-space sums do not) on z = (x - max x) / tau, invariant
+    to the shift and clamped to the finite range.
 
     Args:
         x_RN: Scores, float32 or float64.
@@ -41,12 +49,15 @@ def reference_soft_topk(
         max_k: The integer k when it is a number (sizes the loops), else None.
 
     Returns:
-        (p_RN, short_R): p, and the rows with at most k finite scores (for the caller's error
-        on a number k).
+        (p_RN, short_R, spread_R): p in the dtype of x; the rows with at most k finite scores
+        (for the caller's error on a number k); the spread (max - min) / tau of the finite
+        scores of each row the method solved (0 on the others; see GRAD_MAX_SPREAD).
     """
     k_R = k_R.round()
     if x_RN.shape[-1] == 0:  # nothing to select: every row is saturated (or has k <= 0)
-        return x_RN.clone(), k_R > 0
+        return x_RN.clone(), k_R > 0, torch.zeros_like(k_R)
+    dtype = x_RN.dtype
+    x_RN, k_R, tau_R = x_RN.double(), k_R.double(), tau_R.double()
     row_max_R1 = x_RN.amax(-1, keepdim=True)
     bad_row_R1 = torch.isnan(row_max_R1) | torch.isposinf(row_max_R1) | torch.isnan(k_R)[:, None]
     finite_RN = x_RN > -math.inf
@@ -60,13 +71,18 @@ def reference_soft_topk(
     big = torch.finfo(x_RN.dtype).max
     z_RN = ((x_RN - row_max_R1.detach()) / tau_R.unsqueeze(-1)).clamp(min=-big)
     z_RN = torch.where(finite_RN, z_RN, -math.inf)
+    spread_R = -torch.where(finite_RN, z_RN, 0.0).detach().amin(-1)
     k_solve_R = torch.where(solvable_R, k_R, torch.ones_like(k_R))
     reference = iterative_soft_topk if method == "iterative" else grad_soft_topk
     p_RN = reference(z_RN, k_solve_R, max_k)
     p_RN = torch.where(short_R.unsqueeze(-1), finite_RN.to(p_RN.dtype), p_RN)
     p_RN = torch.where(nonpositive_R.unsqueeze(-1), torch.zeros_like(p_RN), p_RN)
     p_RN = torch.where(bad_row_R1, math.nan, p_RN)
-    return p_RN, short_R & ~bad_row_R1.squeeze(-1) & ~nonpositive_R
+    if x_RN.requires_grad and not p_RN.requires_grad:
+        # no step ran (N = 1 or no rows): p is constant, so its gradient is zero, not missing
+        p_RN = torch.where(torch.ones_like(p_RN, dtype=torch.bool), p_RN, x_RN)
+    short_R = short_R & ~bad_row_R1.squeeze(-1) & ~nonpositive_R
+    return p_RN.to(dtype), short_R, torch.where(solvable_R, spread_R, 0.0)
 
 
 def iterative_soft_topk(z_RN: Tensor, k_R: Tensor, max_k: int | None) -> Tensor:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from moe_router.ops._vmap import batch_first
-from moe_router.ops.reference import REFERENCE_METHODS, reference_soft_topk
+from moe_router.ops.reference import GRAD_MAX_SPREAD, REFERENCE_METHODS, reference_soft_topk
 from moe_router.ops.threshold_torch import THRESHOLD_METHODS, solve_threshold, threshold_backward
 
 METHODS = THRESHOLD_METHODS + REFERENCE_METHODS
@@ -153,8 +153,7 @@ def _soft_topk_threshold(
             scores_RN.contiguous(), k_R, tau_R, method, return_threshold=check_finite
         )
         p_RN, lam_R = out if check_finite else (out, None)
-        # the kernels leave k <= 0 undefined; match the torch path's documented zeros
-        p_RN = torch.where((k_R <= 0).unsqueeze(-1), 0.0, p_RN).to(scores_RN.dtype)
+        p_RN = p_RN.to(scores_RN.dtype)
     elif backend == "torch":
         p_RN, lam_R = solve_threshold(scores_RN, k_R, tau_R, method, max_k)
     else:
@@ -295,40 +294,49 @@ def soft_topk(
     sums to k (docs/design.md): "sigmoid" (smooth everywhere), "laplace" (C^1, closed form), "exp"
     (min(1, e^z): k = 1 gives softmax), "sparse" (clip(z, 0, 1): exact zeros, the projection
     onto the capped simplex). Their backward is the implicit-function formula in one pass over
-    the saved output. "iterative" (softmax applied k times) and "grad" (gradient of the
-    log-sum-exp over all k-subsets) are the seed's reference constructions, differentiated by
-    autograd; they need an integer k.
+    the saved output. The threshold is solved next to itself (a pivot score plus an offset in
+    units of tau), so p is exact to ~1e-6 in the row's own frame at any scale of the scores
+    and of tau. "iterative" (softmax applied k times) and "grad" (gradient of the log-sum-exp
+    over all k-subsets) are the seed's reference constructions, computed in float64 and
+    differentiated by autograd; they need an integer k, and follow the same contract for
+    checks, masking and special rows as the threshold methods.
 
     Args:
         scores: Float tensor of any shape. fp16/bf16 are solved in fp32 and returned in their
             dtype; float64 is solved in float64. -inf entries get p = 0 exactly and zero
             gradient (the same result as dropping them). A NaN (or +inf) in a row makes that
-            row NaN, other rows are unaffected.
+            row NaN, other rows are unaffected. An empty tensor gives an empty result.
         k: Budget per row. A number with 0 < k < n (n = scores.shape[dim]; fractional k is
             valid for the threshold methods), or a tensor broadcastable to the batch shape
             (scores without `dim`, or with size 1 there) for per-row budgets; a tensor k that
             requires grad receives dL/dk. Rows of a tensor k with k <= 0 give p = 0, and rows
             with at most k finite scores give p = 1 on their finite entries (sum < k): the
             nearest the constraint allows. With a number k such rows raise ValueError on CPU;
-            on CUDA they take the same fallback, as checking would need a device sync. The
-            reference methods round a tensor k to integers.
-        tau: Temperature > 0, a number or a tensor broadcastable like k (learned or per-row
-            temperatures receive gradients). tau -> 0 gives the hard top-k mask.
-        dim: The dimension to select along.
+            on CUDA they take the same fallback, as checking would need a device sync. A NaN k
+            makes its row NaN. The reference methods round a tensor k to integers.
+        tau: Temperature > 0 and finite, a number or a tensor broadcastable like k (learned or
+            per-row temperatures receive gradients). tau -> 0 gives the hard top-k mask; the
+            gradient scales as 1 / tau and is +-inf where that overflows. Tensor values are
+            checked on CPU only (on CUDA the check would be a device sync).
+        dim: The dimension to select along (an int).
         method: One of "sigmoid", "laplace", "exp", "sparse", "iterative", "grad".
         backend: Implementation of the threshold methods. "auto": the fused C++ kernels for
             CPU tensors (built once on first use; PyTorch if they cannot be built), Triton for
             CUDA tensors when Triton is installed, else PyTorch. "torch": the readable PyTorch
             path. "cpp": the C++ kernels (CPU only). "triton": the Triton kernels (CUDA, or
-            CPU under TRITON_INTERPRET=1).
+            CPU under TRITON_INTERPRET=1; float16/bfloat16/float32, at most 1024 entries).
+            Forward and backward of one call always run the same implementation.
 
     Returns:
         Tensor of the shape and dtype of `scores`.
 
     Raises:
-        ValueError: for an integer dtype, `dim` out of range, an unknown method or backend,
-            a number k outside (0, n), a non-integer k for a reference method, tau <= 0, or a
-            k / tau tensor that does not broadcast.
+        ValueError: for non-float scores, a `dim` that is not an int or out of range, an
+            unknown method or backend, a backend that cannot run here, a number k outside
+            (0, n) or with too few finite scores in a row (CPU), a non-integer k for a
+            reference method, tau <= 0 or not finite, a bool, complex or misplaced k / tau
+            tensor or one that does not broadcast, or (CPU) a row whose finite scores span
+            more than 1e8 tau with method "grad", whose float64 sums cannot hold k beyond that.
     """
     if not torch.is_tensor(scores):
         raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
@@ -385,6 +393,18 @@ def soft_topk(
                 "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels "
                 f"on CPU through Triton's interpreter), got device={scores.device}"
             )
+        from moe_router.ops.threshold_triton import MAX_N
+
+        if scores.dtype == torch.float64:
+            raise ValueError(
+                "backend='triton' supports float16, bfloat16 and float32 scores, got "
+                "dtype=torch.float64 (use backend='torch')"
+            )
+        if num_entries > MAX_N:
+            raise ValueError(
+                f"backend='triton' supports up to {MAX_N} entries per row, got n={num_entries} "
+                "along dim (use backend='torch')"
+            )
 
     compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     scores_BN = scores.movedim(dim, -1)
@@ -404,7 +424,14 @@ def soft_topk(
         if on_cpu:
             _check_tau(tau_R)
         max_k = int(k) if k_is_number else None
-        p_RN, short_R = reference_soft_topk(scores_RN, k_R, tau_R, method, max_k)
+        p_RN, short_R, spread_R = reference_soft_topk(scores_RN, k_R, tau_R, method, max_k)
         if on_cpu and k_is_number:
             _check_enough_finite(scores_RN, k_R, short_R)
+        if on_cpu and method == "grad" and bool((spread_R > GRAD_MAX_SPREAD).any()):
+            row = int((spread_R > GRAD_MAX_SPREAD).nonzero()[0, 0])
+            raise ValueError(
+                f"method='grad' holds its budget only for rows whose finite scores span at most "
+                f"{GRAD_MAX_SPREAD:g} * tau, but row {row} spans {spread_R[row].item():.3g} * tau "
+                "(use a threshold method, or a larger tau)"
+            )
     return p_RN.reshape(scores_BN.shape).movedim(-1, dim).to(scores.dtype)

@@ -347,12 +347,13 @@ def threshold_backward(
     """
     grad_RN = grad_RN.to(p_RN.dtype)
     w_RN = f_prime_from_p(p_RN, method)
-    # NaN rows: keep NaN in the gradient of that row only (p is NaN there)
-    v_RN = w_RN / tau_R.unsqueeze(-1)
-    sum_v_R = v_RN.sum(-1)
-    sum_vg_R = (v_RN * grad_RN).sum(-1)
-    mean_g_R = sum_vg_R / torch.where(sum_v_R > 0, sum_v_R, torch.ones_like(sum_v_R))
-    grad_x_RN = v_RN * (grad_RN - mean_g_R.unsqueeze(-1))
+    # NaN rows: keep NaN in the gradient of that row only (p is NaN there). The 1 / tau of
+    # v = w / tau cancels in the mean and is applied last, so a tiny tau gives an honest
+    # +-inf gradient where 1 / tau overflows, never inf / inf = NaN.
+    sum_w_R = w_RN.sum(-1)
+    sum_wg_R = (w_RN * grad_RN).sum(-1)
+    mean_g_R = sum_wg_R / torch.where(sum_w_R > 0, sum_w_R, torch.ones_like(sum_w_R))
+    grad_x_RN = w_RN * (grad_RN - mean_g_R.unsqueeze(-1)) / tau_R.unsqueeze(-1)
     grad_k_R = mean_g_R if need_k_grad else None
     grad_tau_R = None
     if need_tau_grad:

@@ -81,8 +81,8 @@ steps; on a width-1.39 bracket Newton converges quadratically.
 
 Special rows: an entry that is -inf (or a column beyond N) gets p = 0 exactly and zero gradient;
 a row with at most k entries that are not -inf gets p = 1 on them (the documented fallback of the
-PyTorch path) and threshold -inf; a NaN or +inf anywhere in a row makes its p, threshold and
-gradients NaN, other rows unaffected.
+PyTorch path) and threshold -inf; a row with k <= 0 gets p = 0 and threshold +inf; a NaN or +inf
+anywhere in a row, or a NaN k, makes its p, threshold and gradients NaN, other rows unaffected.
 
 Importing this module never fails: without Triton, ``HAS_TRITON`` is False and the wrappers
 raise. Kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter when
@@ -289,6 +289,7 @@ if HAS_TRITON:
         # A NaN or +inf anywhere makes the row NaN (as the PyTorch path); -inf marks entries
         # that must not be selected.
         row_nan = tl.max(((x != x) | (x == float("inf"))).to(tl.int32), axis=1) > 0
+        row_nan = row_nan | (k != k)  # (a NaN budget too)
         x = tl.where(row_nan[:, None], 0.0, x)
         present = x > float("-inf")
         n_present = tl.sum(present.to(tl.float32), axis=1)
@@ -301,12 +302,15 @@ if HAS_TRITON:
         y_min = tl.min(tl.where(present, y, float("inf")), axis=1)
         y_min = tl.where(any_present, y_min, 0.0)
 
-        # At most k entries to share k: all of them are selected (the torch path's fallback).
-        fallback = n_present <= k
+        # At most k entries to share k: all of them are selected (the torch path's fallback);
+        # k <= 0: none (and that takes precedence, as on the torch path).
+        nonpositive = k <= 0
+        fallback = (n_present <= k) & ~nonpositive
         # Sanitised budget for rows that skip the solve, so their arithmetic stays finite.
-        k_solve = tl.where(fallback | row_nan, 0.5, k)
-        m_solve = tl.where(fallback | row_nan, 1.0, n_present)
-        active = row_ok & ~fallback & ~row_nan
+        skip = fallback | nonpositive | row_nan
+        k_solve = tl.where(skip, 0.5, k)
+        m_solve = tl.where(skip, 1.0, n_present)
+        active = row_ok & ~skip
         if METHOD == 3:
             # Walk down the distinct values towards t = the ceil(k)-th largest: fewer than k
             # entries lie above t, so F(t) < k, and at least k lie at or above it, so
@@ -389,12 +393,14 @@ if HAS_TRITON:
 
         p = _apply_f(y - lam[:, None], METHOD)
         p = tl.where(fallback[:, None], tl.where(present, 1.0, 0.0), p)
+        p = tl.where(nonpositive[:, None], 0.0, p)
         p = tl.where(row_nan[:, None], float("nan"), p)
         tl.store(p_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], p, mask=mask)
         if WRITE_LAM:
             # lambda in units of x / tau, within the finite range (a solved row is never -inf)
             lam_z = tl.minimum(tl.maximum(origin / tau + lam, -_FLOAT_MAX), _FLOAT_MAX)
             lam_z = tl.where(fallback, float("-inf"), lam_z)
+            lam_z = tl.where(nonpositive, float("inf"), lam_z)
             lam_z = tl.where(row_nan, float("nan"), lam_z)
             tl.store(lam_ptr + rows, lam_z, mask=row_ok)
 
@@ -537,7 +543,7 @@ def _check_rows(t: Tensor, name: str) -> None:
         )
     if t.dtype not in _INPUT_DTYPES:
         raise ValueError(f"{name} has dtype {t.dtype}; allowed: float16, bfloat16, float32")
-    if t.shape[1] > 0 and t.stride(1) != 1:
+    if t.shape[0] > 0 and t.shape[1] > 1 and t.stride(1) != 1:  # (size <= 1: any stride)
         raise ValueError(f"{name} must have unit stride along its last dim, got {t.stride()}")
 
 
@@ -560,7 +566,8 @@ def triton_soft_topk_forward(
         scores_RN: Scores, 2-D with unit stride along the last dim, float16/bfloat16/float32,
             at most ``MAX_N`` (1024) entries per row. ``-inf`` marks entries that must not be
             selected.
-        k_R: Per-row budget in (0, N], float32 (converted otherwise). Not checked on the device.
+        k_R: Per-row budget, float32 (converted otherwise): k <= 0 gives p = 0, k >= the number
+            of entries that are not -inf gives p = 1 on them, NaN gives NaN. Not checked.
         tau_R: Per-row temperature > 0, float32 (converted otherwise).
         method: One of ``sigmoid``, ``laplace``, ``exp``, ``sparse``.
         return_threshold: Also return lambda per row, in units of z = scores / tau.

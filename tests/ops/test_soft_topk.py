@@ -374,6 +374,22 @@ def test_every_method_validates_and_masks_alike(method):
         soft_topk(masked, 3, method=method)
 
 
+def test_grad_method_refuses_rows_its_float64_sums_cannot_hold():
+    """grad sums e^{z} over k-subsets in log space: at 1e9 tau of spread its sums lose k
+    (sum p - k of 4e-3 at 1e12 in float64, and 1e28 in float32 at 1e8 before it ran in
+    float64), so it raises instead of answering; within 1e8 it holds k."""
+    scores = torch.tensor([[1e9, 0.0, 1.0, 2.0]])
+    with pytest.raises(ValueError, match="method='grad' holds its budget only"):
+        soft_topk(scores, 2, method="grad")
+    p = soft_topk(scores, 2, tau=100.0, method="grad")  # a spread of 1e7 tau
+    torch.testing.assert_close(p.sum(), torch.tensor(2.0), atol=1e-6, rtol=0)
+    torch.manual_seed(19)
+    wide = torch.rand(50, 13) * 1e4
+    torch.testing.assert_close(
+        soft_topk(wide, 8, method="grad").sum(-1), torch.full((50,), 8.0), atol=1e-5, rtol=0
+    )
+
+
 def test_tensor_k_nonpositive_gives_zeros():
     p = soft_topk(torch.randn(2, 5), torch.tensor([0.0, 2.0]), method="exp")
     assert torch.equal(p[0], torch.zeros(5))

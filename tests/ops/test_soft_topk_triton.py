@@ -49,12 +49,12 @@ if not _CUDA and "triton" not in sys.modules:
         from moe_router.ops import threshold_triton  # noqa: F401
 
 import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from ops_testing import exact_reference, scale_cases  # noqa: E402
+from ops_testing import exact_reference, run_fuzz_case, scale_cases, soft_topk_inputs  # noqa: E402
 
 from moe_router.ops import threshold_triton as kernels  # noqa: E402
 from moe_router.ops.soft_topk import soft_topk  # noqa: E402
@@ -331,6 +331,25 @@ def test_exact_in_the_rows_own_frame_at_any_scale(method):
         assert abs(p.sum().item() - k) <= 1e-5 * max(k, 1), name
         expected = exact_reference(row.float(), k, tau, method)
         torch.testing.assert_close(p, expected, atol=1e-5, rtol=0, msg=name)
+
+
+@needs_kernels
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    case=soft_topk_inputs(
+        methods=METHODS, backends=("triton",), dtypes=(torch.float32, torch.float16)
+    )
+)
+def test_fuzz_public_op(case):
+    """The fuzz harness of test_soft_topk_fuzz.py through backend="triton": a clear error or
+    the contract's result, equal to the PyTorch backend's."""
+    with _mode():
+        run_fuzz_case(case, DEVICE)
 
 
 @needs_kernels

@@ -824,9 +824,10 @@ void backward_impl(const at::Tensor& p, const at::Tensor& grad, const at::Tensor
       }
       // as the torch formula: sum v = 0 divides by 1 (mean 0); NaN stays NaN
       const T mean = static_cast<T>(sum_wg / (sum_w > 0 ? sum_w : 1.0));
-      const T inv_tau = T(1) / tau_ptr[r];
+      // divided, not multiplied by 1 / tau: a subnormal tau gives +-inf, never 0 * inf = NaN
+      const T tau = tau_ptr[r];
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) gxr[i] = (f_prime<T, M>(pr[i]) * inv_tau) * (gr[i] - mean);
+      for (int64_t i = 0; i < n; ++i) gxr[i] = f_prime<T, M>(pr[i]) * (gr[i] - mean) / tau;
       gk_ptr[r] = mean;
       if (need_tau) {
         double acc = 0.0;
