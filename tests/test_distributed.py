@@ -39,7 +39,7 @@ def expected_bias() -> torch.Tensor:
     return bias
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
+def init_gloo(rank: int, port: int) -> None:
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -47,6 +47,10 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         world_size=WORLD_SIZE,
         timeout=timedelta(seconds=20),
     )
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    init_gloo(rank, port)
     try:
         router = Router(
             8, NUM_EXPERTS, 1, gate="topk", expert_bias=True, bias_update_rate=UPDATE_RATE
@@ -79,13 +83,7 @@ def test_expert_bias_identical_across_ranks(tmp_path):
 
 
 def controller_worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=20),
-    )
+    init_gloo(rank, port)
     try:
         torch.manual_seed(0)  # identical weights on both ranks
         sparse = Router(8, 8, 2, gate="sparse_soft_topk", target_active=2.0, init_std=0.3)
