@@ -202,7 +202,11 @@ def _bench_shape(kernels, soft_topk, seed_soft_topk, timer, x, g, k_R, tau_R, ar
     if not args.skip_torch:
         try:
             row.torch_fwd_ms, row.torch_bwd_ms = autograd_pair(
-                lambda xx: soft_topk(xx, k, method=method), [x], lambda out: g.to(out.dtype)
+                # backend="torch": the readable PyTorch path, not the public op's default
+                # (which is these same Triton kernels on CUDA)
+                lambda xx: soft_topk(xx, k, method=method, backend="torch"),
+                [x],
+                lambda out: g.to(out.dtype),
             )
         except torch.cuda.OutOfMemoryError:
             row.notes.append("torch path: out of memory")

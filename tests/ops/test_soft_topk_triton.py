@@ -600,8 +600,24 @@ def test_gpu_full_size_against_torch_path(method, n_rows, n):
     g = torch.randn_like(p)
     grad_x, _, grad_tau = kernels.triton_soft_topk_backward(p, g, tau_R, method, False, True)
     ref_x, ref_tau = torch.autograd.grad((p_ref * g.double()).sum(), (x64, tau64))
-    torch.testing.assert_close(grad_x.double(), ref_x, atol=5e-5, rtol=1e-3)
-    torch.testing.assert_close(grad_tau.double(), ref_tau, atol=2e-4, rtol=2e-3)
+    # sparse: v = 1[0 < p < 1] jumps where p touches 0 or 1. Among 10^7 fp32 entries a few sit
+    # within rounding of such a kink, where fp32 and fp64 legitimately pick different sides
+    # (the gradient is discontinuous there). Those rows must be rare and truly at a kink; all
+    # other rows must match.
+    same_support_R = torch.ones(n_rows, dtype=torch.bool, device="cuda")
+    if method == "sparse":
+        v, v_ref = (p > 0) & (p < 1), (p_ref > 0) & (p_ref < 1)
+        differ = v != v_ref
+        same_support_R = ~differ.any(1)
+        p_at = p_ref.detach()[differ]
+        assert (torch.minimum(p_at, 1 - p_at) <= FWD_ATOL).all(), p_at
+        assert int((~same_support_R).sum()) <= max(1, n_rows // 100_000)
+    torch.testing.assert_close(
+        grad_x.double()[same_support_R], ref_x[same_support_R], atol=5e-5, rtol=1e-3
+    )
+    torch.testing.assert_close(
+        grad_tau.double()[same_support_R], ref_tau[same_support_R], atol=2e-4, rtol=2e-3
+    )
 
 
 @pytest.mark.gpu
