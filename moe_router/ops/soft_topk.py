@@ -2,7 +2,7 @@
 
 p = soft_topk(scores, k) maps each row of scores (along `dim`) to p in [0, 1]^n with sum k:
 a smooth, monotone, shift-invariant relaxation of the hard top-k mask that tends to it as
-tau -> 0 (DESIGN.md, "The soft top-k operator"; seeds 000, 002, 004).
+tau -> 0 (docs/design.md, "The soft top-k operator").
 
 Threshold methods ("sigmoid", "laplace", "exp", "sparse") run as one registered custom op
 (`moe_router::soft_topk_threshold`, forward with a fake and a vmap rule) inside an
@@ -291,13 +291,13 @@ def soft_topk(
     """Differentiable soft top-k: p in [0, 1] with sum k along `dim`.
 
     Threshold methods compute p_i = f((x_i - lambda) / tau) with lambda chosen so that the row
-    sums to k (DESIGN.md): "sigmoid" (smooth everywhere), "laplace" (C^1, closed form), "exp"
+    sums to k (docs/design.md): "sigmoid" (smooth everywhere), "laplace" (C^1, closed form), "exp"
     (min(1, e^z): k = 1 gives softmax), "sparse" (clip(z, 0, 1): exact zeros, the projection
     onto the capped simplex). Their backward is the implicit-function formula in one pass over
     the saved output. The threshold is solved next to itself (a pivot score plus an offset in
     units of tau), so p is exact to ~1e-6 in the row's own frame at any scale of the scores
     and of tau. "iterative" (softmax applied k times) and "grad" (gradient of the log-sum-exp
-    over all k-subsets) are the seed's reference constructions, computed in float64 and
+    over all k-subsets) are two reference constructions, computed in float64 and
     differentiated by autograd; they need an integer k, and follow the same contract for
     checks, masking and special rows as the threshold methods.
 

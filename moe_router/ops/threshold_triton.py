@@ -12,7 +12,7 @@ solve the same equation and are tested against the PyTorch path to fp32 rounding
 Shape legend: R rows (tokens, flattened batch), N entries per row (experts), BN = N rounded up to
 a power of two (the kernel tile width), ROWS rows per program.
 
-The operator (see DESIGN.md, "The soft top-k operator"): with z = x / tau per row,
+The operator (see docs/design.md, "The soft top-k operator"): with z = x / tau per row,
 
     p_i = f(z_i - lambda),   lambda such that sum_i f(z_i - lambda) = k.
 

@@ -389,7 +389,7 @@ inline double log_c_plus_root(double c, double log_prod) {
 
 // f = 1 - e^-u/2 above, e^u/2 below: the segment from F at the breakpoints,
 // F(s_j) = j - A_j / 2 + T_j / 2 with A_j = sum_{i<j} e^{(s_j - s_i) / tau} and T_j =
-// tail_rel[j], counted where F(s_j) < k; then the closed form of seed 002 in the frame of the
+// tail_rel[j], counted where F(s_j) < k; then the closed form in the frame of the
 // pivot on the side whose sum is >= 1 (as _solve_laplace): s_m when k >= m, else s_{m-1}.
 template <typename T>
 Segment solve_laplace(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
