@@ -185,7 +185,6 @@ struct Scratch {
         y(padded),
         out(padded),
         mark(padded),
-        linear(padded),
         top_val(n),
         top_idx(n),
         candidates(n),
@@ -198,9 +197,9 @@ struct Scratch {
   // the row's scores; the row in the frame of its pivot (y = (x - P) / tau, then u = y - d);
   // f of it. Pads -inf.
   std::vector<T> x, y, out;
-  // per entry, 1 or 0 (in T, so that masked sums are plain arithmetic); pads 0
-  std::vector<T> mark;    // among the selected / "above" (capped, for sparse) entries
-  std::vector<T> linear;  // sparse: on the linear piece
+  // per entry, 1 or 0 (in T, so that masked sums are plain arithmetic): among the top K
+  // candidates; pads 0
+  std::vector<T> mark;
   std::vector<T> top_val;  // the K largest scores, descending; -inf pads
   std::vector<int64_t> top_idx;
   std::vector<int64_t> candidates;
@@ -343,10 +342,10 @@ void to_frame(const T* x, T pivot, T tau, T lo, T hi, Scratch<T>& s) {
 
 // ------------------------------------------------------------------------------------------
 // the solvers. Each finds the threshold as theta = pivot + tau * offset, with the pivot one of
-// the row's own scores next to the threshold, and the segment by rank (s.mark = "above" /
-// capped entries; `linear` = the sparse support past the capped ones). Every quantity comes
-// from differences of scores in units of tau, exact near the pivot: the solve is exact in the
-// row's own frame at any scale of x or tau (as solve_threshold in threshold_torch.py).
+// the row's own scores next to the threshold, and the segment (the entries above it, for
+// sparse those capped and the support's end). Every quantity comes from differences of scores
+// in units of tau, exact near the pivot: the solve is exact in the row's own frame at any
+// scale of x or tau (as solve_threshold in threshold_torch.py).
 
 struct Segment {
   double pivot = 0.0;   // a score of the row (exact in double for float and double rows)
@@ -372,7 +371,7 @@ Segment solve_exp(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
   Segment seg;
   seg.above = above;
   seg.pivot = s.top_val[above];
-  seg.offset = std::log(s.tail[above]) - std::log(k - above);
+  seg.offset = std::log(s.tail[above] / (k - above));
   return seg;
 }
 
@@ -394,9 +393,12 @@ inline double log_c_plus_root(double c, double log_prod) {
 template <typename T>
 Segment solve_laplace(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
   // F(s_j) increases with j, so the count is the first j with F(s_j) >= k. It is < ceil(2k)
-  // always and < ceil(k) nearly always: try the short list first.
+  // always and <= ceil(k) nearly always: try the short list first.
   const int64_t full = std::min<int64_t>(n, static_cast<int64_t>(std::ceil(2 * k)));
-  int64_t num = std::min<int64_t>(full, static_cast<int64_t>(std::ceil(k)));
+  // One more than ceil(k) where that is free (the selection works in SIMD-width blocks): with
+  // k >= m the entry just below the threshold is the pivot, and small k has m = ceil(k) often.
+  const int64_t ceil_k = static_cast<int64_t>(std::ceil(k));
+  int64_t num = std::min<int64_t>(full, ceil_k + (ceil_k % kWidth<T> != 0 ? 1 : 0));
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   const T* val = s.top_val.data();
   const std::vector<double>& tail = s.tail;
@@ -495,11 +497,7 @@ Segment exact_sparse(const T* y, int64_t n, double k, Scratch<T>& s) {
   s.prefix.resize(count + 1);
   s.prefix[0] = 0.0;
   for (int64_t j = 0; j < count; ++j) s.prefix[j + 1] = s.prefix[j] + pairs[j].first;
-  Segment seg = capped_simplex(s.prefix, count, k);
-  std::fill(s.mark.begin(), s.mark.end(), T(0));
-  std::fill(s.linear.begin(), s.linear.end(), T(0));
-  for (int64_t j = 0; j < seg.end; ++j) (j < seg.above ? s.mark : s.linear)[pairs[j].second] = T(1);
-  return seg;
+  return capped_simplex(s.prefix, count, k);
 }
 
 template <typename T>
@@ -542,14 +540,6 @@ Segment solve_sparse(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
       seg.offset = lam;
       seg.above = num_capped;
       seg.end = num_capped + num_linear;
-      T* mark = s.mark.data();
-      T* linear = s.linear.data();
-      for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
-        const Vec<T> yi = load(y + i);
-        const auto capped = yi >= lam_t + T(1);
-        store(mark + i, capped ? splat<T>(1) : splat<T>(0));
-        store(linear + i, ((yi > lam_t) & ~capped) ? splat<T>(1) : splat<T>(0));
-      }
       return seg;
     }
     const double linear_sum = hsum(linear_sum_v);
@@ -634,49 +624,17 @@ Segment solve_sigmoid(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
 }
 
 // ------------------------------------------------------------------------------------------
-// the final step: u = y - d in the frame of the pivot, the correction e with
-// sum_i f(u_i - e) = k given the segment (it repairs the rounding of d; as the sigmoid step of
-// _solve_sigmoid), then p = f(u - e). Sums over e^{-|u|} <~ 1 only.
+// the final step of sigmoid: with u = y - d in the frame of the pivot, one more Newton step e
+// (it repairs the rounding of the last iterate), then p = f(u - e). The closed forms of the
+// other methods are exact in that frame already.
 
-template <typename T, int64_t M>
-double final_offset(const T* u, double k, const Segment& seg, const Scratch<T>& s) {
+template <typename T>
+double sigmoid_final_step(const T* u, double k, const Scratch<T>& s) {
   constexpr double tiny = std::numeric_limits<T>::min();
-  const Vec<T> zero = splat<T>(0);
-  if constexpr (M == kSigmoid) {
-    const auto [total, slope] = sigmoid_sums(u, s.padded, 0.0);
-    if (!(slope > 0)) return 0.0;
-    const double offset = (total - k) / std::max(slope, tiny);
-    return std::min(std::max(offset, -1e-2), 1e-2);
-  }
-  if constexpr (M == kSparse) {
-    Vec<T> acc = zero;
-    for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
-      acc += load(s.linear.data() + i) > T(0) ? load(u + i) : zero;  // not 0 * -inf
-    }
-    const int64_t num_linear = seg.end - seg.above;
-    return num_linear > 0 ? (hsum(acc) - (k - seg.above)) / num_linear : 0.0;
-  }
-  // above: e^{-u}, below: e^{u} (the sign flip is 1 - 2 mark); -inf entries give 0
-  Vec<T> above_acc = zero;
-  Vec<T> below_acc = zero;
-  for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
-    const Vec<T> mark = load(s.mark.data() + i);
-    const Vec<T> e = vexp(vmin((T(1) - T(2) * mark) * load(u + i), splat<T>(88)));
-    above_acc += mark * e;
-    below_acc += (T(1) - mark) * e;
-  }
-  const double sum_above = hsum(above_acc);  // laplace only
-  const double sum_below = hsum(below_acc);
-  const double budget = k - seg.above;
-  if constexpr (M == kExp) {
-    return sum_below > 0 ? std::log(sum_below) - std::log(std::max(budget, tiny)) : 0.0;
-  }
-  // laplace: k - m = -(e^d / 2) S_A + (e^-d / 2) S_B, in the form free of cancellation
-  const double root = std::sqrt(budget * budget + sum_above * sum_below);
-  if (budget >= 0) {
-    return sum_below > 0 ? std::log(sum_below) - std::log(std::max(budget + root, tiny)) : 0.0;
-  }
-  return sum_above > 0 ? std::log(std::max(root - budget, tiny)) - std::log(sum_above) : 0.0;
+  const auto [total, slope] = sigmoid_sums(u, s.padded, 0.0);
+  if (!(slope > 0)) return 0.0;
+  const double offset = (total - k) / std::max(slope, tiny);
+  return std::min(std::max(offset, -1e-2), 1e-2);
 }
 
 // One row of the forward pass.
@@ -721,10 +679,8 @@ void forward_row(const T* x_row, T* p, T* lam_out, T k_t, T tau, Scratch<T>& s, 
     seg = solve_sigmoid(x, n, k, tau, s);
   } else if constexpr (M == kLaplace) {
     seg = solve_laplace(x, n, k, tau, s);
-    mark_top(seg.above, s);
   } else if constexpr (M == kExp) {
     seg = solve_exp(x, n, k, tau, s);
-    mark_top(seg.above, s);
   } else {
     seg = solve_sparse(x, n, k, tau, s);
   }
@@ -732,14 +688,35 @@ void forward_row(const T* x_row, T* p, T* lam_out, T k_t, T tau, Scratch<T>& s, 
   // differences overflow it (tiny tau); any finite value that far is the same threshold.
   constexpr double big = std::numeric_limits<T>::max();
   const T offset = static_cast<T>(std::min(std::max(seg.offset, -big), big));
-  // u = y - d in the pivot's frame (y exact near the pivot)
-  if (!seg.framed) to_frame(x, static_cast<T>(seg.pivot), tau, -inf, inf, s);
-  T* u = s.y.data();
-  for (int64_t i = 0; i < s.padded; i += kWidth<T>) store(u + i, load(u + i) - offset);
-  const T correction = static_cast<T>(final_offset<T, M>(u, k, seg, s));
   T* out = s.out.data();
-  for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
-    store(out + i, apply_f<T, M>(load(u + i) - correction));
+  double correction = 0.0;
+  if constexpr (M == kSigmoid) {
+    // u = y - d in the pivot's frame (y exact near the pivot), one more Newton step there for
+    // the rounding of the last iterate, then p
+    T* u = s.y.data();
+    for (int64_t i = 0; i < s.padded; i += kWidth<T>) store(u + i, load(u + i) - offset);
+    correction = sigmoid_final_step(u, k, s);
+    const Vec<T> shift = splat(static_cast<T>(correction));
+    for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
+      store(out + i, apply_f<T, M>(load(u + i) - shift));
+    }
+  } else if constexpr (M == kSparse) {
+    // the cell's root is exact in the pivot's frame: p straight from it
+    const T* y = s.y.data();
+    const Vec<T> shift = splat(offset);
+    for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
+      store(out + i, apply_f<T, M>(load(y + i) - shift));
+    }
+  } else {
+    // the closed form is exact in the pivot's frame (its sums were taken there): p in one
+    // pass, u = (x - P) / tau - d
+    const T* x_pad = s.x.data();
+    const Vec<T> pivot_v = splat(static_cast<T>(seg.pivot));
+    const Vec<T> tau_v = splat(tau);
+    const Vec<T> shift = splat(offset);
+    for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
+      store(out + i, apply_f<T, M>((load(x_pad + i) - pivot_v) / tau_v - shift));
+    }
   }
   std::memcpy(p, out, n * sizeof(T));
   const double lam = seg.pivot / static_cast<double>(tau) + offset + correction;
