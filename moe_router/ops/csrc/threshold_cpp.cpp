@@ -47,6 +47,11 @@ constexpr double kLog2 = 0.69314718055994530942;
 // frame) squares it again (1e-2 leaves < 1e-9 on the stress suite). (A test on |sum p - k|
 // would not do: with k near N the slope is tiny and lam can be far off.)
 constexpr int kSigmoidNewtonSteps = 6;
+// The fast path of sigmoid (sigmoid_near_max): at most this many Newton steps from the
+// log-sum-exp bound (router-like rows take 2-4), and a threshold at most kFrameReach units of
+// tau below the row max (where fp32 coordinates keep ~1e-6); other rows take the exact path.
+constexpr int kSigmoidFastSteps = 8;
+constexpr double kFrameReach = 8.0;
 // (float64 rows keep a tighter tolerance: their users expect float64 accuracy.)
 template <typename T>
 constexpr double kSigmoidStepTol = sizeof(T) == 4 ? 1e-2 : 1e-5;
@@ -589,12 +594,44 @@ std::pair<double, double> sigmoid_sums(const T* y, int64_t padded, double lam) {
   return {static_cast<double>(num_positive) + hsum(signed_tail), hsum(slope)};
 }
 
-// Safeguarded Newton in w = e^-lam inside the bracket lam_laplace -+ log 2 (as _solve_sigmoid),
-// in the frame of laplace's pivot.
+// Fast path: Newton in w = e^-lam in the frame of the row max, from the upper bound
+// lam_0 = log sum_i e^{y_i} - log k (sigma(u) <= e^u), where sum_i sigma(y_i - lam) is concave
+// and increasing in w: every step stays above the root, no bracket needed, and router-like rows
+// converge in 2-4 steps (no selection, no closed form). It stands when it converges within
+// kSigmoidFastSteps to a threshold within kFrameReach of the max: there the coordinates of the
+// entries that carry the mass are exact to ~1e-6. Returns false otherwise.
 template <typename T>
-Segment solve_sigmoid(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
+bool sigmoid_near_max(const T* x, T x_max, double k, T tau, Scratch<T>& s, Segment& seg) {
   constexpr T inf = std::numeric_limits<T>::infinity();
-  Segment seg = solve_laplace(x, n, k, tau, s);
+  to_frame(x, x_max, tau, -inf, inf, s);
+  const T* y = s.y.data();
+  Vec<T> acc = splat<T>(0);
+  for (int64_t i = 0; i < s.padded; i += kWidth<T>) acc += vexp(load(y + i));  // y <= 0
+  double lam = std::log(static_cast<double>(hsum(acc)) / k);
+  for (int step = 0; step < kSigmoidFastSteps; ++step) {
+    const auto [total, slope] = sigmoid_sums(y, s.padded, lam);
+    if (total == k) break;
+    const double move = -std::log1p(std::max((k - total) / slope, -0.5));
+    if (!std::isfinite(move)) return false;
+    lam += move;
+    if (std::abs(move) <= kSigmoidStepTol<T>) break;
+    if (step == kSigmoidFastSteps - 1) return false;
+  }
+  if (!(std::abs(lam) <= kFrameReach)) return false;
+  seg.pivot = x_max;
+  seg.offset = lam;
+  seg.framed = true;
+  return true;
+}
+
+// Safeguarded Newton in w = e^-lam inside the bracket lam_laplace -+ log 2 (as _solve_sigmoid),
+// in the frame of laplace's pivot: exact at any scale, for the rows the fast path leaves.
+template <typename T>
+Segment solve_sigmoid(const T* x, int64_t n, double k, T tau, T x_max, Scratch<T>& s) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  Segment seg;
+  if (sigmoid_near_max(x, x_max, k, tau, s, seg)) return seg;
+  seg = solve_laplace(x, n, k, tau, s);
   to_frame(x, static_cast<T>(seg.pivot), tau, -inf, inf, s);
   seg.framed = true;
   const T* y = s.y.data();
@@ -646,16 +683,20 @@ void forward_row(const T* x_row, T* p, T* lam_out, T k_t, T tau, Scratch<T>& s, 
   std::memcpy(x, x_row, n * sizeof(T));
   IVec bad_v = {};
   IVec finite_v = {};  // counts down: a true comparison is -1
+  Vec<T> max_v = splat(-inf);
   for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
     const Vec<T> xi = load(x + i);
     bad_v |= (xi != xi) | (xi == inf);
     finite_v += xi > -inf;
+    max_v = vmax(max_v, xi);
   }
   int64_t bad = 0;
   int64_t num_finite = 0;
+  T x_max = -inf;
   for (int64_t l = 0; l < kWidth<T>; ++l) {
     bad |= bad_v[l];
     num_finite -= finite_v[l];
+    x_max = std::max(x_max, max_v[l]);
   }
   const double k = static_cast<double>(k_t);
   // the same order of precedence as solve_threshold: NaN / +inf rows, k <= 0, saturated rows
@@ -676,7 +717,7 @@ void forward_row(const T* x_row, T* p, T* lam_out, T k_t, T tau, Scratch<T>& s, 
   }
   Segment seg;
   if constexpr (M == kSigmoid) {
-    seg = solve_sigmoid(x, n, k, tau, s);
+    seg = solve_sigmoid(x, n, k, tau, x_max, s);
   } else if constexpr (M == kLaplace) {
     seg = solve_laplace(x, n, k, tau, s);
   } else if constexpr (M == kExp) {
