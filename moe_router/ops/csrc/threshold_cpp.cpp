@@ -13,7 +13,7 @@
 //
 // Ops (schemas in TORCH_LIBRARY below), scores/p/grad [R, N] contiguous, k/tau [R], float32
 // or float64:
-//   threshold_forward(scores, k, tau, method, sparse_newton_steps=12) -> (p, lam)
+//   threshold_forward(scores, k, tau, method, sparse_newton_steps=12, narrow=True) -> (p, lam)
 //   threshold_backward(p, grad, tau, method, need_tau_grad) -> (grad_scores, grad_k, grad_tau)
 // method: 0 sigmoid, 1 laplace, 2 exp, 3 sparse. lam is in units of scores / tau.
 
@@ -151,6 +151,47 @@ inline Vec<double> vexp(Vec<double> x) {
   Vec<double> out;
   for (int64_t l = 0; l < kWidth<double>; ++l) out[l] = std::exp(x[l]);
   return out;
+}
+
+// log x for positive normal float32 x (~1 ulp): x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+// log m by the Cephes polynomial in f = m - 1, log 2 split in two parts. Callers pass only
+// positive normal values (and check the results they use for finiteness).
+inline Vec<float> vlog(Vec<float> x) {
+  typedef Lanes<float>::ivec ivec;
+  const ivec bits = (ivec)x;
+  ivec e = ((bits >> 23) & 0xff) - 127;
+  Vec<float> m = (Vec<float>)((bits & 0x7fffff) | 0x3f800000);  // [1, 2)
+  const auto big_m = m > 1.41421356f;
+  m = big_m ? m * 0.5f : m;
+  e = e - big_m;  // a true comparison is -1
+  const Vec<float> f = m - 1.0f;
+  const Vec<float> ef = __builtin_convertvector(e, Vec<float>);
+  const Vec<float> z = f * f;
+  Vec<float> y = splat(7.0376836292e-2f);
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y = y + ef * -2.12194440e-4f - 0.5f * z;
+  return f + y + ef * 0.693359375f;
+}
+
+inline Vec<float> vsqrt(Vec<float> x) {
+  Vec<float> out;
+  for (int64_t l = 0; l < kWidth<float>; ++l) out[l] = std::sqrt(x[l]);
+  return out;
+}
+
+// log(1 + x) for x >= -1/2 without losing the bits of a small x: log(u) x / (u - 1), u = 1 + x.
+inline Vec<float> vlog1p(Vec<float> x) {
+  const Vec<float> u = x + 1.0f;
+  const Vec<float> d = u - 1.0f;
+  return d == 0.0f ? x : vlog(u) * (x / (d == 0.0f ? splat(1.0f) : d));
 }
 
 template <typename V>
@@ -764,9 +805,206 @@ void forward_row(const T* x_row, T* p, T* lam_out, T k_t, T tau, Scratch<T>& s, 
   *lam_out = static_cast<T>(std::min(std::max(lam, -big), big));
 }
 
+// ------------------------------------------------------------------------------------------
+// narrow rows (float32, N <= kNarrowMax, sigmoid / laplace / exp): kWidth<float> rows at a
+// time, one SIMD lane per row, so the per-row scalar work of the row path (selection, scalar
+// logs and exps, the loops' setup) becomes vector work shared by 8 rows. The algorithm is the
+// fast path of the row path, in the frame of the row max: from the upper bound
+// lam_0 = log sum e^y - log k' (k' = k for sigmoid and exp, 2k for laplace) every row takes
+// Newton steps in w = e^-lam (sigmoid: the sum is concave in w) or segment steps (exp,
+// laplace: the root of the equation restricted to the current split into entries above and
+// below, a Newton step on that model, which walks down without overshooting and is exact once
+// the split repeats). A lane whose row is special (NaN / +inf, k <= 0 or NaN, at most k finite
+// scores), does not settle within the step budget, or whose threshold lies more than
+// kFrameReach from the max (where fp32 coordinates would lose bits) is redone by the row path.
+
+constexpr int64_t kNarrowMax = 16;
+constexpr int kNarrowSteps = 12;
+
+template <int64_t M>
+void forward_narrow_block(const float* x, float* p, float* lam_out, const float* k_ptr,
+                          const float* tau_ptr, int64_t n, bool redo[]) {
+  typedef Vec<float> V;
+  typedef Lanes<float>::ivec IVec;
+  constexpr int64_t W = kWidth<float>;
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  alignas(32) float buf[kNarrowMax][W];
+  for (int64_t l = 0; l < W; ++l) {
+    for (int64_t j = 0; j < n; ++j) buf[j][l] = x[l * n + j];
+  }
+  V col[kNarrowMax];
+  for (int64_t j = 0; j < n; ++j) col[j] = load(buf[j]);
+  const V k = load(k_ptr);
+  const V tau = load(tau_ptr);
+  IVec special = {};
+  V count = splat(0.0f);
+  V x_max = splat(-inf);
+  for (int64_t j = 0; j < n; ++j) {
+    special |= (col[j] != col[j]) | (col[j] == inf);
+    count += col[j] > -inf ? splat(1.0f) : splat(0.0f);
+    x_max = vmax(x_max, col[j]);
+  }
+  special |= (k != k) | (k <= 0.0f) | (count <= k);
+  const V safe_max = special ? splat(0.0f) : x_max;
+  V y[kNarrowMax];
+  for (int64_t j = 0; j < n; ++j) {
+    y[j] = (col[j] - safe_max) / tau;  // <= 0; -inf on masked entries
+    y[j] = special ? splat(-1.0f) : y[j];  // (keeps the special lanes' arithmetic quiet)
+  }
+  const V k_eff = special ? splat(0.5f) : k;
+  V lam;
+  V lo;  // sparse: the bracket [t - 1, t], t the ceil(k)-th largest (as solve_sparse)
+  V hi;
+  V origin = splat(0.0f);  // lam and y are relative to it (sparse: t), in the max's frame
+  if constexpr (M == kSparse) {
+    V last;  // ceil(k) - 1
+    for (int64_t l = 0; l < W; ++l) last[l] = std::ceil(k_eff[l]) - 1.0f;
+    V t = splat(0.0f);
+    for (int64_t j = 0; j < n; ++j) {
+      V rank = splat(0.0f);  // entries before j in descending order, ties by index
+      for (int64_t i = 0; i < n; ++i) {
+        const auto before = i < j ? (col[i] >= col[j]) : (col[i] > col[j]);
+        rank += (i != j) & before ? splat(1.0f) : splat(0.0f);
+      }
+      t = rank == last ? y[j] : t;
+    }
+    // iterate in the frame of t, where the entries near the threshold are small and exact
+    for (int64_t j = 0; j < n; ++j) y[j] = y[j] - t;
+    origin = t;
+    lo = splat(-1.0f);
+    hi = splat(0.0f);
+    lam = lo;
+  } else {
+    V total0 = splat(0.0f);
+    for (int64_t j = 0; j < n; ++j) total0 += vexp(y[j]);
+    lam = vlog(total0 / (M == kLaplace ? 2.0f * k_eff : k_eff));
+  }
+  IVec active = ~special;
+  IVec settled = {};
+  V prev_above = splat(-1.0f);
+  V prev_linear = splat(-1.0f);
+  for (int step = 0; step < kNarrowSteps; ++step) {
+    V next = lam;
+    if constexpr (M == kSparse) {
+      V capped = splat(0.0f);
+      V linear = splat(0.0f);
+      V linear_sum = splat(0.0f);
+      for (int64_t j = 0; j < n; ++j) {
+        const auto is_capped = y[j] >= lam + 1.0f;
+        const auto is_linear = (y[j] > lam) & ~is_capped;
+        capped += is_capped ? splat(1.0f) : splat(0.0f);
+        linear += is_linear ? splat(1.0f) : splat(0.0f);
+        linear_sum += is_linear ? y[j] : splat(0.0f);
+      }
+      // lam is the root of its cell's line when the last step was a root step into this cell
+      settled |= (capped == prev_above) & (linear == prev_linear) & active;
+      const V total = capped + linear_sum - linear * lam;
+      const auto too_low = total > k_eff;
+      lo = too_low ? lam : lo;
+      hi = too_low ? hi : lam;
+      const V root = (linear_sum + capped - k_eff) / linear;
+      const auto inside = (linear > 0.0f) & (root >= lo) & (root <= hi);
+      next = inside ? root : 0.5f * lo + 0.5f * hi;
+      prev_above = inside ? capped : splat(-1.0f);
+      prev_linear = inside ? linear : splat(-1.0f);
+    } else if constexpr (M == kSigmoid) {
+      V total = splat(0.0f);
+      V slope = splat(0.0f);
+      V positive = splat(0.0f);
+      for (int64_t j = 0; j < n; ++j) {
+        const V u = y[j] - lam;
+        const V e = vexp(-vabs(u));
+        const V q = e / (e + 1.0f);
+        const auto pos = u >= 0.0f;
+        positive += pos ? splat(1.0f) : splat(0.0f);
+        total += pos ? -q : q;
+        slope += q * (1.0f - q);
+      }
+      total += positive;
+      const V move = -vlog1p(vmax((k_eff - total) / slope, splat(-0.5f)));
+      const auto done = (total == k_eff) | (vabs(move) <= float(kSigmoidStepTol<float>));
+      next = (total == k_eff) ? lam : lam + move;
+      settled |= done & active;
+    } else {
+      V above = splat(0.0f);
+      V below_sum = splat(0.0f);  // sum_below e^(y - lam)
+      V above_sum = splat(0.0f);  // sum_above e^-(y - lam) (laplace)
+      for (int64_t j = 0; j < n; ++j) {
+        const V u = y[j] - lam;
+        const auto up = u >= 0.0f;
+        above += up ? splat(1.0f) : splat(0.0f);
+        if constexpr (M == kExp) {
+          below_sum += up ? splat(0.0f) : vexp(u);
+        } else {
+          const V e = vexp(-vabs(u));
+          below_sum += up ? splat(0.0f) : e;
+          above_sum += up ? e : splat(0.0f);
+        }
+      }
+      const V gap = k_eff - above;
+      V inv_w;  // e^(next - lam)
+      if constexpr (M == kExp) {
+        inv_w = below_sum / gap;
+      } else {
+        // S w^2 / 2 - (k - m) w - T / 2 = 0 for w = e^-(next - lam): the positive root, in
+        // whichever of its two equal forms has no cancellation
+        const V root = vsqrt(gap * gap + below_sum * above_sum);
+        inv_w = gap >= 0.0f ? below_sum / (gap + root) : (root - gap) / above_sum;
+      }
+      // the split repeated: lam is the root of its segment already (computed last step)
+      settled |= (above == prev_above) & active;
+      prev_above = above;
+      const auto usable = (inv_w >= std::numeric_limits<float>::min()) & (inv_w < inf);
+      next = usable ? lam + vlog(usable ? inv_w : splat(1.0f)) : splat(std::nanf(""));
+    }
+    if constexpr (M == kSigmoid) {
+      lam = active ? next : lam;  // (the step that settles is taken, as on the row path)
+    } else {
+      lam = (active & ~settled) ? next : lam;  // (settled: lam is its segment's root)
+    }
+    active &= ~settled & (vabs(lam) < inf);  // (a lane gone NaN or infinite is redone)
+    bool any = false;
+    for (int64_t l = 0; l < W; ++l) any |= active[l] != 0;
+    if (!any) break;
+  }
+  // the sigmoid final step, one more Newton step at the settled lam
+  V shift = splat(0.0f);
+  if constexpr (M == kSigmoid) {
+    V total = splat(0.0f);
+    V slope = splat(0.0f);
+    V positive = splat(0.0f);
+    for (int64_t j = 0; j < n; ++j) {
+      const V u = y[j] - lam;
+      const V e = vexp(-vabs(u));
+      const V q = e / (e + 1.0f);
+      const auto pos = u >= 0.0f;
+      positive += pos ? splat(1.0f) : splat(0.0f);
+      total += pos ? -q : q;
+      slope += q * (1.0f - q);
+    }
+    total += positive;
+    shift = slope > 0.0f ? vmin(vmax((total - k_eff) / slope, splat(-1e-2f)), splat(1e-2f))
+                         : splat(0.0f);
+  }
+  const auto bad = special | active | ~(vabs(origin + lam) <= float(kFrameReach));
+  V out[kNarrowMax];
+  for (int64_t j = 0; j < n; ++j) out[j] = apply_f<float, M>(y[j] - lam - shift);
+  for (int64_t j = 0; j < n; ++j) store(buf[j], out[j]);
+  const V lam_z = safe_max / tau + origin + lam + shift;
+  alignas(32) float lam_buf[W];
+  store(lam_buf, vmin(vmax(lam_z, splat(-std::numeric_limits<float>::max())),
+                      splat(std::numeric_limits<float>::max())));
+  for (int64_t l = 0; l < W; ++l) {
+    redo[l] = bad[l] != 0;
+    if (redo[l]) continue;
+    for (int64_t j = 0; j < n; ++j) p[l * n + j] = buf[j][l];
+    lam_out[l] = lam_buf[l];
+  }
+}
+
 template <typename T, int64_t M>
 void forward_impl(const at::Tensor& scores, const at::Tensor& k, const at::Tensor& tau,
-                  int64_t sparse_newton_steps, at::Tensor& p, at::Tensor& lam) {
+                  int64_t sparse_newton_steps, bool narrow, at::Tensor& p, at::Tensor& lam) {
   const int64_t rows = scores.size(0);
   const int64_t n = scores.size(1);
   const T* x = scores.const_data_ptr<T>();
@@ -775,10 +1013,27 @@ void forward_impl(const at::Tensor& scores, const at::Tensor& k, const at::Tenso
   T* p_ptr = p.mutable_data_ptr<T>();
   T* lam_ptr = lam.mutable_data_ptr<T>();
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1));
+  constexpr bool narrow_kind = std::is_same_v<T, float>;
+  const bool use_narrow = narrow && narrow_kind && n >= 1 && n <= kNarrowMax;
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     Scratch<T> scratch(n);
     scratch.sparse_newton_steps = sparse_newton_steps;
-    for (int64_t r = begin; r < end; ++r) {
+    int64_t r = begin;
+    if constexpr (narrow_kind) {
+      constexpr int64_t W = kWidth<float>;
+      for (; use_narrow && r + W <= end; r += W) {
+        bool redo[W];
+        forward_narrow_block<M>(x + r * n, p_ptr + r * n, lam_ptr + r, k_ptr + r, tau_ptr + r,
+                                n, redo);
+        for (int64_t l = 0; l < W; ++l) {
+          if (!redo[l]) continue;
+          const int64_t q = r + l;
+          forward_row<T, M>(x + q * n, p_ptr + q * n, lam_ptr + q, k_ptr[q], tau_ptr[q],
+                            scratch, n);
+        }
+      }
+    }
+    for (; r < end; ++r) {
       forward_row<T, M>(x + r * n, p_ptr + r * n, lam_ptr + r, k_ptr[r], tau_ptr[r], scratch, n);
     }
   });
@@ -907,8 +1162,8 @@ void dispatch(at::ScalarType dtype, int64_t method, Fn&& fn) {
 
 std::tuple<at::Tensor, at::Tensor> threshold_forward(const at::Tensor& scores,
                                                      const at::Tensor& k, const at::Tensor& tau,
-                                                     int64_t method,
-                                                     int64_t sparse_newton_steps) {
+                                                     int64_t method, int64_t sparse_newton_steps,
+                                                     bool narrow) {
   check_inputs(scores, k, tau, method);
   at::Tensor p = at::empty_like(scores);
   at::Tensor lam = at::empty({scores.size(0)}, scores.options());
@@ -918,7 +1173,7 @@ std::tuple<at::Tensor, at::Tensor> threshold_forward(const at::Tensor& scores,
   }
   dispatch(scores.scalar_type(), method, [&](auto scalar, auto method_c) {
     forward_impl<decltype(scalar), decltype(method_c)::value>(scores, k, tau,
-                                                              sparse_newton_steps, p, lam);
+                                                              sparse_newton_steps, narrow, p, lam);
   });
   return {p, lam};
 }
@@ -952,7 +1207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_backward(const at::Tens
 TORCH_LIBRARY(moe_router_cpu, m) {
   m.def(
       "threshold_forward(Tensor scores, Tensor k, Tensor tau, int method,"
-      " int sparse_newton_steps=12) -> (Tensor, Tensor)");
+      " int sparse_newton_steps=12, bool narrow=True) -> (Tensor, Tensor)");
   m.def(
       "threshold_backward(Tensor p, Tensor grad, Tensor tau, int method, bool need_tau_grad)"
       " -> (Tensor, Tensor, Tensor)");
