@@ -11,7 +11,7 @@ Files, by role:
   `csrc/threshold_cpp.cpp`, the default for CPU tensors.
 - `threshold_triton.py`: the Triton GPU kernels, the default for CUDA tensors (a different
   algorithm, suited to rows held in registers; its header says why).
-- `reference.py`: the seed's other constructions, methods "iterative" and "grad".
+- `reference.py`: two other constructions kept as references, methods "iterative" and "grad".
 - `_vmap.py`: the shared piece of the vmap rules.
 """
 

@@ -1,7 +1,7 @@
-"""The seed documents' other soft top-k constructions, kept as reference methods.
+"""Two other soft top-k constructions, kept as reference methods ("iterative", "grad").
 
 Both are plain PyTorch with plain autograd (no custom backward) and take an integer k. They are
-slower than the threshold family and exist to compare against (seed 002).
+slower than the threshold family and exist to compare against.
 
 Shape legend: R rows, N entries per row, M = max k + 1 orders of the symmetric polynomials.
 """
@@ -86,7 +86,7 @@ def reference_soft_topk(
 
 
 def iterative_soft_topk(z_RN: Tensor, k_R: Tensor, max_k: int | None) -> Tensor:
-    """Softmax applied k times, each time on (1 - p) * (z - min z) (seed 002, "iterative").
+    """Softmax applied k times, each time on (1 - p) * (z - min z) (the "iterative" construction).
 
     Sums to k exactly; satisfies the tau -> 0 limit. Rows take min(k, number of steps) steps, so
     per-row k costs N - 1 steps for every row (no host sync to find the max).
@@ -133,11 +133,11 @@ def _log_elementary_prefixes(z_RN: Tensor, num_orders: int) -> Tensor:
 
 
 def grad_soft_topk(z_RN: Tensor, k_R: Tensor, max_k: int | None) -> Tensor:
-    """The gradient of log sum over all k-subsets of exp(sum of the subset) (seed 002, GradTopK).
+    """The gradient of log sum over all k-subsets of exp(sum of the subset) (GradTopK).
 
     p_i = e^{z_i} e_{k-1}(z without i) / e_k(z), with the elementary symmetric polynomials e_m
     of e^z carried in log space by a prefix and a suffix recursion, so no 1 - p cancellation
-    (the seed's recursion breaks for large spreads) and no O(C(n, k)) sum.
+    (the plain recursion breaks for large spreads) and no O(C(n, k)) sum.
     """
     k_long_R, num_orders = _integer_k(k_R, z_RN.shape[-1], max_k)
     num_entries = z_RN.shape[-1]

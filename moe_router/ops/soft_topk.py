@@ -2,7 +2,7 @@
 
 p = soft_topk(scores, k) maps each row of scores (along `dim`) to p in [0, 1]^n with sum k:
 a smooth, monotone, shift-invariant relaxation of the hard top-k mask that tends to it as
-tau -> 0 (docs/design.md, "The soft top-k operator"; seeds 000, 002, 004).
+tau -> 0 (docs/design.md, "The soft top-k operator").
 
 Threshold methods ("sigmoid", "laplace", "exp", "sparse") run as one registered custom op
 (`moe_router::soft_topk_threshold`, forward with a fake and a vmap rule) inside an
@@ -28,6 +28,7 @@ Shape legend: R rows (all dims but `dim`, flattened), N entries per row.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
@@ -124,7 +125,7 @@ def _check_enough_finite(scores_RN: Tensor, k_R: Tensor, short_R: Tensor) -> Non
 _LIB = torch.library.Library("moe_router", "DEF")
 _LIB.define(
     "soft_topk_threshold(Tensor scores, Tensor k, Tensor tau, str method, float? max_k, "
-    "str backend) -> Tensor"
+    "str backend, bool check_tau) -> Tensor"
 )
 
 
@@ -135,12 +136,16 @@ def _soft_topk_threshold(
     method: str,
     max_k: float | None,
     backend: str,
+    check_tau: bool,
 ) -> Tensor:
-    """The forward of the threshold family on [R, N] rows; `backend` is already resolved."""
+    """The forward of the threshold family on [R, N] rows; `backend` is already resolved.
+
+    check_tau: whether tau came as a tensor (a number was checked by soft_topk already).
+    """
     # Value checks that read data run on CPU only, where that costs no device sync.
     on_cpu = scores_RN.device.type == "cpu"
     check_finite = on_cpu and max_k is not None
-    if on_cpu:
+    if on_cpu and check_tau:
         _check_tau(tau_R)
     if backend == "cpp":
         from moe_router.ops import threshold_cpp
@@ -167,7 +172,7 @@ _LIB.impl("soft_topk_threshold", _soft_topk_threshold, "CompositeExplicitAutogra
 
 
 @torch.library.register_fake("moe_router::soft_topk_threshold", lib=_LIB)
-def _(scores_RN, k_R, tau_R, method, max_k, backend):
+def _(scores_RN, k_R, tau_R, method, max_k, backend, check_tau):
     return torch.empty_like(scores_RN)
 
 
@@ -183,14 +188,14 @@ class _SoftTopKThreshold(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(scores_RN, k_R, tau_R, method, max_k, backend):
+    def forward(scores_RN, k_R, tau_R, method, max_k, backend, check_tau):
         return torch.ops.moe_router.soft_topk_threshold(
-            scores_RN, k_R, tau_R, method, max_k, backend
+            scores_RN, k_R, tau_R, method, max_k, backend, check_tau
         )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, _, tau_R, method, _, backend = inputs
+        _, _, tau_R, method, _, backend, _ = inputs
         ctx.save_for_backward(output, tau_R)
         ctx.method = method
         ctx.backend = backend
@@ -219,10 +224,15 @@ class _SoftTopKThreshold(torch.autograd.Function):
             grad_x_RN, grad_k_R, grad_tau_R = threshold_backward(
                 p_RN, grad_RN, tau_R, ctx.method, need_k_grad, need_tau_grad
             )
-        return grad_x_RN, grad_k_R, grad_tau_R, None, None, None
+        return grad_x_RN, grad_k_R, grad_tau_R, None, None, None, None
 
 
-def _vmap_rule(info, in_dims, scores_RN, k_R, tau_R, method, max_k, backend):
+# autograd.Function.apply binds its arguments to forward's signature on every call, and
+# inspect.signature is not cached (tens of microseconds per call): give it the answer.
+_SoftTopKThreshold.forward.__signature__ = inspect.signature(_SoftTopKThreshold.forward)
+
+
+def _vmap_rule(info, in_dims, scores_RN, k_R, tau_R, method, max_k, backend, check_tau):
     # Rows are independent: fold the vmapped dim into the rows and call the op once.
     batch = info.batch_size
 
@@ -238,6 +248,7 @@ def _vmap_rule(info, in_dims, scores_RN, k_R, tau_R, method, max_k, backend):
         method,
         max_k,
         backend,
+        check_tau,
     )
     return p_BRN.reshape(batch, num_rows, num_entries), 0
 
@@ -297,7 +308,7 @@ def soft_topk(
     the saved output. The threshold is solved next to itself (a pivot score plus an offset in
     units of tau), so p is exact to ~1e-6 in the row's own frame at any scale of the scores
     and of tau. "iterative" (softmax applied k times) and "grad" (gradient of the log-sum-exp
-    over all k-subsets) are the seed's reference constructions, computed in float64 and
+    over all k-subsets) are two reference constructions, computed in float64 and
     differentiated by autograd; they need an integer k, and follow the same contract for
     checks, masking and special rows as the threshold methods.
 
@@ -417,11 +428,13 @@ def soft_topk(
     if method in THRESHOLD_METHODS:
         max_k = float(k) if k_is_number else None
         resolved = _resolve_backend(scores_RN, method, backend)
-        p_RN = _SoftTopKThreshold.apply(scores_RN, k_R, tau_R, method, max_k, resolved)
+        p_RN = _SoftTopKThreshold.apply(
+            scores_RN, k_R, tau_R, method, max_k, resolved, torch.is_tensor(tau)
+        )
     else:
         # the threshold family's contract: the same checks, masking and special rows
         on_cpu = scores_RN.device.type == "cpu"
-        if on_cpu:
+        if on_cpu and torch.is_tensor(tau):
             _check_tau(tau_R)
         max_k = int(k) if k_is_number else None
         p_RN, short_R, spread_R = reference_soft_topk(scores_RN, k_R, tau_R, method, max_k)

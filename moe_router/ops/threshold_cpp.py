@@ -236,12 +236,19 @@ def _register_transform_rules() -> None:
 
 
 def forward(
-    scores_RN: Tensor, k_R: Tensor, tau_R: Tensor, method: str, sparse_newton_steps: int = 12
+    scores_RN: Tensor,
+    k_R: Tensor,
+    tau_R: Tensor,
+    method: str,
+    sparse_newton_steps: int = 12,
+    narrow: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """(p_RN, lam_R) of the threshold operator for CPU float32/float64 rows (lam in z units).
 
     sparse_newton_steps: the Newton budget of "sparse" before a row takes the exact sorted
-    path; tests set 0 to run that path on every row.
+    path; tests set 0 to run that path on every row. narrow: float32 rows of at most 16
+    entries run 8 rows at a time, one SIMD lane each (sigmoid, laplace, exp); tests set False
+    to run the row path on them.
     """
     dtype = scores_RN.dtype
     return torch.ops.moe_router_cpu.threshold_forward(
@@ -250,6 +257,7 @@ def forward(
         tau_R.to(dtype).contiguous(),
         METHOD_IDS[method],
         sparse_newton_steps,
+        narrow,
     )
 
 

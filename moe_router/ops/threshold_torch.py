@@ -32,7 +32,7 @@ belongs to an entry whose p is 0 or 1 anyway.
      e^{(x - P) / tau} - log(k - m).
    - laplace, f = 1 - e^-u/2 (u >= 0), e^u/2 (u < 0): with S_A = sum_above e^-y and
      S_B = sum_below e^y (y = (x - P) / tau), k - m = -(e^d / 2) S_A + (e^-d / 2) S_B, so
-     e^-d = (c + sqrt(c^2 + S_A S_B)) / S_B with c = k - m (seed 002). P = s_m when c >= 0,
+     e^-d = (c + sqrt(c^2 + S_A S_B)) / S_B with c = k - m. P = s_m when c >= 0,
      s_{m-1} when c < 0: the side whose sum is >= 1, and the form free of cancellation.
    - sparse, f = clip(u, 0, 1): a second bisection finds the number a of capped entries (the
      j < m with F(s_j - tau) < k); then the entries of rank a..m-1 are on the linear piece and

@@ -498,8 +498,8 @@ def test_opcheck(method):
     k = torch.full((6,), 2.0, dtype=torch.float64)
     tau = torch.full((6,), 0.7, dtype=torch.float64)
     # the op is the forward kernel (autograd lives in the autograd.Function around it)
-    torch.library.opcheck(op, (scores, k, tau, method, None, "torch"))
-    torch.library.opcheck(op, (scores.float(), k.float(), tau.float(), method, 2.0, "torch"))
+    torch.library.opcheck(op, (scores, k, tau, method, None, "torch", True))
+    torch.library.opcheck(op, (scores.float(), k.float(), tau.float(), method, 2.0, "cpp", False))
 
 
 # ------------------------------------------------------------------------------ properties

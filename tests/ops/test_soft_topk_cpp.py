@@ -28,6 +28,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def _kernels_loaded():
+    """The tests below call the kernels' ops directly: build / load them first (in whatever
+    order or subset the tests run)."""
+    if not threshold_cpp.available():
+        pytest.skip("the C++ kernels do not build here")
+
+
 def stress_rows(num_entries: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     """Rows for every branch: several scales, heavy ties, all equal, values spaced by exactly 1
     (the kinks of `sparse` coincide), -inf masks, one NaN row and one +inf row."""
@@ -261,3 +269,49 @@ def test_build_key_stays_the_same_after_a_build():
     assert threshold_cpp.build() == threshold_cpp.build() == threshold_cpp.library_path()
     assert threshold_cpp._build_name() == name
     assert isinstance(threshold_cpp._CFLAGS, tuple) and isinstance(threshold_cpp._LDFLAGS, tuple)
+
+
+# ------------------------------------------------------------------------------ narrow rows
+
+
+def narrow_rows(num_entries: int, num_rows: int = 203, seed: int = 0):
+    """float32 rows for the 8-rows-at-a-time path: router-like rows at several scales, with
+    special rows in the middle of blocks (NaN, +inf, all -inf, masked entries, k <= 0, k >= n,
+    NaN k) and rows it must hand back to the row path (a 1e8-scale row, a tiny tau, ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale_R = torch.tensor([0.1, 1.0, 3.0, 10.0, 30.0]).repeat(num_rows)[:num_rows]
+    scores_RN = torch.randn(num_rows, num_entries, generator=gen) * scale_R[:, None]
+    k_R = torch.rand(num_rows, generator=gen) * (num_entries - 0.2) + 0.1
+    k_R[::3] = k_R[::3].ceil().clamp(max=max(num_entries - 1, 1))
+    tau_R = torch.rand(num_rows, generator=gen) + 0.3
+    scores_RN[::17, 0] = -math.inf
+    scores_RN[5, num_entries // 2] = math.nan
+    scores_RN[11, 0] = math.inf
+    scores_RN[20] = -math.inf
+    scores_RN[29] = 1e8 + torch.arange(num_entries).float() * 64
+    scores_RN[30] = 7.0  # all tied
+    k_R[13] = 0.0
+    k_R[14] = num_entries
+    k_R[15] = math.nan
+    tau_R[31] = 1e-30
+    return scores_RN, k_R, tau_R
+
+
+@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("num_entries", [1, 2, 3, 5, 8, 13, 16])
+def test_narrow_rows_match_the_row_path_and_torch(method, num_entries):
+    """float32 rows of at most 16 entries run 8 at a time, one SIMD lane each; the lanes with a
+    special row, an unsettled solve or a threshold far from the max go back to the row path."""
+    scores_RN, k_R, tau_R = narrow_rows(num_entries)
+    p_RN, lam_R = threshold_cpp.forward(scores_RN, k_R, tau_R, method)
+    p_row_RN, lam_row_R = threshold_cpp.forward(scores_RN, k_R, tau_R, method, narrow=False)
+    p_ref_RN = solve_threshold(scores_RN.double(), k_R.double(), tau_R.double(), method)[0]
+    torch.testing.assert_close(p_RN, p_row_RN, atol=2e-6, rtol=0, equal_nan=True)
+    torch.testing.assert_close(p_RN.double(), p_ref_RN, atol=2e-6, rtol=0, equal_nan=True)
+    # the special rows' thresholds mark them exactly as the row path does
+    for marker in (torch.isnan, torch.isneginf, torch.isposinf):
+        assert torch.equal(marker(lam_R), marker(lam_row_R))
+    budget_R = torch.minimum(k_R, (scores_RN > -math.inf).sum(-1).float()).clamp_min(0)
+    solved_R = ~torch.isnan(p_RN).any(-1)
+    sum_err_R = (p_RN.double().sum(-1) - budget_R.double())[solved_R].abs()
+    assert (sum_err_R <= 2e-6 * budget_R[solved_R].clamp_min(1)).all()

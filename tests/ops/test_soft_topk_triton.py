@@ -335,7 +335,7 @@ def test_exact_in_the_rows_own_frame_at_any_scale(method):
 
 @needs_kernels
 @settings(
-    max_examples=200,
+    max_examples=120,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

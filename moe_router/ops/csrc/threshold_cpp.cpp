@@ -13,7 +13,7 @@
 //
 // Ops (schemas in TORCH_LIBRARY below), scores/p/grad [R, N] contiguous, k/tau [R], float32
 // or float64:
-//   threshold_forward(scores, k, tau, method, sparse_newton_steps=12) -> (p, lam)
+//   threshold_forward(scores, k, tau, method, sparse_newton_steps=12, narrow=True) -> (p, lam)
 //   threshold_backward(p, grad, tau, method, need_tau_grad) -> (grad_scores, grad_k, grad_tau)
 // method: 0 sigmoid, 1 laplace, 2 exp, 3 sparse. lam is in units of scores / tau.
 
@@ -47,6 +47,11 @@ constexpr double kLog2 = 0.69314718055994530942;
 // frame) squares it again (1e-2 leaves < 1e-9 on the stress suite). (A test on |sum p - k|
 // would not do: with k near N the slope is tiny and lam can be far off.)
 constexpr int kSigmoidNewtonSteps = 6;
+// The fast path of sigmoid (sigmoid_near_max): at most this many Newton steps from the
+// log-sum-exp bound (router-like rows take 2-4), and a threshold at most kFrameReach units of
+// tau below the row max (where fp32 coordinates keep ~1e-6); other rows take the exact path.
+constexpr int kSigmoidFastSteps = 8;
+constexpr double kFrameReach = 8.0;
 // (float64 rows keep a tighter tolerance: their users expect float64 accuracy.)
 template <typename T>
 constexpr double kSigmoidStepTol = sizeof(T) == 4 ? 1e-2 : 1e-5;
@@ -148,6 +153,47 @@ inline Vec<double> vexp(Vec<double> x) {
   return out;
 }
 
+// log x for positive normal float32 x (~1 ulp): x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+// log m by the Cephes polynomial in f = m - 1, log 2 split in two parts. Callers pass only
+// positive normal values (and check the results they use for finiteness).
+inline Vec<float> vlog(Vec<float> x) {
+  typedef Lanes<float>::ivec ivec;
+  const ivec bits = (ivec)x;
+  ivec e = ((bits >> 23) & 0xff) - 127;
+  Vec<float> m = (Vec<float>)((bits & 0x7fffff) | 0x3f800000);  // [1, 2)
+  const auto big_m = m > 1.41421356f;
+  m = big_m ? m * 0.5f : m;
+  e = e - big_m;  // a true comparison is -1
+  const Vec<float> f = m - 1.0f;
+  const Vec<float> ef = __builtin_convertvector(e, Vec<float>);
+  const Vec<float> z = f * f;
+  Vec<float> y = splat(7.0376836292e-2f);
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y = y + ef * -2.12194440e-4f - 0.5f * z;
+  return f + y + ef * 0.693359375f;
+}
+
+inline Vec<float> vsqrt(Vec<float> x) {
+  Vec<float> out;
+  for (int64_t l = 0; l < kWidth<float>; ++l) out[l] = std::sqrt(x[l]);
+  return out;
+}
+
+// log(1 + x) for x >= -1/2 without losing the bits of a small x: log(u) x / (u - 1), u = 1 + x.
+inline Vec<float> vlog1p(Vec<float> x) {
+  const Vec<float> u = x + 1.0f;
+  const Vec<float> d = u - 1.0f;
+  return d == 0.0f ? x : vlog(u) * (x / (d == 0.0f ? splat(1.0f) : d));
+}
+
 template <typename V>
 inline V vsigmoid(V u) {
   typedef ElemOf<V> T;
@@ -185,7 +231,6 @@ struct Scratch {
         y(padded),
         out(padded),
         mark(padded),
-        linear(padded),
         top_val(n),
         top_idx(n),
         candidates(n),
@@ -198,9 +243,9 @@ struct Scratch {
   // the row's scores; the row in the frame of its pivot (y = (x - P) / tau, then u = y - d);
   // f of it. Pads -inf.
   std::vector<T> x, y, out;
-  // per entry, 1 or 0 (in T, so that masked sums are plain arithmetic); pads 0
-  std::vector<T> mark;    // among the selected / "above" (capped, for sparse) entries
-  std::vector<T> linear;  // sparse: on the linear piece
+  // per entry, 1 or 0 (in T, so that masked sums are plain arithmetic): among the top K
+  // candidates; pads 0
+  std::vector<T> mark;
   std::vector<T> top_val;  // the K largest scores, descending; -inf pads
   std::vector<int64_t> top_idx;
   std::vector<int64_t> candidates;
@@ -343,10 +388,10 @@ void to_frame(const T* x, T pivot, T tau, T lo, T hi, Scratch<T>& s) {
 
 // ------------------------------------------------------------------------------------------
 // the solvers. Each finds the threshold as theta = pivot + tau * offset, with the pivot one of
-// the row's own scores next to the threshold, and the segment by rank (s.mark = "above" /
-// capped entries; `linear` = the sparse support past the capped ones). Every quantity comes
-// from differences of scores in units of tau, exact near the pivot: the solve is exact in the
-// row's own frame at any scale of x or tau (as solve_threshold in threshold_torch.py).
+// the row's own scores next to the threshold, and the segment (the entries above it, for
+// sparse those capped and the support's end). Every quantity comes from differences of scores
+// in units of tau, exact near the pivot: the solve is exact in the row's own frame at any
+// scale of x or tau (as solve_threshold in threshold_torch.py).
 
 struct Segment {
   double pivot = 0.0;   // a score of the row (exact in double for float and double rows)
@@ -372,7 +417,7 @@ Segment solve_exp(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
   Segment seg;
   seg.above = above;
   seg.pivot = s.top_val[above];
-  seg.offset = std::log(s.tail[above]) - std::log(k - above);
+  seg.offset = std::log(s.tail[above] / (k - above));
   return seg;
 }
 
@@ -389,14 +434,17 @@ inline double log_c_plus_root(double c, double log_prod) {
 
 // f = 1 - e^-u/2 above, e^u/2 below: the segment from F at the breakpoints,
 // F(s_j) = j - A_j / 2 + T_j / 2 with A_j = sum_{i<j} e^{(s_j - s_i) / tau} and T_j =
-// tail_rel[j], counted where F(s_j) < k; then the closed form of seed 002 in the frame of the
+// tail_rel[j], counted where F(s_j) < k; then the closed form in the frame of the
 // pivot on the side whose sum is >= 1 (as _solve_laplace): s_m when k >= m, else s_{m-1}.
 template <typename T>
 Segment solve_laplace(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
   // F(s_j) increases with j, so the count is the first j with F(s_j) >= k. It is < ceil(2k)
-  // always and < ceil(k) nearly always: try the short list first.
+  // always and <= ceil(k) nearly always: try the short list first.
   const int64_t full = std::min<int64_t>(n, static_cast<int64_t>(std::ceil(2 * k)));
-  int64_t num = std::min<int64_t>(full, static_cast<int64_t>(std::ceil(k)));
+  // One more than ceil(k) where that is free (the selection works in SIMD-width blocks): with
+  // k >= m the entry just below the threshold is the pivot, and small k has m = ceil(k) often.
+  const int64_t ceil_k = static_cast<int64_t>(std::ceil(k));
+  int64_t num = std::min<int64_t>(full, ceil_k + (ceil_k % kWidth<T> != 0 ? 1 : 0));
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   const T* val = s.top_val.data();
   const std::vector<double>& tail = s.tail;
@@ -495,11 +543,7 @@ Segment exact_sparse(const T* y, int64_t n, double k, Scratch<T>& s) {
   s.prefix.resize(count + 1);
   s.prefix[0] = 0.0;
   for (int64_t j = 0; j < count; ++j) s.prefix[j + 1] = s.prefix[j] + pairs[j].first;
-  Segment seg = capped_simplex(s.prefix, count, k);
-  std::fill(s.mark.begin(), s.mark.end(), T(0));
-  std::fill(s.linear.begin(), s.linear.end(), T(0));
-  for (int64_t j = 0; j < seg.end; ++j) (j < seg.above ? s.mark : s.linear)[pairs[j].second] = T(1);
-  return seg;
+  return capped_simplex(s.prefix, count, k);
 }
 
 template <typename T>
@@ -542,14 +586,6 @@ Segment solve_sparse(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
       seg.offset = lam;
       seg.above = num_capped;
       seg.end = num_capped + num_linear;
-      T* mark = s.mark.data();
-      T* linear = s.linear.data();
-      for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
-        const Vec<T> yi = load(y + i);
-        const auto capped = yi >= lam_t + T(1);
-        store(mark + i, capped ? splat<T>(1) : splat<T>(0));
-        store(linear + i, ((yi > lam_t) & ~capped) ? splat<T>(1) : splat<T>(0));
-      }
       return seg;
     }
     const double linear_sum = hsum(linear_sum_v);
@@ -599,12 +635,44 @@ std::pair<double, double> sigmoid_sums(const T* y, int64_t padded, double lam) {
   return {static_cast<double>(num_positive) + hsum(signed_tail), hsum(slope)};
 }
 
-// Safeguarded Newton in w = e^-lam inside the bracket lam_laplace -+ log 2 (as _solve_sigmoid),
-// in the frame of laplace's pivot.
+// Fast path: Newton in w = e^-lam in the frame of the row max, from the upper bound
+// lam_0 = log sum_i e^{y_i} - log k (sigma(u) <= e^u), where sum_i sigma(y_i - lam) is concave
+// and increasing in w: every step stays above the root, no bracket needed, and router-like rows
+// converge in 2-4 steps (no selection, no closed form). It stands when it converges within
+// kSigmoidFastSteps to a threshold within kFrameReach of the max: there the coordinates of the
+// entries that carry the mass are exact to ~1e-6. Returns false otherwise.
 template <typename T>
-Segment solve_sigmoid(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
+bool sigmoid_near_max(const T* x, T x_max, double k, T tau, Scratch<T>& s, Segment& seg) {
   constexpr T inf = std::numeric_limits<T>::infinity();
-  Segment seg = solve_laplace(x, n, k, tau, s);
+  to_frame(x, x_max, tau, -inf, inf, s);
+  const T* y = s.y.data();
+  Vec<T> acc = splat<T>(0);
+  for (int64_t i = 0; i < s.padded; i += kWidth<T>) acc += vexp(load(y + i));  // y <= 0
+  double lam = std::log(static_cast<double>(hsum(acc)) / k);
+  for (int step = 0; step < kSigmoidFastSteps; ++step) {
+    const auto [total, slope] = sigmoid_sums(y, s.padded, lam);
+    if (total == k) break;
+    const double move = -std::log1p(std::max((k - total) / slope, -0.5));
+    if (!std::isfinite(move)) return false;
+    lam += move;
+    if (std::abs(move) <= kSigmoidStepTol<T>) break;
+    if (step == kSigmoidFastSteps - 1) return false;
+  }
+  if (!(std::abs(lam) <= kFrameReach)) return false;
+  seg.pivot = x_max;
+  seg.offset = lam;
+  seg.framed = true;
+  return true;
+}
+
+// Safeguarded Newton in w = e^-lam inside the bracket lam_laplace -+ log 2 (as _solve_sigmoid),
+// in the frame of laplace's pivot: exact at any scale, for the rows the fast path leaves.
+template <typename T>
+Segment solve_sigmoid(const T* x, int64_t n, double k, T tau, T x_max, Scratch<T>& s) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  Segment seg;
+  if (sigmoid_near_max(x, x_max, k, tau, s, seg)) return seg;
+  seg = solve_laplace(x, n, k, tau, s);
   to_frame(x, static_cast<T>(seg.pivot), tau, -inf, inf, s);
   seg.framed = true;
   const T* y = s.y.data();
@@ -634,49 +702,17 @@ Segment solve_sigmoid(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
 }
 
 // ------------------------------------------------------------------------------------------
-// the final step: u = y - d in the frame of the pivot, the correction e with
-// sum_i f(u_i - e) = k given the segment (it repairs the rounding of d; as the sigmoid step of
-// _solve_sigmoid), then p = f(u - e). Sums over e^{-|u|} <~ 1 only.
+// the final step of sigmoid: with u = y - d in the frame of the pivot, one more Newton step e
+// (it repairs the rounding of the last iterate), then p = f(u - e). The closed forms of the
+// other methods are exact in that frame already.
 
-template <typename T, int64_t M>
-double final_offset(const T* u, double k, const Segment& seg, const Scratch<T>& s) {
+template <typename T>
+double sigmoid_final_step(const T* u, double k, const Scratch<T>& s) {
   constexpr double tiny = std::numeric_limits<T>::min();
-  const Vec<T> zero = splat<T>(0);
-  if constexpr (M == kSigmoid) {
-    const auto [total, slope] = sigmoid_sums(u, s.padded, 0.0);
-    if (!(slope > 0)) return 0.0;
-    const double offset = (total - k) / std::max(slope, tiny);
-    return std::min(std::max(offset, -1e-2), 1e-2);
-  }
-  if constexpr (M == kSparse) {
-    Vec<T> acc = zero;
-    for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
-      acc += load(s.linear.data() + i) > T(0) ? load(u + i) : zero;  // not 0 * -inf
-    }
-    const int64_t num_linear = seg.end - seg.above;
-    return num_linear > 0 ? (hsum(acc) - (k - seg.above)) / num_linear : 0.0;
-  }
-  // above: e^{-u}, below: e^{u} (the sign flip is 1 - 2 mark); -inf entries give 0
-  Vec<T> above_acc = zero;
-  Vec<T> below_acc = zero;
-  for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
-    const Vec<T> mark = load(s.mark.data() + i);
-    const Vec<T> e = vexp(vmin((T(1) - T(2) * mark) * load(u + i), splat<T>(88)));
-    above_acc += mark * e;
-    below_acc += (T(1) - mark) * e;
-  }
-  const double sum_above = hsum(above_acc);  // laplace only
-  const double sum_below = hsum(below_acc);
-  const double budget = k - seg.above;
-  if constexpr (M == kExp) {
-    return sum_below > 0 ? std::log(sum_below) - std::log(std::max(budget, tiny)) : 0.0;
-  }
-  // laplace: k - m = -(e^d / 2) S_A + (e^-d / 2) S_B, in the form free of cancellation
-  const double root = std::sqrt(budget * budget + sum_above * sum_below);
-  if (budget >= 0) {
-    return sum_below > 0 ? std::log(sum_below) - std::log(std::max(budget + root, tiny)) : 0.0;
-  }
-  return sum_above > 0 ? std::log(std::max(root - budget, tiny)) - std::log(sum_above) : 0.0;
+  const auto [total, slope] = sigmoid_sums(u, s.padded, 0.0);
+  if (!(slope > 0)) return 0.0;
+  const double offset = (total - k) / std::max(slope, tiny);
+  return std::min(std::max(offset, -1e-2), 1e-2);
 }
 
 // One row of the forward pass.
@@ -688,16 +724,20 @@ void forward_row(const T* x_row, T* p, T* lam_out, T k_t, T tau, Scratch<T>& s, 
   std::memcpy(x, x_row, n * sizeof(T));
   IVec bad_v = {};
   IVec finite_v = {};  // counts down: a true comparison is -1
+  Vec<T> max_v = splat(-inf);
   for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
     const Vec<T> xi = load(x + i);
     bad_v |= (xi != xi) | (xi == inf);
     finite_v += xi > -inf;
+    max_v = vmax(max_v, xi);
   }
   int64_t bad = 0;
   int64_t num_finite = 0;
+  T x_max = -inf;
   for (int64_t l = 0; l < kWidth<T>; ++l) {
     bad |= bad_v[l];
     num_finite -= finite_v[l];
+    x_max = std::max(x_max, max_v[l]);
   }
   const double k = static_cast<double>(k_t);
   // the same order of precedence as solve_threshold: NaN / +inf rows, k <= 0, saturated rows
@@ -718,13 +758,11 @@ void forward_row(const T* x_row, T* p, T* lam_out, T k_t, T tau, Scratch<T>& s, 
   }
   Segment seg;
   if constexpr (M == kSigmoid) {
-    seg = solve_sigmoid(x, n, k, tau, s);
+    seg = solve_sigmoid(x, n, k, tau, x_max, s);
   } else if constexpr (M == kLaplace) {
     seg = solve_laplace(x, n, k, tau, s);
-    mark_top(seg.above, s);
   } else if constexpr (M == kExp) {
     seg = solve_exp(x, n, k, tau, s);
-    mark_top(seg.above, s);
   } else {
     seg = solve_sparse(x, n, k, tau, s);
   }
@@ -732,23 +770,241 @@ void forward_row(const T* x_row, T* p, T* lam_out, T k_t, T tau, Scratch<T>& s, 
   // differences overflow it (tiny tau); any finite value that far is the same threshold.
   constexpr double big = std::numeric_limits<T>::max();
   const T offset = static_cast<T>(std::min(std::max(seg.offset, -big), big));
-  // u = y - d in the pivot's frame (y exact near the pivot)
-  if (!seg.framed) to_frame(x, static_cast<T>(seg.pivot), tau, -inf, inf, s);
-  T* u = s.y.data();
-  for (int64_t i = 0; i < s.padded; i += kWidth<T>) store(u + i, load(u + i) - offset);
-  const T correction = static_cast<T>(final_offset<T, M>(u, k, seg, s));
   T* out = s.out.data();
-  for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
-    store(out + i, apply_f<T, M>(load(u + i) - correction));
+  double correction = 0.0;
+  if constexpr (M == kSigmoid) {
+    // u = y - d in the pivot's frame (y exact near the pivot), one more Newton step there for
+    // the rounding of the last iterate, then p
+    T* u = s.y.data();
+    for (int64_t i = 0; i < s.padded; i += kWidth<T>) store(u + i, load(u + i) - offset);
+    correction = sigmoid_final_step(u, k, s);
+    const Vec<T> shift = splat(static_cast<T>(correction));
+    for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
+      store(out + i, apply_f<T, M>(load(u + i) - shift));
+    }
+  } else if constexpr (M == kSparse) {
+    // the cell's root is exact in the pivot's frame: p straight from it
+    const T* y = s.y.data();
+    const Vec<T> shift = splat(offset);
+    for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
+      store(out + i, apply_f<T, M>(load(y + i) - shift));
+    }
+  } else {
+    // the closed form is exact in the pivot's frame (its sums were taken there): p in one
+    // pass, u = (x - P) / tau - d
+    const T* x_pad = s.x.data();
+    const Vec<T> pivot_v = splat(static_cast<T>(seg.pivot));
+    const Vec<T> tau_v = splat(tau);
+    const Vec<T> shift = splat(offset);
+    for (int64_t i = 0; i < s.padded; i += kWidth<T>) {
+      store(out + i, apply_f<T, M>((load(x_pad + i) - pivot_v) / tau_v - shift));
+    }
   }
   std::memcpy(p, out, n * sizeof(T));
   const double lam = seg.pivot / static_cast<double>(tau) + offset + correction;
   *lam_out = static_cast<T>(std::min(std::max(lam, -big), big));
 }
 
+// ------------------------------------------------------------------------------------------
+// narrow rows (float32, N <= kNarrowMax, sigmoid / laplace / exp): kWidth<float> rows at a
+// time, one SIMD lane per row, so the per-row scalar work of the row path (selection, scalar
+// logs and exps, the loops' setup) becomes vector work shared by 8 rows. The algorithm is the
+// fast path of the row path, in the frame of the row max: from the upper bound
+// lam_0 = log sum e^y - log k' (k' = k for sigmoid and exp, 2k for laplace) every row takes
+// Newton steps in w = e^-lam (sigmoid: the sum is concave in w) or segment steps (exp,
+// laplace: the root of the equation restricted to the current split into entries above and
+// below, a Newton step on that model, which walks down without overshooting and is exact once
+// the split repeats). A lane whose row is special (NaN / +inf, k <= 0 or NaN, at most k finite
+// scores), does not settle within the step budget, or whose threshold lies more than
+// kFrameReach from the max (where fp32 coordinates would lose bits) is redone by the row path.
+
+constexpr int64_t kNarrowMax = 16;
+constexpr int kNarrowSteps = 12;
+
+template <int64_t M>
+void forward_narrow_block(const float* x, float* p, float* lam_out, const float* k_ptr,
+                          const float* tau_ptr, int64_t n, bool redo[]) {
+  typedef Vec<float> V;
+  typedef Lanes<float>::ivec IVec;
+  constexpr int64_t W = kWidth<float>;
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  alignas(32) float buf[kNarrowMax][W];
+  for (int64_t l = 0; l < W; ++l) {
+    for (int64_t j = 0; j < n; ++j) buf[j][l] = x[l * n + j];
+  }
+  V col[kNarrowMax];
+  for (int64_t j = 0; j < n; ++j) col[j] = load(buf[j]);
+  const V k = load(k_ptr);
+  const V tau = load(tau_ptr);
+  IVec special = {};
+  V count = splat(0.0f);
+  V x_max = splat(-inf);
+  for (int64_t j = 0; j < n; ++j) {
+    special |= (col[j] != col[j]) | (col[j] == inf);
+    count += col[j] > -inf ? splat(1.0f) : splat(0.0f);
+    x_max = vmax(x_max, col[j]);
+  }
+  special |= (k != k) | (k <= 0.0f) | (count <= k);
+  const V safe_max = special ? splat(0.0f) : x_max;
+  V y[kNarrowMax];
+  for (int64_t j = 0; j < n; ++j) {
+    y[j] = (col[j] - safe_max) / tau;  // <= 0; -inf on masked entries
+    y[j] = special ? splat(-1.0f) : y[j];  // (keeps the special lanes' arithmetic quiet)
+  }
+  const V k_eff = special ? splat(0.5f) : k;
+  V lam;
+  V lo;  // sparse: the bracket [t - 1, t], t the ceil(k)-th largest (as solve_sparse)
+  V hi;
+  V origin = splat(0.0f);  // lam and y are relative to it (sparse: t), in the max's frame
+  if constexpr (M == kSparse) {
+    V last;  // ceil(k) - 1
+    for (int64_t l = 0; l < W; ++l) last[l] = std::ceil(k_eff[l]) - 1.0f;
+    V t = splat(0.0f);
+    for (int64_t j = 0; j < n; ++j) {
+      V rank = splat(0.0f);  // entries before j in descending order, ties by index
+      for (int64_t i = 0; i < n; ++i) {
+        const auto before = i < j ? (col[i] >= col[j]) : (col[i] > col[j]);
+        rank += (i != j) & before ? splat(1.0f) : splat(0.0f);
+      }
+      t = rank == last ? y[j] : t;
+    }
+    // iterate in the frame of t, where the entries near the threshold are small and exact
+    for (int64_t j = 0; j < n; ++j) y[j] = y[j] - t;
+    origin = t;
+    lo = splat(-1.0f);
+    hi = splat(0.0f);
+    lam = lo;
+  } else {
+    V total0 = splat(0.0f);
+    for (int64_t j = 0; j < n; ++j) total0 += vexp(y[j]);
+    lam = vlog(total0 / (M == kLaplace ? 2.0f * k_eff : k_eff));
+  }
+  IVec active = ~special;
+  IVec settled = {};
+  V prev_above = splat(-1.0f);
+  V prev_linear = splat(-1.0f);
+  for (int step = 0; step < kNarrowSteps; ++step) {
+    V next = lam;
+    if constexpr (M == kSparse) {
+      V capped = splat(0.0f);
+      V linear = splat(0.0f);
+      V linear_sum = splat(0.0f);
+      for (int64_t j = 0; j < n; ++j) {
+        const auto is_capped = y[j] >= lam + 1.0f;
+        const auto is_linear = (y[j] > lam) & ~is_capped;
+        capped += is_capped ? splat(1.0f) : splat(0.0f);
+        linear += is_linear ? splat(1.0f) : splat(0.0f);
+        linear_sum += is_linear ? y[j] : splat(0.0f);
+      }
+      // lam is the root of its cell's line when the last step was a root step into this cell
+      settled |= (capped == prev_above) & (linear == prev_linear) & active;
+      const V total = capped + linear_sum - linear * lam;
+      const auto too_low = total > k_eff;
+      lo = too_low ? lam : lo;
+      hi = too_low ? hi : lam;
+      const V root = (linear_sum + capped - k_eff) / linear;
+      const auto inside = (linear > 0.0f) & (root >= lo) & (root <= hi);
+      next = inside ? root : 0.5f * lo + 0.5f * hi;
+      prev_above = inside ? capped : splat(-1.0f);
+      prev_linear = inside ? linear : splat(-1.0f);
+    } else if constexpr (M == kSigmoid) {
+      V total = splat(0.0f);
+      V slope = splat(0.0f);
+      V positive = splat(0.0f);
+      for (int64_t j = 0; j < n; ++j) {
+        const V u = y[j] - lam;
+        const V e = vexp(-vabs(u));
+        const V q = e / (e + 1.0f);
+        const auto pos = u >= 0.0f;
+        positive += pos ? splat(1.0f) : splat(0.0f);
+        total += pos ? -q : q;
+        slope += q * (1.0f - q);
+      }
+      total += positive;
+      const V move = -vlog1p(vmax((k_eff - total) / slope, splat(-0.5f)));
+      const auto done = (total == k_eff) | (vabs(move) <= float(kSigmoidStepTol<float>));
+      next = (total == k_eff) ? lam : lam + move;
+      settled |= done & active;
+    } else {
+      V above = splat(0.0f);
+      V below_sum = splat(0.0f);  // sum_below e^(y - lam)
+      V above_sum = splat(0.0f);  // sum_above e^-(y - lam) (laplace)
+      for (int64_t j = 0; j < n; ++j) {
+        const V u = y[j] - lam;
+        const auto up = u >= 0.0f;
+        above += up ? splat(1.0f) : splat(0.0f);
+        if constexpr (M == kExp) {
+          below_sum += up ? splat(0.0f) : vexp(u);
+        } else {
+          const V e = vexp(-vabs(u));
+          below_sum += up ? splat(0.0f) : e;
+          above_sum += up ? e : splat(0.0f);
+        }
+      }
+      const V gap = k_eff - above;
+      V inv_w;  // e^(next - lam)
+      if constexpr (M == kExp) {
+        inv_w = below_sum / gap;
+      } else {
+        // S w^2 / 2 - (k - m) w - T / 2 = 0 for w = e^-(next - lam): the positive root, in
+        // whichever of its two equal forms has no cancellation
+        const V root = vsqrt(gap * gap + below_sum * above_sum);
+        inv_w = gap >= 0.0f ? below_sum / (gap + root) : (root - gap) / above_sum;
+      }
+      // the split repeated: lam is the root of its segment already (computed last step)
+      settled |= (above == prev_above) & active;
+      prev_above = above;
+      const auto usable = (inv_w >= std::numeric_limits<float>::min()) & (inv_w < inf);
+      next = usable ? lam + vlog(usable ? inv_w : splat(1.0f)) : splat(std::nanf(""));
+    }
+    if constexpr (M == kSigmoid) {
+      lam = active ? next : lam;  // (the step that settles is taken, as on the row path)
+    } else {
+      lam = (active & ~settled) ? next : lam;  // (settled: lam is its segment's root)
+    }
+    active &= ~settled & (vabs(lam) < inf);  // (a lane gone NaN or infinite is redone)
+    bool any = false;
+    for (int64_t l = 0; l < W; ++l) any |= active[l] != 0;
+    if (!any) break;
+  }
+  // the sigmoid final step, one more Newton step at the settled lam
+  V shift = splat(0.0f);
+  if constexpr (M == kSigmoid) {
+    V total = splat(0.0f);
+    V slope = splat(0.0f);
+    V positive = splat(0.0f);
+    for (int64_t j = 0; j < n; ++j) {
+      const V u = y[j] - lam;
+      const V e = vexp(-vabs(u));
+      const V q = e / (e + 1.0f);
+      const auto pos = u >= 0.0f;
+      positive += pos ? splat(1.0f) : splat(0.0f);
+      total += pos ? -q : q;
+      slope += q * (1.0f - q);
+    }
+    total += positive;
+    shift = slope > 0.0f ? vmin(vmax((total - k_eff) / slope, splat(-1e-2f)), splat(1e-2f))
+                         : splat(0.0f);
+  }
+  const auto bad = special | active | ~(vabs(origin + lam) <= float(kFrameReach));
+  V out[kNarrowMax];
+  for (int64_t j = 0; j < n; ++j) out[j] = apply_f<float, M>(y[j] - lam - shift);
+  for (int64_t j = 0; j < n; ++j) store(buf[j], out[j]);
+  const V lam_z = safe_max / tau + origin + lam + shift;
+  alignas(32) float lam_buf[W];
+  store(lam_buf, vmin(vmax(lam_z, splat(-std::numeric_limits<float>::max())),
+                      splat(std::numeric_limits<float>::max())));
+  for (int64_t l = 0; l < W; ++l) {
+    redo[l] = bad[l] != 0;
+    if (redo[l]) continue;
+    for (int64_t j = 0; j < n; ++j) p[l * n + j] = buf[j][l];
+    lam_out[l] = lam_buf[l];
+  }
+}
+
 template <typename T, int64_t M>
 void forward_impl(const at::Tensor& scores, const at::Tensor& k, const at::Tensor& tau,
-                  int64_t sparse_newton_steps, at::Tensor& p, at::Tensor& lam) {
+                  int64_t sparse_newton_steps, bool narrow, at::Tensor& p, at::Tensor& lam) {
   const int64_t rows = scores.size(0);
   const int64_t n = scores.size(1);
   const T* x = scores.const_data_ptr<T>();
@@ -757,10 +1013,27 @@ void forward_impl(const at::Tensor& scores, const at::Tensor& k, const at::Tenso
   T* p_ptr = p.mutable_data_ptr<T>();
   T* lam_ptr = lam.mutable_data_ptr<T>();
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1));
+  constexpr bool narrow_kind = std::is_same_v<T, float>;
+  const bool use_narrow = narrow && narrow_kind && n >= 1 && n <= kNarrowMax;
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     Scratch<T> scratch(n);
     scratch.sparse_newton_steps = sparse_newton_steps;
-    for (int64_t r = begin; r < end; ++r) {
+    int64_t r = begin;
+    if constexpr (narrow_kind) {
+      constexpr int64_t W = kWidth<float>;
+      for (; use_narrow && r + W <= end; r += W) {
+        bool redo[W];
+        forward_narrow_block<M>(x + r * n, p_ptr + r * n, lam_ptr + r, k_ptr + r, tau_ptr + r,
+                                n, redo);
+        for (int64_t l = 0; l < W; ++l) {
+          if (!redo[l]) continue;
+          const int64_t q = r + l;
+          forward_row<T, M>(x + q * n, p_ptr + q * n, lam_ptr + q, k_ptr[q], tau_ptr[q],
+                            scratch, n);
+        }
+      }
+    }
+    for (; r < end; ++r) {
       forward_row<T, M>(x + r * n, p_ptr + r * n, lam_ptr + r, k_ptr[r], tau_ptr[r], scratch, n);
     }
   });
@@ -889,8 +1162,8 @@ void dispatch(at::ScalarType dtype, int64_t method, Fn&& fn) {
 
 std::tuple<at::Tensor, at::Tensor> threshold_forward(const at::Tensor& scores,
                                                      const at::Tensor& k, const at::Tensor& tau,
-                                                     int64_t method,
-                                                     int64_t sparse_newton_steps) {
+                                                     int64_t method, int64_t sparse_newton_steps,
+                                                     bool narrow) {
   check_inputs(scores, k, tau, method);
   at::Tensor p = at::empty_like(scores);
   at::Tensor lam = at::empty({scores.size(0)}, scores.options());
@@ -900,7 +1173,7 @@ std::tuple<at::Tensor, at::Tensor> threshold_forward(const at::Tensor& scores,
   }
   dispatch(scores.scalar_type(), method, [&](auto scalar, auto method_c) {
     forward_impl<decltype(scalar), decltype(method_c)::value>(scores, k, tau,
-                                                              sparse_newton_steps, p, lam);
+                                                              sparse_newton_steps, narrow, p, lam);
   });
   return {p, lam};
 }
@@ -934,7 +1207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_backward(const at::Tens
 TORCH_LIBRARY(moe_router_cpu, m) {
   m.def(
       "threshold_forward(Tensor scores, Tensor k, Tensor tau, int method,"
-      " int sparse_newton_steps=12) -> (Tensor, Tensor)");
+      " int sparse_newton_steps=12, bool narrow=True) -> (Tensor, Tensor)");
   m.def(
       "threshold_backward(Tensor p, Tensor grad, Tensor tau, int method, bool need_tau_grad)"
       " -> (Tensor, Tensor, Tensor)");
