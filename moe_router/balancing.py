@@ -146,7 +146,10 @@ class ExpertBias(nn.Module):
     """DeepSeek-V3 auxiliary-loss-free balancing bias (selection-only, fp32).
 
     The bias is added to the selection scores only, so it changes which experts a token goes
-    to but never the combine weights, and it gets no gradient. After each optimizer step the
+    to but never the combine weights, and it gets no gradient. The support-exact
+    ``sparse_soft_topk`` gate is the exception: there the bias shifts each expert's threshold
+    inside the solve (its weights are the biased p), since that gate computes exactly the
+    experts with p > 0. After each optimizer step the
     training loop calls :meth:`update` with the step's loads; loads are summed over the
     data-parallel ranks first, so every rank applies the same update and holds the same bias.
 

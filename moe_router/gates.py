@@ -210,15 +210,15 @@ def _soft_topk_dense_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selecti
 
 
 def _sparse_soft_topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:  # noqa: ARG001
-    p_TE = soft_topk(logits_TE, k, tau=tau, method="sparse")
-    # With a bias the support comes from a biased solve (no gradient), the weights from p.
-    if bias_E is None:
-        selection_TE = p_TE.detach()
-    else:
-        with torch.no_grad():
-            selection_TE = soft_topk(logits_TE + bias_E, k, tau=tau, method="sparse")
+    # The expert bias shifts each expert's threshold inside the solve, as the balanced gate's
+    # mu does: p = clip((x + b - lambda) / tau, 0, 1). Support and weights then come from the
+    # same p, so every computed expert carries weight and every expert with p > 0 is computed
+    # (a selection-only bias would compute experts whose unbiased p is 0 and silently drop
+    # others with p > 0). The gradient goes to the logits; the bias is a constant.
+    shifted_TE = logits_TE if bias_E is None else logits_TE + bias_E.detach()
+    p_TE = soft_topk(_guard_masked(shifted_TE, logits_TE, config), k, tau=tau, method="sparse")
     expert_ids_TK, weights_TK, valid_TK, overflow_T, overflow_mass_T = _support(
-        p_TE, selection_TE, config
+        p_TE, p_TE.detach(), config
     )
     return _finish(expert_ids_TK, weights_TK, p_TE, valid_TK, config, overflow_T, overflow_mass_T)
 
@@ -410,7 +410,9 @@ def run_gate(
         config: Gate settings.
         tau: Temperature of the soft gates (float or scalar tensor, possibly learned);
             ``config.tau`` when None.
-        bias_E: Selection-only expert bias (added to the scores used to pick experts).
+        bias_E: Expert bias: selection-only (added to the scores used to pick experts) for
+            every gate except ``sparse_soft_topk``, which adds it to the logits inside its
+            solve so that support and weights stay one p.
         k: Soft budget (sum of p) of the soft gates: a number or a scalar tensor (a budget
             controller's); ``config.k`` when None. The slot count stays ``config.slots``.
         mu_E: ``balanced_soft_topk``: per-expert thresholds (logit units); solved from this

@@ -295,7 +295,7 @@ def test_router_math_is_fp32_for_bf16_inputs_and_weights():
     torch.testing.assert_close(routing.logits_TE, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("gate", ["topk", "soft_topk", "sparse_soft_topk"])
+@pytest.mark.parametrize("gate", ["topk", "soft_topk"])
 def test_expert_bias_is_selection_only(gate):
     router = Router(16, 8, 2, gate=gate, expert_bias=True, init_std=1.0)
     x = torch.randn(32, 16)
@@ -307,6 +307,27 @@ def test_expert_bias_is_selection_only(gate):
     torch.testing.assert_close(routing.scores_TE, baseline.scores_TE)
     expected = routing.scores_TE.gather(-1, routing.expert_ids_TK) * routing.valid_TK
     torch.testing.assert_close(routing.weights_TK, expected)
+
+
+def test_sparse_expert_bias_shifts_the_solve_and_stays_support_exact():
+    """The support-exact gate solves on logits + bias: the weights are that p, every computed
+    expert has p > 0 and every expert with p > 0 is computed (no zero-weight compute, no
+    silently dropped mass), and the gradient reaches the logits, not the bias."""
+    router = Router(16, 8, 2, gate="sparse_soft_topk", expert_bias=True, init_std=1.0)
+    router.expert_bias.bias_E.copy_(torch.linspace(-0.5, 0.5, 8))
+    router.expert_bias.bias_E[3] = 100.0  # every token must now compute expert 3
+    x = torch.randn(32, 16)
+    routing = router(x)
+    assert ((routing.expert_ids_TK == 3) & routing.valid_TK).any(-1).all()
+    expected_TE = soft_topk(routing.logits_TE + router.expert_bias.bias_E, 2, method="sparse")
+    torch.testing.assert_close(routing.scores_TE, expected_TE)
+    weights_TK = routing.scores_TE.gather(-1, routing.expert_ids_TK)
+    assert (weights_TK[routing.valid_TK] > 0).all()
+    torch.testing.assert_close(routing.weights_TK, weights_TK * routing.valid_TK)
+    support_T = (routing.scores_TE > 0).sum(-1).float()
+    torch.testing.assert_close(routing.valid_TK.sum(-1).float() + routing.overflow_T, support_T)
+    (routing.weights_TK * torch.randn_like(routing.weights_TK)).sum().backward()
+    assert router.weight_ED.grad.abs().sum() > 0
 
 
 def test_update_expert_bias_and_no_op_when_disabled():
