@@ -29,15 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.compare import find_summary  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tuning"
-TRIALS = RESULTS / "trials.jsonl"
-TABLE = RESULTS / "sweep.md"
+TRIALS_FILE = "trials.jsonl"
+TABLE_FILE = "sweep.md"
 
 
-def load_trials() -> list[dict]:
-    """Every trial recorded so far, in run order."""
-    if not TRIALS.exists():
+def load_trials(results: Path = RESULTS) -> list[dict]:
+    """Every trial recorded under ``results`` so far, in run order."""
+    path = results / TRIALS_FILE
+    if not path.exists():
         return []
-    return [json.loads(line) for line in TRIALS.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_trial(name: str, config: str, seed: int, overrides: list[str], out: Path) -> dict:
@@ -122,6 +123,12 @@ def main() -> None:
     parser.add_argument("--config", help="base config, e.g. configs/topk.yaml")
     parser.add_argument("--seed", type=int, default=100)
     parser.add_argument("--out", type=Path, default=Path("runs/tuning"))
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="folder of trials.jsonl, sweep.md and header.md (default experiments/results/tuning)",
+    )
     parser.add_argument("--quick", action="store_true", help="50-step smoke trial")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--header", default="# Tuning sweep (held-out seed)")
@@ -129,13 +136,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.seed in (0, 1, 2):
         parser.error(f"--seed={args.seed} is a seed of the final comparison (0, 1, 2)")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    header_path = RESULTS / "header.md"
+    args.results.mkdir(parents=True, exist_ok=True)
+    header_path = args.results / "header.md"
     header = header_path.read_text() if header_path.exists() else args.header
     if not args.report_only:
         if not args.name or not args.config:
             parser.error("--name and --config are needed unless --report_only")
-        if any(t["name"] == args.name for t in load_trials()):
+        if any(t["name"] == args.name for t in load_trials(args.results)):
             print(f"{args.name}: already recorded, skipped")
         else:
             overrides = list(args.overrides)
@@ -143,14 +150,14 @@ def main() -> None:
                 overrides += ["--trainer.max_steps", "50", "--trainer.val_check_interval", "25"]
             record = run_trial(args.name, args.config, args.seed, overrides, args.out)
             record["quick"] = args.quick
-            with TRIALS.open("a") as f:
+            with (args.results / TRIALS_FILE).open("a") as f:
                 f.write(json.dumps(record) + "\n")
             print(
                 f"{record['name']}: val loss {record['val_loss']:.4f}, MaxVio worst "
                 f"{record['max_vio_worst']:.3f}, dead {record['dead_experts']}, "
                 f"{record['wall_s']:.0f} s"
             )
-    TABLE.write_text(table(load_trials(), header))
+    (args.results / TABLE_FILE).write_text(table(load_trials(args.results), header))
 
 
 if __name__ == "__main__":

@@ -330,7 +330,8 @@ class MoECLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None) -> None:
-    """Entry point: ``compare`` goes to ``models.compare``, everything else to ``MoECLI``.
+    """Entry point: ``compare`` goes to ``models.compare``, ``frontier`` to ``models.frontier``,
+    everything else to ``MoECLI``.
 
     Args:
         args: Command-line arguments without the program name; None for ``sys.argv[1:]``.
@@ -340,6 +341,11 @@ def cli_main(args: list[str] | None = None) -> None:
         from models.compare import compare_main
 
         compare_main(argv[1:])
+        return
+    if argv and argv[0] == "frontier":
+        from models.frontier import frontier_main
+
+        frontier_main(argv[1:])
         return
     # args=None lets LightningCLI read sys.argv itself (it warns when given both).
     MoECLI(args=args)

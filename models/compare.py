@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -214,6 +215,8 @@ def run_one(
     *,
     label: str | None = None,
     expected: dict | None = None,
+    threads: int | None = None,
+    tag: str = "compare",
 ) -> None:
     """Runs ``train.py fit`` for one config and seed in a fresh process (log in ``train.log``).
 
@@ -228,6 +231,8 @@ def run_one(
         overrides: Further ``train.py fit`` arguments.
         label: Prefix of the progress lines (default: config stem and seed).
         expected: The run's effective config, recorded in ``run_config.yaml`` first.
+        threads: CPU threads of the run (``OMP_NUM_THREADS``); None leaves the environment.
+        tag: The progress lines' prefix, ``[<tag>] <label>: ...``.
 
     Raises:
         RuntimeError: If the run fails, or ends without a finished summary under ``run_dir``
@@ -250,14 +255,15 @@ def run_one(
     with log_path.open("a") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
+        env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
         )
         assert process.stdout is not None
         for line in process.stdout:
             log.write(line)
             if line.startswith(PROGRESS_PREFIX):
-                print(f"[compare] {label}: {line[len(PROGRESS_PREFIX) :].strip()}", flush=True)
+                print(f"[{tag}] {label}: {line[len(PROGRESS_PREFIX) :].strip()}", flush=True)
         code = process.wait()
     tail = "\n".join(log_path.read_text().splitlines()[-25:])
     if code != 0:
