@@ -325,10 +325,17 @@ def balance_thresholds(
     row_target_T = budget_t.expand(num_tokens)
     if token_mask_T is not None:
         row_target_T = torch.where(token_mask_T, row_target_T, 0.0)
+    # A static bound on the per-expert load targets (T K / E) where the budget is K itself; a
+    # support-exact gate's support has no such bound.
+    max_target = None
+    if not config.support_exact and not torch.is_tensor(budget):
+        max_target = num_tokens * float(budget) / num_experts
     if mu_E is None:
         # Hard quantile: the (T_real K / E)-th largest z of each column (padding is -inf).
         rank_E = col_target_E.ceil().long().clamp(1, num_tokens)
-        sorted_ET = z_TE.t().sort(dim=-1, descending=True).values
+        count = None if max_target is None else math.ceil(max_target) + 2
+        sorted_ET = _largest_per_column(z_TE, count)
+        rank_E = rank_E.clamp(max=sorted_ET.shape[-1])
         mu_z_E = sorted_ET.gather(-1, (rank_E - 1).unsqueeze(-1)).squeeze(-1)
         mu_z_E = torch.where(torch.isfinite(mu_z_E), mu_z_E, 0.0)
     else:
@@ -349,7 +356,7 @@ def balance_thresholds(
                 # The support's total is set by the row budgets (and the budget controller),
                 # not by T K: share the current total equally.
                 load_target_E = ((margin_TE > 0).sum() / num_experts).expand(num_experts)
-            mu_z_E = mu_z_E + _quantile_shift(margin_TE, load_target_E)
+            mu_z_E = mu_z_E + _quantile_shift(margin_TE, load_target_E, max_target)
         else:
             mu_z_E = _newton_threshold(z_ET - lam_T, col_target_E, mu_z_E, method, steps=2)
     mu_z_E = mu_z_E - mu_z_E.mean()
@@ -378,11 +385,27 @@ def _dispatch_margin(
     return torch.where(keep_TE, margin_TE, -math.inf)
 
 
-def _quantile_shift(margin_TE: Tensor, target_E: Tensor) -> Tensor:
+def _largest_per_column(x_TE: Tensor, count: int | None) -> Tensor:
+    """The ``count`` largest entries of each column, descending, as ``[E, count]`` (every
+    entry when ``count`` is None or not smaller than T). ``count`` is static (from shapes and
+    the config), so this is a partial selection, not a full sort, with no host sync."""
+    num_tokens = x_TE.shape[0]
+    if count is None or count >= num_tokens:
+        return x_TE.t().sort(dim=-1, descending=True).values
+    return x_TE.t().topk(count, dim=-1, sorted=True).values
+
+
+def _quantile_shift(margin_TE: Tensor, target_E: Tensor, max_target: float | None) -> Tensor:
     """Per expert, the shift of its threshold that leaves ``ceil(target)`` tokens with a
-    positive margin (midway between the target-th and the next largest margin)."""
-    num_tokens = margin_TE.shape[0]
-    sorted_ET = margin_TE.t().sort(dim=-1, descending=True).values
+    positive margin (midway between the target-th and the next largest margin).
+
+    ``max_target``: a static bound on the target, when one is known: only the
+    ``ceil(max_target) + 2`` largest margins of each column are needed then.
+    """
+    # + 2: the next largest after the target-th, and one for fp32 rounding of the target
+    count = None if max_target is None else math.ceil(max_target) + 2
+    sorted_ET = _largest_per_column(margin_TE, count)
+    num_tokens = sorted_ET.shape[-1]
     rank_E1 = (target_E.ceil().long() - 1).clamp(0, num_tokens - 1).unsqueeze(-1)
     inside_E = sorted_ET.gather(-1, rank_E1).squeeze(-1)
     outside_E = sorted_ET.gather(-1, (rank_E1 + 1).clamp(max=num_tokens - 1)).squeeze(-1)

@@ -237,6 +237,27 @@ def test_balanced_load_reaches_max_violation_zero_on_skewed_batches(method, tau)
     torch.testing.assert_close(sel.scores_TE.sum(-1), torch.full((1024,), 2.0))
 
 
+@pytest.mark.parametrize(
+    ("num_experts", "k", "padded"), [(8, 2, False), (64, 8, True), (5, 3, True)]
+)
+def test_balanced_thresholds_select_partially_exactly_as_a_full_sort(
+    monkeypatch, num_experts, k, padded
+):
+    """The load target's quantile step keeps only the ceil(T K / E) + 2 largest margins of each
+    column; it must give exactly what sorting whole columns gives."""
+    import moe_router.gates as gates
+
+    logits = skewed_logits(999, num_experts, seed=5)
+    mask = torch.rand(999, generator=torch.Generator().manual_seed(1)) > 0.3 if padded else None
+    settings = config("balanced_soft_topk", k=k, num_experts=num_experts)
+    partial = balance_thresholds(logits, settings, 1.0, token_mask_T=mask)
+    full_sort = gates._largest_per_column
+    monkeypatch.setattr(gates, "_largest_per_column", lambda x, count: full_sort(x, None))
+    torch.testing.assert_close(
+        balance_thresholds(logits, settings, 1.0, token_mask_T=mask), partial
+    )
+
+
 def test_balanced_backward_gradcheck():
     logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     cfg = config("balanced_soft_topk", num_experts=5, k=2, tau=0.7)
