@@ -172,8 +172,7 @@ class Router(nn.Module):
         config = self.config
         self.update_expert_bias(self.pending_load_E)
         self.pending_load_E.zero_()
-        if config.tau_schedule == "anneal":
-            self.schedule_step += 1
+        self.step_schedule()
         if config.target_active is not None:
             support_sum, num_tokens = _all_reduce_sum(self.pending_support.double()).unbind()
             mean_support = support_sum / num_tokens.clamp_min(1.0)
