@@ -2,7 +2,8 @@
 
 Python blocks run in order in one namespace per file (a later snippet may use an earlier
 one's names), in a scratch directory. Shell lines that call ``train.py`` are parsed by the CLI
-itself (``--print_config`` for ``fit`` / ``validate``; ``compare`` through its own parser);
+itself (``--print_config`` for ``fit`` / ``validate``; ``compare`` and ``frontier`` through their
+own parsers, ``frontier``'s spec loaded);
 lines that call a script of ``benchmarks/`` or ``experiments/`` must name an existing script
 whose ``--help`` lists every flag the line uses.
 """
@@ -79,6 +80,11 @@ def test_train_commands_parse(args, monkeypatch, tmp_path):
         from models.compare import build_parser
 
         build_parser().parse_args(args[1:])
+        return
+    if command == "frontier":
+        from models.frontier import build_parser, load_spec
+
+        load_spec(build_parser().parse_args(args[1:]).spec)  # the spec must exist and be valid
         return
     assert command in ("fit", "validate"), f"unexpected train.py command {command!r}"
     # A checkpoint the README points at need not exist here; the flags must still parse.
