@@ -21,6 +21,7 @@ run made with another effective config is refused up front. The report goes to `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import json
 import math
@@ -96,6 +97,7 @@ class Point:
     family: Family
     active: int
     seed: int
+    active_overrides: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -115,16 +117,22 @@ class Point:
         ]  # fmt: skip
         if self.family.knob == "target_active":
             arguments += ["--model.model.moe.target_active", str(float(self.active))]
-        return [*arguments, *self.family.overrides, *extra]
+        return [*arguments, *self.active_overrides, *self.family.overrides, *extra]
 
 
 @dataclass(frozen=True)
 class Spec:
-    """A frontier: panels, families and seeds (``configs/frontier.yaml``)."""
+    """A frontier: panels, families and seeds (``configs/frontier.yaml``).
+
+    ``active_overrides`` maps an active count to ``train.py fit`` arguments of every run at
+    that count, whatever the family (e.g. no renormalisation at 1 active expert, where one
+    renormalised weight is the constant 1 and the gate would get no gradient from the loss).
+    """
 
     panels: tuple[Panel, ...]
     families: tuple[Family, ...]
     seeds: tuple[int, ...]
+    active_overrides: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
     @property
     def baseline(self) -> Family:
@@ -133,8 +141,9 @@ class Spec:
 
     def points(self) -> list[Point]:
         """Every run, seed-major (an interrupted frontier has every point at the first seeds)."""
+        at_active = dict(self.active_overrides)
         return [
-            Point(panel, family, active, seed)
+            Point(panel, family, active, seed, at_active.get(active, ()))
             for seed in self.seeds
             for panel in self.panels
             for family in self.families
@@ -165,11 +174,20 @@ def load_spec(path: Path) -> Spec:
     if not path.is_file():
         raise ValueError(f"--spec={str(path)!r}: no such file")
     raw = yaml.safe_load(path.read_text()) or {}
-    unknown = set(raw) - {"panels", "routers", "seeds"}
+    unknown = set(raw) - {"panels", "routers", "seeds", "active_overrides"}
     if unknown:
         raise ValueError(
-            f"{path}: unknown keys {sorted(unknown)} (allowed: panels, routers, seeds)"
+            f"{path}: unknown keys {sorted(unknown)} "
+            "(allowed: panels, routers, seeds, active_overrides)"
         )
+    active_overrides = []
+    for active, arguments in (raw.get("active_overrides") or {}).items():
+        _positive_int(active, "active_overrides key")
+        if not isinstance(arguments, list) or not all(isinstance(a, str) for a in arguments):
+            raise ValueError(
+                f"active_overrides[{active}]={arguments!r} is invalid: a list of strings"
+            )
+        active_overrides.append((active, tuple(arguments)))
     seeds = raw.get("seeds", [0, 1, 2])
     if (
         not isinstance(seeds, list)
@@ -241,7 +259,7 @@ def load_spec(path: Path) -> Spec:
             f"{path}: routers must have exactly one `baseline: true` family, got "
             f"{[f.name for f in families if f.baseline]}"
         )
-    return Spec(tuple(panels), tuple(families), tuple(seeds))
+    return Spec(tuple(panels), tuple(families), tuple(seeds), tuple(active_overrides))
 
 
 # ------------------------------------------------------------------------------------ report
@@ -605,7 +623,7 @@ def frontier_main(argv: list[str]) -> None:
     if args.seeds is not None:
         if any(s < 0 for s in args.seeds):
             raise ValueError(f"--seeds={args.seeds} is invalid: ints >= 0")
-        spec = Spec(spec.panels, spec.families, tuple(args.seeds))
+        spec = dataclasses.replace(spec, seeds=tuple(args.seeds))
     check_overrides(extra)
     for name in ("--model.model.num_experts", "--model.model.expert_d_ff", "--model.model.k"):
         if any(a.split("=", 1)[0] == name for a in extra):

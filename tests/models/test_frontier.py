@@ -67,6 +67,17 @@ def test_point_overrides(tmp_path):
     assert "--model.model.moe.target_active" not in by_key["E4/topk-2"].overrides([])
 
 
+def test_active_overrides_reach_every_family_at_that_count(tmp_path):
+    spec = load_spec(_spec(tmp_path, active_overrides={1: ["--model.model.moe.renormalize", "0"]}))
+    for point in spec.points():
+        arguments = point.overrides([])
+        assert ("--model.model.moe.renormalize" in arguments) == (point.active == 1), point.key
+    with pytest.raises(ValueError, match=r"active_overrides\[1\]=.* is invalid"):
+        load_spec(_spec(tmp_path, active_overrides={1: "--x"}))
+    repository = load_spec(ROOT / "configs" / "frontier.yaml")
+    assert dict(repository.active_overrides) == {1: ("--model.model.moe.renormalize", "false")}
+
+
 def _panel(num_experts=2, active=(1,)):
     return {"name": "E2", "num_experts": num_experts, "expert_d_ff": 4, "active": list(active)}
 
