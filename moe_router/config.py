@@ -118,6 +118,11 @@ class RouterOptions:
             construction) or ``mass`` (the column sums of p, ``sum_t p_te = T K / E``).
         balance_momentum: ``balanced_soft_topk``: weight of the old value in the running
             average of the per-expert thresholds used at evaluation.
+        balance_window: ``balanced_soft_topk``: None, or the number of recent real training
+            tokens whose router logits the router keeps (a ring buffer, checkpointed) to solve
+            the evaluation thresholds on after each optimizer step, instead of averaging the
+            per-batch solutions: one solve over many batches, so the thresholds carry less of
+            one batch's noise.
         tau: Temperature (the start value for ``anneal`` / ``learned``).
         tau_schedule: ``fixed``, ``anneal`` (from ``tau`` to ``tau_final`` over
             ``anneal_steps`` optimizer steps) or ``learned`` (a parameter, log-parametrised).
@@ -151,6 +156,7 @@ class RouterOptions:
     balance_iters: int = 8
     balance_target: BalanceTarget = "load"
     balance_momentum: float = 0.9
+    balance_window: int | None = None
     # temperature
     tau: float = 1.0
     tau_schedule: TauSchedule = "fixed"
@@ -210,6 +216,12 @@ class RouterOptions:
             _is_number(self.balance_momentum) and 0 <= self.balance_momentum < 1,
             "balance_momentum",
             "a float in [0, 1)",
+        )
+        need(
+            self.balance_window is None
+            or (_is_int(self.balance_window) and self.balance_window >= 1),
+            "balance_window",
+            "None or an int >= 1",
         )
         need(
             _is_number(self.tau) and math.isfinite(self.tau) and self.tau > 0,

@@ -106,6 +106,13 @@ class Router(nn.Module):
             # Warm start of the next training solve, and the step's sum of batch solutions.
             self.register_buffer("warm_mu_E", torch.zeros(num_experts), persistent=False)
             self.register_buffer("pending_mu_E1", torch.zeros(num_experts + 1), persistent=False)
+            if config.balance_window is not None:
+                # The last balance_window real training tokens' logits (a ring buffer; unused
+                # rows are masked out), solved on in step() for the evaluation thresholds.
+                window = config.balance_window
+                self.register_buffer("window_logits_WE", torch.zeros(window, num_experts))
+                self.register_buffer("window_mask_W", torch.zeros(window, dtype=torch.bool))
+                self.register_buffer("window_pos", torch.zeros((), dtype=torch.long))
         # Loads of the training forwards since the last step (for the expert bias).
         self.register_buffer("pending_load_E", torch.zeros(num_experts), persistent=False)
         self._unstepped_forwards = 0
@@ -128,7 +135,14 @@ class Router(nn.Module):
         # The controller and balance state stay fp32 under .to(bfloat16) / .half(): their
         # updates are small and every rank must hold the same values.
         super()._apply(fn, recurse)
-        for name in ("budget", "pending_support", "balance_mu_E", "warm_mu_E", "pending_mu_E1"):
+        for name in (
+            "budget",
+            "pending_support",
+            "balance_mu_E",
+            "warm_mu_E",
+            "pending_mu_E1",
+            "window_logits_WE",
+        ):
             buffer = getattr(self, name, None)
             if buffer is not None and buffer.dtype != torch.float32:
                 setattr(self, name, buffer.float())
@@ -182,13 +196,48 @@ class Router(nn.Module):
             new_budget = (self.budget.double().log() + step).exp()
             self.budget.copy_(new_budget.clamp(1e-3, usable - 1e-3).float())
             self.pending_support.zero_()
-        if config.gate == "balanced_soft_topk":
+        if config.gate == "balanced_soft_topk" and config.balance_window is None:
             totals_E1 = _all_reduce_sum(self.pending_mu_E1)
             mean_mu_E = totals_E1[:-1] / totals_E1[-1].clamp_min(1.0)
             momentum = torch.where(totals_E1[-1] > 0, config.balance_momentum, 1.0)
             self.balance_mu_E.mul_(momentum).add_((1 - momentum) * mean_mu_E)
             self.pending_mu_E1.zero_()
+        elif config.gate == "balanced_soft_topk":
+            self._solve_window()
         self._unstepped_forwards = 0
+
+    @torch.no_grad()
+    def _solve_window(self) -> None:
+        """The evaluation thresholds from one solve over the window of recent training
+        logits (warm-started from the current ones), averaged over data-parallel ranks; kept
+        as they are while the window holds no token."""
+        mu_E = balance_thresholds(
+            self.window_logits_WE,
+            self.config,
+            self.tau,
+            self.balance_mu_E,
+            self.window_mask_W,
+            k=self.soft_budget,
+        )
+        filled = self.window_mask_W.any().float()
+        totals_E1 = _all_reduce_sum(torch.cat([mu_E * filled, filled.reshape(1)]))
+        mean_mu_E = totals_E1[:-1] / totals_E1[-1].clamp_min(1.0)
+        self.balance_mu_E.copy_(torch.where(totals_E1[-1] > 0, mean_mu_E, self.balance_mu_E))
+
+    @torch.no_grad()
+    def _remember(self, gate_logits_TE: Tensor, token_mask_T: Tensor | None) -> None:
+        """Writes this batch's logits into the window (the last ``balance_window`` tokens of
+        it when the batch is larger), padding marked unused."""
+        window = self.window_logits_WE.shape[0]
+        keep = min(window, gate_logits_TE.shape[0])  # static: shapes only
+        logits_TE = gate_logits_TE[-keep:].float()
+        mask_T = torch.ones(keep, dtype=torch.bool, device=logits_TE.device)
+        if token_mask_T is not None:
+            mask_T = token_mask_T[-keep:]
+        index_T = (self.window_pos + torch.arange(keep, device=logits_TE.device)) % window
+        self.window_logits_WE.index_copy_(0, index_T, logits_TE)
+        self.window_mask_W.index_copy_(0, index_T, mask_T)
+        self.window_pos.copy_((self.window_pos + keep) % window)
 
     def step_schedule(self) -> None:
         """Advance the temperature schedule by one optimizer step (no-op unless ``anneal``).
@@ -267,6 +316,8 @@ class Router(nn.Module):
             self.warm_mu_E.copy_(mu_E)
             self.pending_mu_E1[:-1] += mu_E
             self.pending_mu_E1[-1] += 1
+            if self.config.balance_window is not None:
+                self._remember(gate_logits_TE.detach(), token_mask_T)
         return mu_E
 
     def _route(self, hidden_states: Tensor, padding_mask: Tensor | None = None) -> Routing:

@@ -88,6 +88,7 @@ def controller_worker(rank: int, port: int, out_dir: str) -> None:
         torch.manual_seed(0)  # identical weights on both ranks
         sparse = Router(8, 8, 2, gate="sparse_soft_topk", target_active=2.0, init_std=0.3)
         balanced = Router(8, 8, 2, gate="balanced_soft_topk", init_std=0.3)
+        windowed = Router(8, 8, 2, gate="balanced_soft_topk", init_std=0.3, balance_window=100)
         gen = torch.Generator().manual_seed(100 + rank)  # each rank sees its own tokens
         supports, budgets = [], []
         for _ in range(5):
@@ -95,10 +96,12 @@ def controller_worker(rank: int, port: int, out_dir: str) -> None:
             routing = sparse(x)
             supports.append(float(routing.valid_TK.sum() + routing.overflow_T.sum()))
             balanced(x)
+            windowed(x)
             sparse.step()
             balanced.step()
+            windowed.step()
             budgets.append(float(sparse.budget))
-        state = torch.cat([sparse.budget.view(1), balanced.balance_mu_E])
+        state = torch.cat([sparse.budget.view(1), balanced.balance_mu_E, windowed.balance_mu_E])
         gathered = [torch.empty_like(state) for _ in range(WORLD_SIZE)]
         dist.all_gather(gathered, state)
         torch.save(

@@ -258,6 +258,49 @@ def test_balanced_thresholds_select_partially_exactly_as_a_full_sort(
     )
 
 
+def test_balance_window_keeps_the_last_real_tokens_and_solves_on_them():
+    router = Router(4, 8, 2, gate="balanced_soft_topk", balance_window=50, init_std=1.0)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 16, 4, generator=gen) for _ in range(3)]  # 32 tokens each
+    padding = torch.zeros(2, 16, dtype=torch.bool)
+    padding[1, 10:] = True
+    for x in batches:
+        router(x, padding_mask=padding)
+    with torch.no_grad():
+        router.eval()  # no write in eval or without grad
+        router(torch.randn(8, 4))
+        router.train()
+    # 96 tokens written into 50 slots: the window holds the last 50, in ring order.
+    logits_TE = torch.cat([x.reshape(-1, 4) @ router.weight_ED.t() for x in batches])
+    real_T = (~padding.reshape(-1)).repeat(3)
+    slots = torch.arange(46, 96) % 50
+    assert torch.equal(router.window_mask_W[slots], real_T[46:])
+    kept = real_T[46:]  # (padding rows hold whatever; they are masked out)
+    torch.testing.assert_close(
+        router.window_logits_WE[slots][kept], logits_TE[46:][kept], atol=1e-5, rtol=0
+    )
+    assert router.window_pos.item() == 96 % 50
+    before = router.balance_mu_E.clone()
+    router.step()
+    expected = balance_thresholds(
+        router.window_logits_WE, router.config, 1.0, before, router.window_mask_W
+    )
+    torch.testing.assert_close(router.balance_mu_E, expected)
+    # The window travels in checkpoints, so a resumed run steps to the same thresholds.
+    resumed = Router(4, 8, 2, gate="balanced_soft_topk", balance_window=50)
+    resumed.load_state_dict(router.state_dict())
+    x = torch.randn(40, 4, generator=gen)
+    for r in (router, resumed):
+        r(x)
+        r.step()
+    torch.testing.assert_close(resumed.balance_mu_E, router.balance_mu_E, rtol=0, atol=0)
+
+
+def test_balance_window_must_be_a_positive_int():
+    with pytest.raises(ValueError, match="balance_window=0 is invalid"):
+        Router(4, 8, 2, gate="balanced_soft_topk", balance_window=0)
+
+
 def test_balanced_backward_gradcheck():
     logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     cfg = config("balanced_soft_topk", num_experts=5, k=2, tau=0.7)
