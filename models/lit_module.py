@@ -64,13 +64,21 @@ def config_differences(saved: Any, given: Any) -> list[str]:
         given: The config of this run.
 
     Returns:
-        One ``"field: checkpoint X, given Y"`` entry per differing (dotted) field, sorted.
+        One ``"field: checkpoint X, given Y"`` entry per differing (dotted) field, sorted. A
+        field the checkpoint does not have (an option added after it was made) is no
+        difference while the given value is the field's default, which reproduces the run the
+        checkpoint came from.
     """
     saved_flat, given_flat = _flatten(saved), _flatten(given)
+    defaults_flat: dict[str, Any] = {}
+    if dataclasses.is_dataclass(given) and not isinstance(given, type):
+        defaults_flat = _flatten(type(given)())
     unset = "<unset>"
     differences = []
     for key in sorted(saved_flat.keys() | given_flat.keys()):
         old, new = saved_flat.get(key, unset), given_flat.get(key, unset)
+        if old is unset and key in defaults_flat and new == defaults_flat[key]:
+            continue
         if old != new:
             differences.append(f"{key}: checkpoint {old!r}, given {new!r}")
     return differences

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -214,6 +215,20 @@ def test_resume_refuses_a_config_that_differs_from_the_checkpoint(corpus_dir, tm
     assert "\n" not in message
     with pytest.raises(ValueError, match="model.num_experts: checkpoint 4, given 8"):
         cli_main(["validate", *resume, "--model.model.num_experts", "8"])
+
+
+def test_a_checkpoint_from_before_a_new_option_resumes_at_the_options_default():
+    from models.config import ModelConfig
+    from models.lit_module import config_differences
+
+    given = ModelConfig(gate="balanced_soft_topk")
+    saved = dataclasses.asdict(given)
+    del saved["moe"]["balance_window"]  # an option the checkpoint's version did not have
+    assert config_differences(saved, given) == []
+    changed = ModelConfig(gate="balanced_soft_topk", moe={"balance_window": 64})
+    assert config_differences(saved, changed) == [
+        "moe.balance_window: checkpoint '<unset>', given 64"
+    ]
 
 
 def test_fit_exits_with_an_error_when_the_final_validation_is_nan(corpus_dir, tmp_path):
