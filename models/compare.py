@@ -181,7 +181,8 @@ def config_mismatch(run_dir: Path, expected: dict) -> str | None:
     """Why the run under ``run_dir`` cannot be reused for ``expected`` (None if it can).
 
     A run with no record of its effective config (made by an older compare, or by hand) cannot
-    be matched, so it is refused too.
+    be matched, so it is refused too. A setting the record lacks while it is None now (an
+    option added since, left off) is no difference.
     """
     path = run_dir / RUN_CONFIG_FILE
     if not path.is_file():
@@ -192,6 +193,8 @@ def config_mismatch(run_dir: Path, expected: dict) -> str | None:
         f"{key}: {recorded.get(key, '<unset>')!r} there, {wanted.get(key, '<unset>')!r} now"
         for key in sorted(recorded.keys() | wanted.keys())
         if recorded.get(key, "<unset>") != wanted.get(key, "<unset>")
+        # an option added after the run was made, left off (None): the run is the same
+        and not (key not in recorded and wanted[key] is None)
     ]
     if differences:
         return f"{run_dir} was run with other settings: {'; '.join(differences)}"

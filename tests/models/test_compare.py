@@ -217,6 +217,15 @@ def test_compare_reuses_a_run_only_with_the_same_effective_config(corpus_dir, tm
 
     cli_main([*args, "--trainer.max_steps", "4"])  # same settings: reused, nothing runs
     assert "[compare] topk seed 0 (1/1): done already" in capsys.readouterr().out
+    # A run recorded before an option existed still matches while that option is off (None).
+    older = yaml.safe_load((run_dir / RUN_CONFIG_FILE).read_text())
+    del older["model"]["model"]["moe"]["balance_window"]
+    (run_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(older))
+    cli_main([*args, "--trainer.max_steps", "4"])
+    assert "done already" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="balance_window: '<unset>' there, 8 now"):
+        cli_main([*args, "--trainer.max_steps", "4", "--model.model.moe.balance_window", "8"])
+    (run_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(made))
     with pytest.raises(ValueError) as error:
         cli_main([*args, "--trainer.max_steps", "20", "--model.optim.lr", "0.1"])
     message = str(error.value)
