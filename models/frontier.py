@@ -13,8 +13,8 @@ run made with another effective config is refused up front. The report goes to `
   same active count (mean ± std over seeds, seeds better), MaxVio over the validation set
   (worst layer), CV, dead experts, overflow rate and training throughput against the baseline;
 - ``report.json``: the same, with every run's numbers and curves;
-- ``frontier.png``: validation loss (mean ± std over seeds) against active-expert FLOPs per
-  token (relative to top-1 of the first panel), one line per family, one panel per E;
+- ``frontier.png``: validation loss (mean ± std over seeds) against the measured active-expert
+  FLOPs per token (relative to top-1 of the first panel), one line per family, one panel per E;
 - ``curves.png``: training-loss curves per point; ``load.png``: per-layer load heatmaps.
 """
 
@@ -411,7 +411,8 @@ def _family_colors(spec: Spec) -> dict[str, str]:
 
 
 def frontier_figure(spec: Spec, records: list[dict[str, Any]]):
-    """Validation loss (mean ± std over seeds) against active-expert FLOPs, one panel per E."""
+    """Validation loss (mean ± std over seeds) against the measured active-expert FLOPs per
+    token (mean over seeds; ticks at the spec's active counts), one panel per E."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -428,7 +429,13 @@ def frontier_figure(spec: Spec, records: list[dict[str, Any]]):
             ]
             if not points:
                 continue
-            xs = [r["flops_rel"] for r in points]
+            # at the measured compute (a support-exact gate may run below or above its target)
+            xs = [
+                statistics.fmean(x["active_mean"] for x in r["runs"])
+                * panel.expert_d_ff
+                / spec.panels[0].expert_d_ff
+                for r in points
+            ]
             stats = [mean_std([x["val_loss"] for x in r["runs"]]) for r in points]
             ax.errorbar(
                 xs,
