@@ -682,8 +682,17 @@ def frontier_main(argv: list[str]) -> None:
             )
             print(f"[{TAG}] {label}: {time.perf_counter() - began:.0f} s", flush=True)
 
+        # A failed run must not cancel the others (Executor.map would): every run is tried,
+        # the report covers the finished ones, and the failures are raised after it.
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(run, enumerate(points, start=1)))
+            futures = [pool.submit(run, item) for item in enumerate(points, start=1)]
+        failures = [
+            f"{point.key} seed {point.seed}: {future.exception()}"
+            for point, future in zip(points, futures, strict=True)
+            if future.exception() is not None
+        ]
+    else:
+        failures = []
     notes = [
         f"spec {args.spec}, seeds {list(spec.seeds)}, "
         + ", ".join(f"{f.name}: {f.config}" for f in spec.families),
@@ -697,3 +706,5 @@ def frontier_main(argv: list[str]) -> None:
         f"load.png ({time.perf_counter() - start:.0f} s)",
         flush=True,
     )
+    if failures:
+        raise RuntimeError(f"{len(failures)} frontier run(s) failed: " + " | ".join(failures))

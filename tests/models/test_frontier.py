@@ -219,3 +219,29 @@ def test_frontier_smoke_run(corpus_dir, tmp_path, capsys):
         cli_main([*args, "--points", "E9/*"])
     cli_main([*args, "--points", "E4/topk-*"])  # a subset runs; the report covers the spec
     assert capsys.readouterr().out.count("done already") == 1
+
+
+def test_a_failed_run_does_not_cancel_the_others(tmp_path, monkeypatch, capsys):
+    """Every run is tried; the report covers the finished ones; the failures are raised last."""
+    import models.frontier as frontier
+
+    spec_path = _spec(tmp_path, seeds=[0])
+    monkeypatch.setattr(frontier, "effective_config", lambda *args: {"same": 1})
+    ran = []
+
+    def fake_run_one(config, seed, run_dir, overrides, **kwargs):
+        ran.append(str(run_dir))
+        if "E4/topk-1" in str(run_dir):
+            raise RuntimeError("boom")
+        folder = run_dir / "csv" / "version_0"
+        folder.mkdir(parents=True)
+        summary = _summary(seed, 2.0, 100.0, 2.0, [1, 2, 3, 4])
+        (folder / SUMMARY_FILE).write_text(json.dumps(summary))
+
+    monkeypatch.setattr(frontier, "run_one", fake_run_one)
+    results = tmp_path / "results"
+    args = ["--spec", str(spec_path), "--out", str(tmp_path / "runs"), "--results", str(results)]
+    with pytest.raises(RuntimeError, match=r"1 frontier run\(s\) failed: E4/topk-1 seed 0: boom"):
+        frontier.frontier_main([*args, "--jobs", "2"])
+    assert len(ran) == 9  # every point of seed 0 was tried
+    assert (results / "report.md").is_file()
