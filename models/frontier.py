@@ -610,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report_only", action="store_true", help="only rebuild the report from finished runs"
     )
+    parser.add_argument(
+        "--note", action="append", default=[], help="a line for the report's notes (repeatable)"
+    )
     return parser
 
 
@@ -699,6 +702,7 @@ def frontier_main(argv: list[str]) -> None:
     ]
     if extra:
         notes.append(f"overrides of every run: {' '.join(extra)}")
+    notes += args.note
     md_path, _ = write_report(spec, args.out, args.results, notes)
     print(md_path.read_text(), flush=True)
     print(
