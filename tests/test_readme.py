@@ -34,7 +34,9 @@ def shell_commands(path: Path) -> list[list[str]]:
     """Each ``python ...`` command of the bash blocks and inline code spans, as argv after the
     interpreter."""
     commands = []
-    for body in [*blocks(path, "bash"), *INLINE.findall(path.read_text())]:
+    # an inline span may wrap across lines of the markdown: it is still one command
+    spans = [span.replace("\n", " ") for span in INLINE.findall(path.read_text())]
+    for body in [*blocks(path, "bash"), *spans]:
         text = body.replace("\\\n", " ")
         for line in text.splitlines():
             line = line.split("  #")[0].strip()
