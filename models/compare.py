@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import math
@@ -32,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from models.config import config_differences
 from models.summary import SUMMARY_FILE
 
 RUN_CONFIG_FILE = "run_config.yaml"
@@ -144,11 +146,11 @@ def check_overrides(overrides: list[str]) -> None:
             )
 
 
-def effective_config(config: Path, seed: int, run_dir: Path, overrides: list[str]) -> dict:
-    """The full config ``train.py fit`` would run with (``--print_config``, parsed in-process).
+def _print_config(arguments: list[str]) -> dict:
+    """``train.py <arguments> --print_config``, parsed in-process.
 
     Raises:
-        ValueError: If the config and overrides do not parse (the parser's message included).
+        ValueError: If the arguments do not parse (the parser's message included).
     """
     from models.cli import MoECLI
 
@@ -156,49 +158,84 @@ def effective_config(config: Path, seed: int, run_dir: Path, overrides: list[str
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when both argv and args are set
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            MoECLI(args=[*fit_arguments(config, seed, run_dir, overrides), "--print_config"])
+            MoECLI(args=[*arguments, "--print_config"])
     except SystemExit as exit_:
         if exit_.code not in (0, None):
             message = " ".join(err.getvalue().split())[-600:]
-            raise ValueError(
-                f"{config} with {' '.join(overrides) or 'no overrides'} does not parse: {message}"
-            ) from None
+            raise ValueError(f"does not parse: {message}") from None
     finally:
         sys.argv = argv
     return yaml.safe_load(out.getvalue())
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}{key}."))
-        return flat
-    return {prefix.rstrip("."): value}
+def effective_config(config: Path, seed: int, run_dir: Path, overrides: list[str]) -> dict:
+    """The full config ``train.py fit`` would run with (``--print_config``, parsed in-process).
+
+    Raises:
+        ValueError: If the config and overrides do not parse (the parser's message included).
+    """
+    try:
+        return _print_config(fit_arguments(config, seed, run_dir, overrides))
+    except ValueError as error:
+        overridden = " ".join(overrides) or "no overrides"
+        raise ValueError(f"{config} with {overridden} {error}") from None
+
+
+@functools.cache
+def default_config() -> dict:
+    """Every setting of ``train.py fit`` at its default (no config file, no flags)."""
+    return _print_config(["fit"])
 
 
 def config_mismatch(run_dir: Path, expected: dict) -> str | None:
     """Why the run under ``run_dir`` cannot be reused for ``expected`` (None if it can).
 
     A run with no record of its effective config (made by an older compare, or by hand) cannot
-    be matched, so it is refused too. A setting the record lacks while it is None now (an
-    option added since, left off) is no difference.
+    be matched, so it is refused too. A setting the record lacks while it is at its default now
+    (an option added since, left off) is no difference (``models.config.config_differences``).
     """
     path = run_dir / RUN_CONFIG_FILE
     if not path.is_file():
         return f"{run_dir} holds a run without {RUN_CONFIG_FILE} (its settings are unknown)"
-    recorded = _flatten(yaml.safe_load(path.read_text()) or {})
-    wanted = _flatten(expected)
-    differences = [
-        f"{key}: {recorded.get(key, '<unset>')!r} there, {wanted.get(key, '<unset>')!r} now"
-        for key in sorted(recorded.keys() | wanted.keys())
-        if recorded.get(key, "<unset>") != wanted.get(key, "<unset>")
-        # an option added after the run was made, left off (None): the run is the same
-        and not (key not in recorded and wanted[key] is None)
-    ]
+    recorded = yaml.safe_load(path.read_text()) or {}
+    differences = config_differences(recorded, expected, default_config(), ("recorded", "now"))
     if differences:
         return f"{run_dir} was run with other settings: {'; '.join(differences)}"
     return None
+
+
+def resolve_runs(
+    runs: list[tuple[Any, Path, Path, int, list[str]]], out: Path, command: str, report_only: bool
+) -> dict[Any, dict]:
+    """The effective config of every run, refusing up front runs made with other settings.
+
+    Args:
+        runs: ``(key, run_dir, config, seed, overrides)`` per run.
+        out: The output folder (for the message).
+        command: ``"compare"`` or ``"the frontier"`` (for the message).
+        report_only: Skip the runs that have not been made.
+
+    Returns:
+        ``{key: effective config}`` for every run resolved.
+
+    Raises:
+        ValueError: Naming every existing run made with other settings and each difference.
+    """
+    expected, mismatches = {}, []
+    for key, run_dir, config, seed, overrides in runs:
+        if report_only and not has_run(run_dir):
+            continue
+        expected[key] = effective_config(config, seed, run_dir, overrides)
+        if has_run(run_dir):
+            mismatch = config_mismatch(run_dir, expected[key])
+            if mismatch is not None:
+                mismatches.append(mismatch)
+    if mismatches:
+        raise ValueError(
+            f"--out {out} holds runs made with other settings, which {command} neither "
+            f"reuses nor overwrites (use another --out, or delete them): {' | '.join(mismatches)}"
+        )
+    return expected
 
 
 def has_run(run_dir: Path) -> bool:
@@ -533,21 +570,15 @@ def compare_main(argv: list[str]) -> None:
     seeds = list(range(args.seeds))
     # Seed-major order: an interrupted comparison still has every config at seed 0.
     plan = [(config, seed) for seed in seeds for config in args.configs]
-    expected, mismatches = {}, []
-    for config, seed in plan:
-        run_dir = run_dir_for(args.out, config, seed)
-        if args.report_only and not has_run(run_dir):
-            continue
-        expected[config, seed] = effective_config(config, seed, run_dir, overrides)
-        if has_run(run_dir):
-            mismatch = config_mismatch(run_dir, expected[config, seed])
-            if mismatch is not None:
-                mismatches.append(mismatch)
-    if mismatches:
-        raise ValueError(
-            f"--out {args.out} holds runs made with other settings, which compare neither "
-            f"reuses nor overwrites (use another --out, or delete them): {' | '.join(mismatches)}"
-        )
+    expected = resolve_runs(
+        [
+            ((config, seed), run_dir_for(args.out, config, seed), config, seed, overrides)
+            for config, seed in plan
+        ],
+        args.out,
+        "compare",
+        args.report_only,
+    )
     if not args.report_only:
         for index, (config, seed) in enumerate(plan, start=1):
             run_dir = run_dir_for(args.out, config, seed)

@@ -7,11 +7,65 @@ allowed, at construction time, i.e. before any training starts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from moe_router.config import Gate, MoEConfig, MoEOptions, RouterConfig, RouterOptions
+
+UNSET = "<unset>"
+
+
+def flatten_config(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config (dataclasses, dicts) as one ``{"dotted.key": value}`` dict.
+
+    Lists become tuples, since YAML gives lists where a dataclass default is a tuple.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(flatten_config(item, f"{prefix}{key}."))
+        return flat
+    if isinstance(value, list):
+        value = tuple(value)
+    return {prefix.rstrip("."): value}
+
+
+def config_differences(
+    saved: Any, given: Any, defaults: Any = None, labels: tuple[str, str] = ("checkpoint", "given")
+) -> list[str]:
+    """The fields in which a recorded config and the config of this run differ.
+
+    This is the one rule for resuming or reusing a run made by an older version: a field the
+    record does not have (an option added after it was made) is no difference while this run
+    leaves it at its default, since that reproduces what the older version ran.
+
+    Args:
+        saved: The recorded config (a checkpoint's hyperparameters, a run's effective config).
+        given: The config of this run. Dataclasses and dicts, nested, on either side.
+        defaults: Every field's default, in the same nesting (None: ``type(given)()`` when
+            ``given`` is a dataclass, else no defaults, so a missing field always differs).
+        labels: How the message names the two sides.
+
+    Returns:
+        One ``"field: <saved label> X, <given label> Y"`` entry per differing dotted field, sorted.
+    """
+    if defaults is None and dataclasses.is_dataclass(given) and not isinstance(given, type):
+        defaults = type(given)()
+    saved_flat, given_flat = flatten_config(saved), flatten_config(given)
+    defaults_flat = flatten_config(defaults) if defaults is not None else {}
+    differences = []
+    for key in sorted(saved_flat.keys() | given_flat.keys()):
+        old, new = saved_flat.get(key, UNSET), given_flat.get(key, UNSET)
+        if old is UNSET and key in defaults_flat and new == defaults_flat[key]:
+            continue
+        if old != new:
+            differences.append(f"{key}: {labels[0]} {old!r}, {labels[1]} {new!r}")
+    return differences
 
 
 def _require_positive(name: str, value: float) -> None:

@@ -37,11 +37,9 @@ import yaml
 
 from models.compare import (
     check_overrides,
-    config_mismatch,
-    effective_config,
     find_summary,
-    has_run,
     mean_std,
+    resolve_runs,
     run_one,
 )
 
@@ -644,23 +642,21 @@ def frontier_main(argv: list[str]) -> None:
         if not points:
             keys = sorted({p.key for p in spec.points()})
             raise ValueError(f"--points={args.points} matches none of the spec's points {keys}")
-    expected, mismatches = {}, []
-    for point in points:
-        run_dir = point.run_dir(args.out)
-        if args.report_only and not has_run(run_dir):
-            continue
-        expected[point.key, point.seed] = effective_config(
-            point.family.config, point.seed, run_dir, point.overrides(extra)
-        )
-        if has_run(run_dir):
-            mismatch = config_mismatch(run_dir, expected[point.key, point.seed])
-            if mismatch is not None:
-                mismatches.append(mismatch)
-    if mismatches:
-        raise ValueError(
-            f"--out {args.out} holds runs made with other settings, which the frontier neither "
-            f"reuses nor overwrites (use another --out, or delete them): {' | '.join(mismatches)}"
-        )
+    expected = resolve_runs(
+        [
+            (
+                (point.key, point.seed),
+                point.run_dir(args.out),
+                point.family.config,
+                point.seed,
+                point.overrides(extra),
+            )
+            for point in points
+        ],
+        args.out,
+        "the frontier",
+        args.report_only,
+    )
     start = time.perf_counter()
     if not args.report_only:
         threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)

@@ -5,7 +5,6 @@ Shape legend: B batch, S sequence, V vocabulary, E experts, L block length (S + 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
-from models.config import ModelConfig, OptimConfig
+from models.config import ModelConfig, OptimConfig, config_differences
 from models.transformer import MoETransformer
 from moe_router.metrics import LoadBalanceMetrics, scalar_metrics
 from moe_router.stepping import register_optimizer_hooks
@@ -41,47 +40,6 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}{key}."))
-        return flat
-    if isinstance(value, list):
-        value = tuple(value)  # YAML gives lists where the dataclass default is a tuple
-    return {prefix.rstrip("."): value}
-
-
-def config_differences(saved: Any, given: Any) -> list[str]:
-    """The fields in which two configs (dataclasses or dicts, nested) differ.
-
-    Args:
-        saved: The config stored in a checkpoint.
-        given: The config of this run.
-
-    Returns:
-        One ``"field: checkpoint X, given Y"`` entry per differing (dotted) field, sorted. A
-        field the checkpoint does not have (an option added after it was made) is no
-        difference while the given value is the field's default, which reproduces the run the
-        checkpoint came from.
-    """
-    saved_flat, given_flat = _flatten(saved), _flatten(given)
-    defaults_flat: dict[str, Any] = {}
-    if dataclasses.is_dataclass(given) and not isinstance(given, type):
-        defaults_flat = _flatten(type(given)())
-    unset = "<unset>"
-    differences = []
-    for key in sorted(saved_flat.keys() | given_flat.keys()):
-        old, new = saved_flat.get(key, unset), given_flat.get(key, unset)
-        if old is unset and key in defaults_flat and new == defaults_flat[key]:
-            continue
-        if old != new:
-            differences.append(f"{key}: checkpoint {old!r}, given {new!r}")
-    return differences
 
 
 class MoELanguageModel(L.LightningModule):

@@ -225,8 +225,7 @@ def test_resume_refuses_a_config_that_differs_from_the_checkpoint(corpus_dir, tm
 
 
 def test_a_checkpoint_from_before_a_new_option_resumes_at_the_options_default():
-    from models.config import ModelConfig
-    from models.lit_module import config_differences
+    from models.config import ModelConfig, config_differences
 
     given = ModelConfig(gate="balanced_soft_topk")
     saved = dataclasses.asdict(given)

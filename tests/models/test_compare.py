@@ -17,6 +17,8 @@ from models.cli import cli_main
 from models.compare import (
     RUN_CONFIG_FILE,
     collect,
+    config_mismatch,
+    default_config,
     effective_config,
     last_checkpoint,
     mean_std,
@@ -217,22 +219,22 @@ def test_compare_reuses_a_run_only_with_the_same_effective_config(corpus_dir, tm
 
     cli_main([*args, "--trainer.max_steps", "4"])  # same settings: reused, nothing runs
     assert "[compare] topk seed 0 (1/1): done already" in capsys.readouterr().out
-    # A run recorded before an option existed still matches while that option is off (None).
+    # A run recorded before an option existed still matches while that option is at its default.
     older = yaml.safe_load((run_dir / RUN_CONFIG_FILE).read_text())
     del older["model"]["model"]["moe"]["balance_window"]
     (run_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(older))
     cli_main([*args, "--trainer.max_steps", "4"])
     assert "done already" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="balance_window: '<unset>' there, 8 now"):
+    with pytest.raises(ValueError, match="balance_window: recorded '<unset>', now 8"):
         cli_main([*args, "--trainer.max_steps", "4", "--model.model.moe.balance_window", "8"])
     (run_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(made))
     with pytest.raises(ValueError) as error:
         cli_main([*args, "--trainer.max_steps", "20", "--model.optim.lr", "0.1"])
     message = str(error.value)
     assert f"--out {out} holds runs made with other settings" in message
-    assert "model.optim.lr: 0.01 there, 0.1 now" in message
-    assert "trainer.max_steps: 4 there, 20 now" in message
-    with pytest.raises(ValueError, match="trainer.max_steps: 4 there, 6 now"):
+    assert "model.optim.lr: recorded 0.01, now 0.1" in message
+    assert "trainer.max_steps: recorded 4, now 20" in message
+    with pytest.raises(ValueError, match="trainer.max_steps: recorded 4, now 6"):
         cli_main([*args, "--report_only"])  # the config's own max_steps is 6
     (run_dir / RUN_CONFIG_FILE).unlink()
     with pytest.raises(ValueError, match=f"{run_dir} holds a run without {RUN_CONFIG_FILE}"):
@@ -292,3 +294,21 @@ def test_report_figure_has_training_curves_a_legend_below_and_readable_cells(tmp
             assert contrast_ratio(to_rgba(text.get_color()), cell) >= 4.5, text.get_text()
             cells += 1
     assert cells == 2 * 4  # two configs, one layer of four experts each
+
+
+def test_a_record_without_a_newer_setting_matches_while_it_is_at_its_default(corpus_dir, tmp_path):
+    """The rule is the field's default, not None: here a Trainer flag that defaults to true."""
+    config = tiny_config(tmp_path, corpus_dir, gate="topk", name="topk.yaml")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    made = effective_config(config, 0, run_dir, [])
+    assert default_config()["trainer"]["enable_autolog_hparams"] is True
+    older = yaml.safe_load(yaml.safe_dump(made))
+    del older["trainer"]["enable_autolog_hparams"]
+    (run_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(older))
+    assert config_mismatch(run_dir, made) is None
+    changed = effective_config(config, 0, run_dir, ["--trainer.enable_autolog_hparams", "false"])
+    assert config_mismatch(run_dir, changed) == (
+        f"{run_dir} was run with other settings: "
+        "trainer.enable_autolog_hparams: recorded '<unset>', now False"
+    )

@@ -223,10 +223,11 @@ def test_frontier_smoke_run(corpus_dir, tmp_path, capsys):
 
 def test_a_failed_run_does_not_cancel_the_others(tmp_path, monkeypatch, capsys):
     """Every run is tried; the report covers the finished ones; the failures are raised last."""
+    import models.compare as compare
     import models.frontier as frontier
 
     spec_path = _spec(tmp_path, seeds=[0])
-    monkeypatch.setattr(frontier, "effective_config", lambda *args: {"same": 1})
+    monkeypatch.setattr(compare, "effective_config", lambda *args: {"same": 1})
     ran = []
 
     def fake_run_one(config, seed, run_dir, overrides, **kwargs):
