@@ -13,11 +13,9 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
-from models_testing import tiny_config
+from models_testing import tiny_config, tiny_datamodule, tiny_module, tiny_trainer
 
-from models.config import ModelConfig, OptimConfig
-from models.data import ByteCorpusDataModule
-from models.lit_module import MoELanguageModel, warmup_cosine
+from models.lit_module import warmup_cosine
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,52 +39,9 @@ def test_warmup_cosine_reference():
     assert all(a >= b for a, b in zip(values[4:], values[5:], strict=False))
 
 
-def _module(gate: str = "soft_topk", moe: dict | None = None) -> MoELanguageModel:
-    config = ModelConfig(
-        d_model=16,
-        n_layers=2,
-        n_heads=2,
-        num_experts=4,
-        k=2,
-        expert_d_ff=16,
-        max_seq_len=16,
-        gate=gate,
-        moe=dict(STATEFUL_MOE if moe is None else moe),
-    )
-    return MoELanguageModel(config, OptimConfig(lr=0.01, warmup_steps=2))
-
-
-def _datamodule(corpus_dir: Path, tmp_path: Path) -> ByteCorpusDataModule:
-    return ByteCorpusDataModule(
-        files=[str(corpus_dir / "*.txt")],
-        seq_len=16,
-        batch_size=4,
-        max_val_blocks=8,
-        cache_dir=str(tmp_path / "hf"),
-    )
-
-
-def _trainer(root: Path, max_steps: int, callbacks=(), **kwargs) -> L.Trainer:
-    settings = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": max_steps,
-        "val_check_interval": 3,
-        "check_val_every_n_epoch": None,
-        "num_sanity_val_steps": 0,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(root),
-        "enable_checkpointing": False,
-        **kwargs,
-    }
-    return L.Trainer(callbacks=list(callbacks), **settings)
-
-
 def test_bias_update_gets_the_loads_of_every_micro_batch(corpus_dir, tmp_path):
     L.seed_everything(0)
-    module = _module()
+    module = tiny_module(moe=STATEFUL_MOE)
     recorded_loads = {i: [] for i in range(2)}
     updates = {i: [] for i in range(2)}
     for index, layer in enumerate(module.net.moe_layers):
@@ -104,8 +59,8 @@ def test_bias_update_gets_the_loads_of_every_micro_batch(corpus_dir, tmp_path):
             original(loads_E)
 
         router.update_expert_bias = record_update
-    trainer = _trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, limit_val_batches=0)
-    trainer.fit(module, datamodule=_datamodule(corpus_dir, tmp_path))
+    trainer = tiny_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=tiny_datamodule(corpus_dir, tmp_path))
 
     tokens_per_micro_batch = 4 * 16 * 2  # B * S * K
     for index, layer in enumerate(module.net.moe_layers):
@@ -138,16 +93,16 @@ class _StopAt(L.Callback):
 
 def _run(corpus_dir, tmp_path, root: Path, *, stop_at=None, ckpt_path=None):
     L.seed_everything(0)
-    module = _module()
+    module = tiny_module(moe=STATEFUL_MOE)
     callbacks = [
         ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_last=True, save_top_k=-1)
     ]
     if stop_at is not None:
         callbacks.append(_StopAt(stop_at))
-    trainer = _trainer(
+    trainer = tiny_trainer(
         root, max_steps=6, callbacks=callbacks, enable_checkpointing=True, gradient_clip_val=1.0
     )
-    trainer.fit(module, datamodule=_datamodule(corpus_dir, tmp_path), ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=tiny_datamodule(corpus_dir, tmp_path), ckpt_path=ckpt_path)
     return module, trainer
 
 

@@ -590,6 +590,15 @@ Segment solve_sparse(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
     }
     const double linear_sum = hsum(linear_sum_v);
     const double total = num_capped + linear_sum - num_linear * lam;
+    if (total == k) {
+      // an exact hit: lam is a root, the only one on a sloped cell; on a flat one (no linear
+      // entry, an integer k: every lam of the cell is a root) the bracket's end where the
+      // solve starts, t - 1, which is also the exact path's answer
+      seg.offset = lam;
+      seg.above = num_capped;
+      seg.end = num_capped + num_linear;
+      return seg;
+    }
     if (total > k) {
       lo = lam;
     } else {
@@ -598,8 +607,11 @@ Segment solve_sparse(const T* x, int64_t n, double k, T tau, Scratch<T>& s) {
     const double root = num_linear > 0 ? (linear_sum + num_capped - k) / num_linear : kInf;
     prev_capped = num_capped;
     prev_linear = num_linear;
-    lam = (root >= lo && root <= hi) ? root : 0.5 * (lo + hi);
-    if (!(root >= lo && root <= hi)) {
+    // strictly inside: a root on an end of the bracket is a point already taken, and stepping
+    // back to it would cycle between two cells
+    const bool inside = root > lo && root < hi;
+    lam = inside ? root : 0.5 * (lo + hi);
+    if (!inside) {
       prev_capped = -1;  // a bisection step proves nothing about the cell
       prev_linear = -1;
     }
@@ -852,22 +864,50 @@ void forward_narrow_block(const float* x, float* p, float* lam_out, const float*
     y[j] = special ? splat(-1.0f) : y[j];  // (keeps the special lanes' arithmetic quiet)
   }
   const V k_eff = special ? splat(0.5f) : k;
+  // sigmoid: sum_j sigma(y_j - lam) and its slope sum_j sigma (1 - sigma), per lane, from
+  // q = sigma(-|u|) (no overflow): sigma(u) = 1 - q above the threshold, q below, the count of
+  // entries above added last (so that the small q keep their bits)
+  const auto sigmoid_sums = [&](V lam) {
+    V total = splat(0.0f);
+    V slope = splat(0.0f);
+    V positive = splat(0.0f);
+    for (int64_t j = 0; j < n; ++j) {
+      const V u = y[j] - lam;
+      const V e = vexp(-vabs(u));
+      const V q = e / (e + 1.0f);
+      const auto pos = u >= 0.0f;
+      positive += pos ? splat(1.0f) : splat(0.0f);
+      total += pos ? -q : q;
+      slope += q * (1.0f - q);
+    }
+    return std::pair<V, V>(total + positive, slope);
+  };
   V lam;
   V lo;  // sparse: the bracket [t - 1, t], t the ceil(k)-th largest (as solve_sparse)
   V hi;
   V origin = splat(0.0f);  // lam and y are relative to it (sparse: t), in the max's frame
   if constexpr (M == kSparse) {
-    V last;  // ceil(k) - 1
-    for (int64_t l = 0; l < W; ++l) last[l] = std::ceil(k_eff[l]) - 1.0f;
-    V t = splat(0.0f);
-    for (int64_t j = 0; j < n; ++j) {
-      V rank = splat(0.0f);  // entries before j in descending order, ties by index
-      for (int64_t i = 0; i < n; ++i) {
-        const auto before = i < j ? (col[i] >= col[j]) : (col[i] > col[j]);
-        rank += (i != j) & before ? splat(1.0f) : splat(0.0f);
-      }
-      t = rank == last ? y[j] : t;
+    V last;  // ceil(k) - 1 (< count <= n on the lanes that are not special)
+    int64_t depth = 1;  // the largest ceil(k) of the block's lanes
+    for (int64_t l = 0; l < W; ++l) {
+      last[l] = std::ceil(k_eff[l]) - 1.0f;
+      depth = std::max(depth, static_cast<int64_t>(last[l]) + 1);
     }
+    depth = std::min(depth, n);
+    // t = the ceil(k)-th largest y: every entry sifts down a buffer of the `depth` largest so
+    // far, kept in descending order (top[c] the (c + 1)-th largest); depth * n min/max pairs
+    V top[kNarrowMax];
+    for (int64_t c = 0; c < depth; ++c) top[c] = splat(-inf);
+    for (int64_t j = 0; j < n; ++j) {
+      V entry = y[j];
+      for (int64_t c = 0; c < depth; ++c) {
+        const V larger = vmax(top[c], entry);
+        entry = vmin(top[c], entry);
+        top[c] = larger;
+      }
+    }
+    V t = splat(0.0f);
+    for (int64_t c = 0; c < depth; ++c) t = last == float(c) ? top[c] : t;
     // iterate in the frame of t, where the entries near the threshold are small and exact
     for (int64_t j = 0; j < n; ++j) y[j] = y[j] - t;
     origin = t;
@@ -899,28 +939,19 @@ void forward_narrow_block(const float* x, float* p, float* lam_out, const float*
       // lam is the root of its cell's line when the last step was a root step into this cell
       settled |= (capped == prev_above) & (linear == prev_linear) & active;
       const V total = capped + linear_sum - linear * lam;
+      settled |= (total == k_eff) & active;  // an exact hit (a flat cell: see solve_sparse)
       const auto too_low = total > k_eff;
       lo = too_low ? lam : lo;
       hi = too_low ? hi : lam;
       const V root = (linear_sum + capped - k_eff) / linear;
-      const auto inside = (linear > 0.0f) & (root >= lo) & (root <= hi);
+      // strictly inside: a root on an end of the bracket is a point already taken, and
+      // stepping back to it would cycle between two cells (bisect instead)
+      const auto inside = (linear > 0.0f) & (root > lo) & (root < hi);
       next = inside ? root : 0.5f * lo + 0.5f * hi;
       prev_above = inside ? capped : splat(-1.0f);
       prev_linear = inside ? linear : splat(-1.0f);
     } else if constexpr (M == kSigmoid) {
-      V total = splat(0.0f);
-      V slope = splat(0.0f);
-      V positive = splat(0.0f);
-      for (int64_t j = 0; j < n; ++j) {
-        const V u = y[j] - lam;
-        const V e = vexp(-vabs(u));
-        const V q = e / (e + 1.0f);
-        const auto pos = u >= 0.0f;
-        positive += pos ? splat(1.0f) : splat(0.0f);
-        total += pos ? -q : q;
-        slope += q * (1.0f - q);
-      }
-      total += positive;
+      const auto [total, slope] = sigmoid_sums(lam);
       const V move = -vlog1p(vmax((k_eff - total) / slope, splat(-0.5f)));
       const auto done = (total == k_eff) | (vabs(move) <= float(kSigmoidStepTol<float>));
       next = (total == k_eff) ? lam : lam + move;
@@ -970,19 +1001,7 @@ void forward_narrow_block(const float* x, float* p, float* lam_out, const float*
   // the sigmoid final step, one more Newton step at the settled lam
   V shift = splat(0.0f);
   if constexpr (M == kSigmoid) {
-    V total = splat(0.0f);
-    V slope = splat(0.0f);
-    V positive = splat(0.0f);
-    for (int64_t j = 0; j < n; ++j) {
-      const V u = y[j] - lam;
-      const V e = vexp(-vabs(u));
-      const V q = e / (e + 1.0f);
-      const auto pos = u >= 0.0f;
-      positive += pos ? splat(1.0f) : splat(0.0f);
-      total += pos ? -q : q;
-      slope += q * (1.0f - q);
-    }
-    total += positive;
+    const auto [total, slope] = sigmoid_sums(lam);
     shift = slope > 0.0f ? vmin(vmax((total - k_eff) / slope, splat(-1e-2f)), splat(1e-2f))
                          : splat(0.0f);
   }
