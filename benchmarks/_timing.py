@@ -9,6 +9,7 @@ them, so it is only meaningful at one thread."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -25,6 +26,16 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 def default_clock(threads: int) -> str:
     """``cpu`` at one thread (robust to other jobs), ``wall`` otherwise."""
     return "cpu" if threads == 1 else "wall"
+
+
+def add_clock_argument(parser: argparse.ArgumentParser) -> None:
+    """``--clock {cpu,wall}``, resolved by :func:`default_clock` when left off."""
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default=None,
+        help="process CPU time (default at 1 thread: robust to other jobs) or wall time",
+    )
 
 
 def timed_ms(fn: Callable[[], object], clock: str = "wall") -> float:

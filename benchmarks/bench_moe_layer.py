@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repo 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _hf_blocks import build_hf_blocks, transformers_version  # noqa: E402
-from _timing import CLOCKS, default_clock, machine_load  # noqa: E402
+from _timing import CLOCKS, add_clock_argument, default_clock, machine_load  # noqa: E402
 
 from moe_router.moe import MoELayer, SwiGLU  # noqa: E402
 from moe_router.router import GATES, Router  # noqa: E402
@@ -287,12 +287,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--shapes", nargs="+", default=[s["name"] for s in SHAPES])
-    parser.add_argument(
-        "--clock",
-        choices=["cpu", "wall"],
-        default=None,
-        help="process CPU time (default at 1 thread: robust to other jobs) or wall time",
-    )
+    add_clock_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reps = args.reps or (3 if args.quick else 5)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if __package__ in (None, ""):  # run as a script from a checkout: make the repo importable
     sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from _timing import (  # noqa: E402
+    add_clock_argument,
     default_clock,
     machine_load,
     markdown_table,
@@ -146,7 +147,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", choices=["cpu", "wall"], default=None)
+    add_clock_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = args.clock or default_clock(args.threads)

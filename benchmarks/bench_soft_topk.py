@@ -41,6 +41,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repo 
     sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from _peers import Peer, load_peers  # noqa: E402
 from _timing import (  # noqa: E402
+    add_clock_argument,
     default_clock,
     machine_load,
     markdown_table,
@@ -303,12 +304,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--tau", type=float, default=1.0)
-    parser.add_argument(
-        "--clock",
-        choices=["cpu", "wall"],
-        default=None,
-        help="process CPU time (default at 1 thread: robust to other jobs) or wall time",
-    )
+    add_clock_argument(parser)
     args = parser.parse_args()
     repeats = args.repeats or (3 if args.quick else 15)
     shapes = QUICK_SHAPES if args.quick else SHAPES
