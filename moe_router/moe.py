@@ -236,6 +236,35 @@ class _WeightedScatterAdd(torch.autograd.Function):
         return grad_rows_PD, grad_weight_P, None, None, None
 
 
+class _GatherSlices(torch.autograd.Function):
+    """``x[token[p]]`` for the pairs of each expert: one ``[N_e, D]`` tensor per expert.
+
+    The composition (one ``index_select``, then ``split``) has a backward that concatenates
+    the E slices' gradients into a fresh [P, D] tensor and then scatters it; here each slice's
+    gradient is scattered straight into the [T, D] input gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, token_P, sizes):
+        ctx.save_for_backward(token_P)
+        ctx.sizes = sizes
+        ctx.num_tokens = x_TD.shape[0]
+        return x_TD.index_select(0, token_P).split(sizes)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads_ND):
+        (token_P,) = ctx.saved_tensors
+        grad_TD = None
+        for token_N, grad_ND in zip(token_P.split(ctx.sizes), grads_ND, strict=True):
+            if grad_ND is None:
+                continue
+            if grad_TD is None:
+                grad_TD = grad_ND.new_zeros(ctx.num_tokens, grad_ND.shape[-1])
+            grad_TD.index_add_(0, token_N, grad_ND)
+        return grad_TD, None, None
+
+
 class _GatedSiLU(torch.autograd.Function):
     """``silu(gate) * up`` of a fused ``[P, 2F]`` gate|up projection, without the copies.
 
@@ -517,12 +546,13 @@ class MoELayer(nn.Module):
             w_up = tuple(w.to(x_TD.dtype).unbind(0) for w in (self.w1_EDF, self.w3_EDF))
         # split / unbind: their backward concatenates / stacks once instead of adding E
         # zero-padded full-size gradients.
-        # The rows of every computed pair gathered at once: one index_select whose backward is
-        # one [T, D] scatter, where a gather per expert would allocate, zero and sum E of them.
-        xs_PD = x_TD.index_select(0, token_P[: token_P.shape[0] - sizes[-1]])
+        # The rows of every computed pair gathered at once, into one [T, D] gradient, where a
+        # gather per expert would allocate, zero and sum E of them.
+        computed = token_P.shape[0] - sizes[-1]
+        x_slices = _GatherSlices.apply(x_TD, token_P[:computed], sizes[:num_experts])
         slices = zip(
             token_P.split(sizes)[:num_experts],
-            xs_PD.split(sizes[:num_experts]),
+            x_slices,
             weight_P.split(sizes)[:num_experts],
             w2_EFD.unbind(0),
             *w_up,
