@@ -52,7 +52,8 @@ import torch
 from torch import Tensor
 
 from moe_router.config import RouterConfig
-from moe_router.ops import soft_topk
+from moe_router.ops import soft_topk, threshold_cpp
+from moe_router.ops.soft_topk import cpp_kernels_ready
 from moe_router.ops.threshold_torch import apply_f, f_prime_from_p
 
 __all__ = [
@@ -332,16 +333,14 @@ def balance_thresholds(
         max_target = num_tokens * float(budget) / num_experts
     if mu_E is None:
         # Hard quantile: the (T_real K / E)-th largest z of each column (padding is -inf).
-        rank_E = col_target_E.ceil().long().clamp(1, num_tokens)
+        rank_E = col_target_E.ceil().long() - 1
         count = None if max_target is None else math.ceil(max_target) + 2
-        sorted_ET = _largest_per_column(z_TE, count)
-        rank_E = rank_E.clamp(max=sorted_ET.shape[-1])
-        mu_z_E = sorted_ET.gather(-1, (rank_E - 1).unsqueeze(-1)).squeeze(-1)
+        mu_z_E, _ = _column_ranks(z_TE, rank_E, count)
         mu_z_E = torch.where(torch.isfinite(mu_z_E), mu_z_E, 0.0)
     else:
         mu_z_E = mu_E.float() / tau_t
     # Rows start from the hard K-th / (K+1)-th midpoint of z - mu.
-    top_TK1 = (z_TE - mu_z_E).topk(min(k + 1, num_experts), dim=-1).values
+    top_TK1 = _top_values(z_TE - mu_z_E, min(k + 1, num_experts))
     lam_T = top_TK1[:, k - 1 : k + 1].mean(-1) if k < num_experts else top_TK1[:, -1] - 1.0
     lam_T = torch.where(torch.isfinite(lam_T), lam_T, 0.0)
     z_ET = z_TE.t().contiguous()
@@ -376,13 +375,46 @@ def _dispatch_margin(
         margin_TE = s_TE - lam_T.unsqueeze(-1)
     else:
         k = config.k
-        top_TK1 = s_TE.topk(k + 1, dim=-1).values
+        top_TK1 = _top_values(s_TE, k + 1)
         kth_T1, next_T1 = top_TK1[:, k - 1 : k], top_TK1[:, k : k + 1]
         margin_TE = s_TE - torch.where(s_TE >= kth_T1, next_T1, kth_T1)
     keep_TE = torch.isfinite(s_TE)
     if token_mask_T is not None:
         keep_TE = keep_TE & token_mask_T.unsqueeze(-1)
     return torch.where(keep_TE, margin_TE, -math.inf)
+
+
+def _use_cpp_selection(x: Tensor) -> bool:
+    """Whether the C++ kernels' selections serve this tensor (CPU float32 / float64, loaded):
+    torch.topk costs about 1 us per short row on CPU and the quantiles a full column sort,
+    the alternations' main costs."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and (cpp_kernels_ready())
+    )
+
+
+def _top_values(x_TE: Tensor, num: int) -> Tensor:
+    """``x_TE.topk(num).values`` (the C++ selection on CPU)."""
+    if _use_cpp_selection(x_TE):
+        return threshold_cpp.top_values(x_TE, num)
+    return x_TE.topk(num, dim=-1).values
+
+
+def _column_ranks(x_TE: Tensor, rank_E: Tensor, count: int | None) -> tuple[Tensor, Tensor]:
+    """Per column e, the entries at descending positions ``rank_E[e]`` and the next one
+    (0-based; ranks clamped to the ``count`` largest, all T when None; the next one past the
+    last is the last itself). The C++ selection on CPU, else a partial or full sort."""
+    if _use_cpp_selection(x_TE):
+        limit = x_TE.shape[0] if count is None else min(count, x_TE.shape[0])
+        pair_E2 = threshold_cpp.rank_pair(x_TE.t(), rank_E.clamp(0, limit - 1))
+        return pair_E2[:, 0], pair_E2[:, 1]
+    sorted_ET = _largest_per_column(x_TE, count)
+    last = sorted_ET.shape[-1] - 1
+    rank_E1 = rank_E.clamp(0, last).unsqueeze(-1)
+    inside_E = sorted_ET.gather(-1, rank_E1).squeeze(-1)
+    return inside_E, sorted_ET.gather(-1, (rank_E1 + 1).clamp(max=last)).squeeze(-1)
 
 
 def _largest_per_column(x_TE: Tensor, count: int | None) -> Tensor:
@@ -404,11 +436,7 @@ def _quantile_shift(margin_TE: Tensor, target_E: Tensor, max_target: float | Non
     """
     # + 2: the next largest after the target-th, and one for fp32 rounding of the target
     count = None if max_target is None else math.ceil(max_target) + 2
-    sorted_ET = _largest_per_column(margin_TE, count)
-    num_tokens = sorted_ET.shape[-1]
-    rank_E1 = (target_E.ceil().long() - 1).clamp(0, num_tokens - 1).unsqueeze(-1)
-    inside_E = sorted_ET.gather(-1, rank_E1).squeeze(-1)
-    outside_E = sorted_ET.gather(-1, (rank_E1 + 1).clamp(max=num_tokens - 1)).squeeze(-1)
+    inside_E, outside_E = _column_ranks(margin_TE, target_E.ceil().long() - 1, count)
     outside_E = torch.where(torch.isfinite(outside_E), outside_E, inside_E - 1.0)
     shift_E = 0.5 * (inside_E + outside_E)
     return torch.where(torch.isfinite(shift_E), shift_E, 0.0)

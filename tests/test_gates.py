@@ -6,7 +6,7 @@ import torch
 
 from moe_router import MoELayer, Router, RouterConfig, step_routers
 from moe_router.gates import balance_thresholds, run_gate
-from moe_router.ops import soft_topk
+from moe_router.ops import soft_topk, threshold_cpp
 
 NEW_GATES = ("sparse_soft_topk", "balanced_soft_topk")
 
@@ -238,24 +238,32 @@ def test_balanced_load_reaches_max_violation_zero_on_skewed_batches(method, tau)
 
 
 @pytest.mark.parametrize(
-    ("num_experts", "k", "padded"), [(8, 2, False), (64, 8, True), (5, 3, True)]
+    ("num_experts", "k", "padded", "method"),
+    [(8, 2, False, "sigmoid"), (64, 8, True, "sigmoid"), (5, 3, True, "sigmoid")]
+    + [(8, 2, True, "sparse"), (64, 8, False, "sparse")],
 )
-def test_balanced_thresholds_select_partially_exactly_as_a_full_sort(
-    monkeypatch, num_experts, k, padded
+def test_balanced_thresholds_selections_are_exactly_a_full_sort(
+    monkeypatch, num_experts, k, padded, method
 ):
-    """The load target's quantile step keeps only the ceil(T K / E) + 2 largest margins of each
-    column; it must give exactly what sorting whole columns gives."""
+    """The selections of the alternations: on CPU the C++ kernels' (top_values for the rows'
+    K-th / (K+1)-th scores, rank_pair for the columns' quantiles), elsewhere torch.topk and a
+    partial selection of the ceil(T K / E) + 2 largest margins per column (when that bound
+    exists). Each must give exactly what sorting whole rows and columns gives."""
     import moe_router.gates as gates
 
     logits = skewed_logits(999, num_experts, seed=5)
     mask = torch.rand(999, generator=torch.Generator().manual_seed(1)) > 0.3 if padded else None
-    settings = config("balanced_soft_topk", k=k, num_experts=num_experts)
+    settings = config("balanced_soft_topk", k=k, num_experts=num_experts, method=method)
+    if threshold_cpp.available():
+        assert gates._use_cpp_selection(logits)
+    selected = balance_thresholds(logits, settings, 1.0, token_mask_T=mask)
+    monkeypatch.setattr(gates, "_use_cpp_selection", lambda x: False)
     partial = balance_thresholds(logits, settings, 1.0, token_mask_T=mask)
     full_sort = gates._largest_per_column
     monkeypatch.setattr(gates, "_largest_per_column", lambda x, count: full_sort(x, None))
-    torch.testing.assert_close(
-        balance_thresholds(logits, settings, 1.0, token_mask_T=mask), partial
-    )
+    full = balance_thresholds(logits, settings, 1.0, token_mask_T=mask)
+    torch.testing.assert_close(partial, full, rtol=0, atol=0)
+    torch.testing.assert_close(selected, full, rtol=0, atol=0)
 
 
 def test_balance_window_keeps_the_last_real_tokens_and_solves_on_them():

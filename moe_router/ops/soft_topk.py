@@ -58,7 +58,7 @@ def _triton_available() -> bool:
     return True
 
 
-def _cpp_kernels_ready() -> bool:
+def cpp_kernels_ready() -> bool:
     """Whether the C++ kernels can run: built and loaded here (building them on the first call).
 
     Code that torch.compile traces cannot build them, so there this only reads whether they
@@ -82,7 +82,7 @@ def _resolve_backend(scores_RN: Tensor, method: str, backend: str) -> str:
     if backend != "auto":
         return backend
     if scores_RN.device.type == "cpu":
-        if scores_RN.dtype in (torch.float32, torch.float64) and _cpp_kernels_ready():
+        if scores_RN.dtype in (torch.float32, torch.float64) and cpp_kernels_ready():
             return "cpp"
         return "torch"
     if scores_RN.is_cuda and _triton_available():
@@ -389,7 +389,7 @@ def soft_topk(
             raise ValueError(f"backend='cpp' supports {THRESHOLD_METHODS}, not {method!r}")
         if scores.device.type != "cpu":
             raise ValueError(f"backend='cpp' needs CPU tensors, got device={scores.device}")
-        if not _cpp_kernels_ready():
+        if not cpp_kernels_ready():
             raise ValueError(
                 "backend='cpp' needs the C++ kernels, which could not be built here (see the "
                 "warning above, or MOE_ROUTER_CPU_KERNELS=0 is set); use backend='torch'"

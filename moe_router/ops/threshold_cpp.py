@@ -33,7 +33,7 @@ from torch import Tensor
 
 from moe_router.ops._vmap import batch_first
 
-__all__ = ["available", "backward", "build", "forward", "loaded"]
+__all__ = ["available", "backward", "build", "forward", "loaded", "rank_pair", "top_values"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "threshold_cpp.cpp"
 METHOD_IDS = {"sigmoid": 0, "laplace": 1, "exp": 2, "sparse": 3}
@@ -201,7 +201,17 @@ def available() -> bool:
 def _register_transform_rules() -> None:
     """Fake and vmap rules of the backward op, which autograd.Function runs under
     torch.compile (traced with fake tensors) and under torch.func.vmap (vmapped backward).
-    The forward op only ever runs inside moe_router::soft_topk_threshold, which has both."""
+    The forward op only ever runs inside moe_router::soft_topk_threshold, which has both.
+    The selections (top_values, rank_pair) get fake rules: the balanced gate calls them in
+    code that torch.compile traces."""
+
+    @torch.library.register_fake("moe_router_cpu::top_values")
+    def _(rows_RN, num):
+        return rows_RN.new_empty(rows_RN.shape[0], num)
+
+    @torch.library.register_fake("moe_router_cpu::rank_pair")
+    def _(rows_RN, rank_R):
+        return rows_RN.new_empty(rows_RN.shape[0], 2)
 
     @torch.library.register_fake("moe_router_cpu::threshold_backward")
     def _(p_RN, grad_RN, tau_R, method, need_tau_grad):
@@ -274,3 +284,24 @@ def backward(
         need_tau_grad,
     )
     return grad_x_RN, grad_k_R, grad_tau_R if need_tau_grad else None
+
+
+def top_values(rows_RN: Tensor, num: int) -> Tensor:
+    """The ``num`` largest entries of each row, descending: ``rows_RN.topk(num).values`` for
+    CPU float32/float64 rows without NaN (NaN entries count as -inf, where torch.topk takes
+    them first), at a few compares per entry. No gradient.
+
+    Raises:
+        RuntimeError: Unless ``1 <= num <= N``.
+    """
+    return torch.ops.moe_router_cpu.top_values(rows_RN.detach().contiguous(), num)
+
+
+def rank_pair(rows_RN: Tensor, rank_R: Tensor) -> Tensor:
+    """``[R, 2]``: per row, the entries at descending positions ``rank`` and
+    ``min(rank + 1, N - 1)`` (0-based; rank clamped to [0, N - 1]), i.e. those of
+    ``rows_RN.sort(descending=True)``, by a selection in O(N) per row. NaN entries count as
+    -inf. No gradient."""
+    return torch.ops.moe_router_cpu.rank_pair(
+        rows_RN.detach().contiguous(), rank_R.to(torch.int64).contiguous()
+    )

@@ -315,3 +315,42 @@ def test_narrow_rows_match_the_row_path_and_torch(method, num_entries):
     solved_R = ~torch.isnan(p_RN).any(-1)
     sum_err_R = (p_RN.double().sum(-1) - budget_R.double())[solved_R].abs()
     assert (sum_err_R <= 2e-6 * budget_R[solved_R].clamp_min(1)).all()
+
+
+def _nan_as_neg_inf(rows_RN: torch.Tensor) -> torch.Tensor:
+    return rows_RN.masked_fill(torch.isnan(rows_RN), -math.inf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_entries", [1, 5, 16, 64, 200])
+def test_top_values_match_torch_topk(num_entries, dtype):
+    """The balanced gate's row selection: torch.topk's values, NaN counted as -inf, on rows
+    with ties, -inf masks and scales from 1e-3 to 1e3; row counts that leave a partial block
+    of 8, and counts on both sides of the SIMD sifting path's limit (16)."""
+    rows_RN = stress_rows(num_entries, dtype)
+    rows_RN = torch.cat([rows_RN, torch.randn(3 * 8 + 5, num_entries, dtype=dtype)])
+    expected_RN = _nan_as_neg_inf(rows_RN)
+    for num in sorted({min(num, num_entries) for num in (1, 2, 9, 16, 17)}):
+        got_RN = threshold_cpp.top_values(rows_RN, num)
+        assert torch.equal(got_RN, expected_RN.topk(num, dim=-1).values), num
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_entries", [1, 2, 7, 64, 1000])
+def test_rank_pair_matches_a_full_sort(num_entries, dtype):
+    """The balanced gate's column quantiles: the sorted row's entries at rank and rank + 1
+    (the last one repeated past the end), ranks clamped to the row, NaN counted as -inf."""
+    rows_RN = stress_rows(num_entries, dtype)
+    num_rows = rows_RN.shape[0]
+    sorted_RN = _nan_as_neg_inf(rows_RN).sort(dim=-1, descending=True).values
+    gen = torch.Generator().manual_seed(3)
+    rank_R = torch.randint(-2, num_entries + 2, (num_rows,), generator=gen)
+    rank_R[0], rank_R[1] = 0, num_entries - 1
+    pair_R2 = threshold_cpp.rank_pair(rows_RN, rank_R)
+    at_R1 = rank_R.clamp(0, num_entries - 1).unsqueeze(-1)
+    assert torch.equal(pair_R2[:, 0], sorted_RN.gather(-1, at_R1).squeeze(-1))
+    next_R1 = (at_R1 + 1).clamp(max=num_entries - 1)
+    assert torch.equal(pair_R2[:, 1], sorted_RN.gather(-1, next_R1).squeeze(-1))
+    # a transposed (non-contiguous) view is copied, not misread
+    cols_NR = rows_RN.t()
+    assert torch.equal(threshold_cpp.rank_pair(cols_NR.t(), rank_R), pair_R2)

@@ -15,6 +15,8 @@
 // or float64:
 //   threshold_forward(scores, k, tau, method, sparse_newton_steps=12, narrow=True) -> (p, lam)
 //   threshold_backward(p, grad, tau, method, need_tau_grad) -> (grad_scores, grad_k, grad_tau)
+//   top_values(rows, num) -> the num largest entries of each row, descending (NaN never taken)
+//   rank_pair(rows, rank) -> [R, 2]: the entries at descending positions rank, rank + 1
 // method: 0 sigmoid, 1 laplace, 2 exp, 3 sparse. lam is in units of scores / tau.
 
 #include <ATen/Parallel.h>
@@ -28,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -1221,6 +1224,125 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_backward(const at::Tens
   return {grad_x, grad_k, grad_tau};
 }
 
+// ------------------------------------------------------------------------------------------
+// selections for the balanced gate's alternations (gates.balance_thresholds), where
+// torch.topk / sort cost about 1 us per short row and a full sort per long column. NaN entries
+// count as -inf (never taken).
+
+// top_values: the `num` largest entries of each row, descending. float32 rows run 8 at a time,
+// one SIMD lane each, when num <= kSiftMax: every entry sifts down a buffer of the num largest
+// so far (num min/max pairs per entry, no branches); other rows through select_top.
+constexpr int64_t kSiftMax = 16;
+
+void top_values_block(const float* x, int64_t n, int64_t num, float* out) {
+  typedef Vec<float> V;
+  constexpr int64_t W = kWidth<float>;
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  V top[kSiftMax];
+  for (int64_t c = 0; c < num; ++c) top[c] = splat(-inf);
+  for (int64_t j = 0; j < n; ++j) {
+    V entry;
+    for (int64_t l = 0; l < W; ++l) entry[l] = x[l * n + j];
+    entry = entry == entry ? entry : splat(-inf);
+    for (int64_t c = 0; c < num; ++c) {
+      const V larger = vmax(top[c], entry);
+      entry = vmin(top[c], entry);
+      top[c] = larger;
+    }
+  }
+  for (int64_t l = 0; l < W; ++l) {
+    for (int64_t c = 0; c < num; ++c) out[l * num + c] = top[c][l];
+  }
+}
+
+template <typename T>
+void top_values_impl(const at::Tensor& rows, int64_t num, at::Tensor& out) {
+  const int64_t n = rows.size(1);
+  const T* x = rows.const_data_ptr<T>();
+  T* o = out.mutable_data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, rows.size(0), grain, [&](int64_t begin, int64_t end) {
+    int64_t r = begin;
+    if constexpr (std::is_same_v<T, float>) {
+      for (; num <= kSiftMax && r + kWidth<float> <= end; r += kWidth<float>) {
+        top_values_block(x + r * n, n, num, o + r * num);
+      }
+    }
+    if (r == end) return;
+    Scratch<T> s(n);
+    for (; r < end; ++r) {
+      // (the selection reads the pads of s.x; NaN would poison its cut)
+      std::transform(x + r * n, x + (r + 1) * n, s.x.begin(), [](T v) {
+        return v == v ? v : -std::numeric_limits<T>::infinity();
+      });
+      select_top(s.x.data(), n, num, s);
+      std::copy(s.top_val.begin(), s.top_val.begin() + num, o + r * num);
+    }
+  });
+}
+
+// rank_pair: per row, the entries at descending positions rank and min(rank + 1, N - 1)
+// (0-based), by std::nth_element on a copy: O(N) per row where a sort is O(N log N).
+template <typename T>
+void rank_pair_impl(const at::Tensor& rows, const at::Tensor& rank, at::Tensor& out) {
+  const int64_t n = rows.size(1);
+  const T* x = rows.const_data_ptr<T>();
+  const int64_t* rank_ptr = rank.const_data_ptr<int64_t>();
+  T* o = out.mutable_data_ptr<T>();
+  at::parallel_for(0, rows.size(0), 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(n);
+    for (int64_t r = begin; r < end; ++r) {
+      std::transform(x + r * n, x + (r + 1) * n, buf.begin(), [](T v) {
+        return v == v ? v : -std::numeric_limits<T>::infinity();
+      });
+      const int64_t at = std::min(std::max<int64_t>(rank_ptr[r], 0), n - 1);
+      std::nth_element(buf.begin(), buf.begin() + at, buf.end(), std::greater<T>());
+      // the next position's entry: the largest of those after `at`, all <= buf[at]
+      const T next = at + 1 < n ? *std::max_element(buf.begin() + at + 1, buf.end()) : buf[at];
+      o[2 * r] = buf[at];
+      o[2 * r + 1] = next;
+    }
+  });
+}
+
+at::Tensor rank_pair(const at::Tensor& rows, const at::Tensor& rank) {
+  TORCH_CHECK(rows.device().is_cpu() && rank.device().is_cpu(),
+              "moe_router_cpu: expected CPU tensors");
+  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous() && rows.size(1) >= 1,
+              "moe_router_cpu: expected a contiguous [R, N] tensor with N >= 1");
+  TORCH_CHECK(rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kDouble,
+              "moe_router_cpu: expected float32 or float64, got ", rows.scalar_type());
+  TORCH_CHECK(rank.scalar_type() == at::kLong && rank.dim() == 1 &&
+                  rank.size(0) == rows.size(0) && rank.is_contiguous(),
+              "moe_router_cpu: rank must be a contiguous int64 [R] tensor");
+  at::Tensor out = at::empty({rows.size(0), 2}, rows.options());
+  if (rows.size(0) == 0) return out;
+  if (rows.scalar_type() == at::kFloat) {
+    rank_pair_impl<float>(rows, rank, out);
+  } else {
+    rank_pair_impl<double>(rows, rank, out);
+  }
+  return out;
+}
+
+at::Tensor top_values(const at::Tensor& rows, int64_t num) {
+  TORCH_CHECK(rows.device().is_cpu(), "moe_router_cpu: expected CPU tensors");
+  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous(),
+              "moe_router_cpu: expected a contiguous [R, N] tensor");
+  TORCH_CHECK(rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kDouble,
+              "moe_router_cpu: expected float32 or float64, got ", rows.scalar_type());
+  TORCH_CHECK(num >= 1 && num <= rows.size(1), "moe_router_cpu: top_values needs 1 <= num <= ",
+              rows.size(1), ", got ", num);
+  at::Tensor out = at::empty({rows.size(0), num}, rows.options());
+  if (rows.size(0) == 0) return out;
+  if (rows.scalar_type() == at::kFloat) {
+    top_values_impl<float>(rows, num, out);
+  } else {
+    top_values_impl<double>(rows, num, out);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moe_router_cpu, m) {
@@ -1230,11 +1352,15 @@ TORCH_LIBRARY(moe_router_cpu, m) {
   m.def(
       "threshold_backward(Tensor p, Tensor grad, Tensor tau, int method, bool need_tau_grad)"
       " -> (Tensor, Tensor, Tensor)");
+  m.def("top_values(Tensor rows, int num) -> Tensor");
+  m.def("rank_pair(Tensor rows, Tensor rank) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moe_router_cpu, CPU, m) {
   m.impl("threshold_forward", &threshold_forward);
   m.impl("threshold_backward", &threshold_backward);
+  m.impl("top_values", &top_values);
+  m.impl("rank_pair", &rank_pair);
 }
 
 }  // namespace moe_router_cpu
