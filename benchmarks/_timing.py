@@ -98,6 +98,33 @@ def machine_load() -> str:
     return f"{line.strip()} ({os.cpu_count()} cores)"
 
 
+# A 1-minute load average below this before a run: nothing else was running (the benchmark's
+# own thread adds about 1 once it runs).
+QUIET_LOAD = 0.5
+
+
+def load_verdict(load_before: str) -> str:
+    """What the load line measured before a run says about the figures, for the report.
+
+    Args:
+        load_before: :func:`machine_load`'s line taken before the run.
+    """
+    try:
+        one_minute = float(load_before.split("load average:")[1].split(",")[0])
+    except (IndexError, ValueError):
+        return "Machine load unknown: read ratios between rows of one table, not absolute times."
+    if one_minute < QUIET_LOAD:
+        return (
+            f"**A quiet machine** (1-minute load {one_minute:.2f} before the run, no other jobs): "
+            "absolute times are meaningful for this machine; ratios between rows most of all."
+        )
+    return (
+        f"**A shared, loaded machine** (1-minute load {one_minute:.2f} before the run: other "
+        "jobs running): ratios between rows of one table are meaningful, absolute times are "
+        "not quiet-machine figures."
+    )
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

@@ -43,7 +43,13 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repo 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _hf_blocks import build_hf_blocks, transformers_version  # noqa: E402
-from _timing import CLOCKS, add_clock_argument, default_clock, machine_load  # noqa: E402
+from _timing import (  # noqa: E402
+    CLOCKS,
+    add_clock_argument,
+    default_clock,
+    load_verdict,
+    machine_load,
+)
 
 from moe_router.moe import MoELayer, SwiGLU  # noqa: E402
 from moe_router.router import GATES, Router  # noqa: E402
@@ -211,8 +217,7 @@ def markdown(results: dict) -> str:
         f"`{results['soft_topk_impl']}`.",
         "",
         f"Machine load before: `{results['load_before']}`; after: `{results['load_after']}`. "
-        "**A shared, loaded machine** (other jobs running): ratios between rows of one table "
-        "are meaningful, absolute times are not quiet-machine figures.",
+        + load_verdict(results["load_before"]),
         "",
     ]
     for shape_name, entry in results["shapes"].items():
@@ -278,7 +283,7 @@ def main() -> None:
     parser.add_argument(
         "--gates",
         nargs="+",
-        default=["topk", "soft_topk", "sparse_soft_topk"],
+        default=["topk", "soft_topk", "sparse_soft_topk", "balanced_soft_topk"],
         choices=GATES,
         help="gates to time (soft_topk_dense computes all E experts: minutes at E=64)",
     )

@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script from a checkout: make the repo 
 from _timing import (  # noqa: E402
     add_clock_argument,
     default_clock,
+    load_verdict,
     machine_load,
     markdown_table,
     round_robin_ms,
@@ -207,8 +208,8 @@ def main() -> None:
             "thread: robust to the other jobs of a shared machine).",
             "",
             f"Machine load before: `{payload['load_before']}`; after: `{payload['load_after']}`. "
-            "**A shared, loaded machine**: the exponents between neighbouring sizes carry its "
-            "noise too.",
+            + load_verdict(payload["load_before"])
+            + " The exponents between neighbouring sizes carry the timing noise too.",
             "",
             f"(exp.) = exponent of time in work (R*N) from the previous size; **!** = above "
             f"{EXPONENT_FLAG} (faster than linear). Layer: work is constant in E, (x) = time "

@@ -43,6 +43,7 @@ from _peers import Peer, load_peers  # noqa: E402
 from _timing import (  # noqa: E402
     add_clock_argument,
     default_clock,
+    load_verdict,
     machine_load,
     markdown_table,
     round_robin_ms,
@@ -233,9 +234,7 @@ def markdown(payload: dict, peers: list[Peer]) -> str:
         "`method` = the default CPU path (fused "
         "C++ kernels); `method (torch path)` = backend='torch'.",
         "",
-        f"Machine load before: `{payload['load_before']}`. **A shared, loaded machine** "
-        "(other jobs running): ratios between rows of one table are meaningful, absolute "
-        "times are not quiet-machine figures.",
+        f"Machine load before: `{payload['load_before']}`. " + load_verdict(payload["load_before"]),
         "",
         "Peers: "
         + "; ".join(
