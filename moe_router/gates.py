@@ -388,11 +388,8 @@ def _use_cpp_selection(x: Tensor) -> bool:
     """Whether the C++ kernels' selections serve this tensor (CPU float32 / float64, loaded):
     torch.topk costs about 1 us per short row on CPU and the quantiles a full column sort,
     the alternations' main costs."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and (cpp_kernels_ready())
-    )
+    on_cpu = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    return on_cpu and cpp_kernels_ready()
 
 
 def _top_values(x_TE: Tensor, num: int) -> Tensor:

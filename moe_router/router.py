@@ -314,9 +314,11 @@ class Router(nn.Module):
         )
         if torch.is_grad_enabled():
             self.warm_mu_E.copy_(mu_E)
-            self.pending_mu_E1[:-1] += mu_E
-            self.pending_mu_E1[-1] += 1
-            if self.config.balance_window is not None:
+            # step() averages the batch solutions, or solves once over the window instead
+            if self.config.balance_window is None:
+                self.pending_mu_E1[:-1] += mu_E
+                self.pending_mu_E1[-1] += 1
+            else:
                 self._remember(gate_logits_TE.detach(), token_mask_T)
         return mu_E
 

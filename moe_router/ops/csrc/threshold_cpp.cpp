@@ -125,6 +125,16 @@ template <typename V>
 inline V vabs(V a) {
   return a < ElemOf<V>(0) ? -a : a;
 }
+// Sifts `entry` down top[0..depth), kept in descending order: top[c] stays the (c + 1)-th
+// largest entry so far, per lane (depth min/max pairs, no branches).
+template <typename V>
+inline void sift_down(V* top, int64_t depth, V entry) {
+  for (int64_t c = 0; c < depth; ++c) {
+    const V larger = vmax(top[c], entry);
+    entry = vmin(top[c], entry);
+    top[c] = larger;
+  }
+}
 inline int64_t round_up(int64_t n, int64_t width) { return (n + width - 1) / width * width; }
 
 // e^x: float32 through Cody-Waite reduction by ln 2 and a degree-5 minimax polynomial (~1 ulp
@@ -897,18 +907,10 @@ void forward_narrow_block(const float* x, float* p, float* lam_out, const float*
       depth = std::max(depth, static_cast<int64_t>(last[l]) + 1);
     }
     depth = std::min(depth, n);
-    // t = the ceil(k)-th largest y: every entry sifts down a buffer of the `depth` largest so
-    // far, kept in descending order (top[c] the (c + 1)-th largest); depth * n min/max pairs
+    // t = the ceil(k)-th largest y: every entry sifts down a buffer of the `depth` largest
     V top[kNarrowMax];
     for (int64_t c = 0; c < depth; ++c) top[c] = splat(-inf);
-    for (int64_t j = 0; j < n; ++j) {
-      V entry = y[j];
-      for (int64_t c = 0; c < depth; ++c) {
-        const V larger = vmax(top[c], entry);
-        entry = vmin(top[c], entry);
-        top[c] = larger;
-      }
-    }
+    for (int64_t j = 0; j < n; ++j) sift_down(top, depth, y[j]);
     V t = splat(0.0f);
     for (int64_t c = 0; c < depth; ++c) t = last == float(c) ? top[c] : t;
     // iterate in the frame of t, where the entries near the threshold are small and exact
@@ -1140,13 +1142,17 @@ void backward_impl(const at::Tensor& p, const at::Tensor& grad, const at::Tensor
 // ------------------------------------------------------------------------------------------
 // op entry points
 
-void check_inputs(const at::Tensor& rows_RN, const at::Tensor& k, const at::Tensor& tau,
-                  int64_t method) {
+void check_rows(const at::Tensor& rows_RN) {
   TORCH_CHECK(rows_RN.device().is_cpu(), "moe_router_cpu: expected CPU tensors");
   TORCH_CHECK(rows_RN.dim() == 2 && rows_RN.is_contiguous(),
               "moe_router_cpu: expected a contiguous [R, N] tensor");
   TORCH_CHECK(rows_RN.scalar_type() == at::kFloat || rows_RN.scalar_type() == at::kDouble,
               "moe_router_cpu: expected float32 or float64, got ", rows_RN.scalar_type());
+}
+
+void check_inputs(const at::Tensor& rows_RN, const at::Tensor& k, const at::Tensor& tau,
+                  int64_t method) {
+  check_rows(rows_RN);
   TORCH_CHECK(k.scalar_type() == rows_RN.scalar_type() && tau.scalar_type() == rows_RN.scalar_type(),
               "moe_router_cpu: k and tau must have the dtype of the rows");
   TORCH_CHECK(k.dim() == 1 && k.size(0) == rows_RN.size(0) && k.is_contiguous(),
@@ -1171,14 +1177,20 @@ void dispatch_method(int64_t method, Fn&& fn) {
   }
 }
 
+// Calls fn(T{}) for the runtime dtype (float32 or float64, checked by check_rows).
+template <typename Fn>
+void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
+  if (dtype == at::kFloat) {
+    fn(float{});
+  } else {
+    fn(double{});
+  }
+}
+
 template <typename Fn>
 void dispatch(at::ScalarType dtype, int64_t method, Fn&& fn) {
   dispatch_method(method, [&](auto method_c) {
-    if (dtype == at::kFloat) {
-      fn(float{}, method_c);
-    } else {
-      fn(double{}, method_c);
-    }
+    dispatch_dtype(dtype, [&](auto scalar) { fn(scalar, method_c); });
   });
 }
 
@@ -1231,8 +1243,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> threshold_backward(const at::Tens
 
 // top_values: the `num` largest entries of each row, descending. float32 rows run 8 at a time,
 // one SIMD lane each, when num <= kSiftMax: every entry sifts down a buffer of the num largest
-// so far (num min/max pairs per entry, no branches); other rows through select_top.
+// so far (sift_down); other rows through select_top.
 constexpr int64_t kSiftMax = 16;
+
+template <typename T>
+inline T nan_as_neg_inf(T v) {
+  return v == v ? v : -std::numeric_limits<T>::infinity();
+}
 
 void top_values_block(const float* x, int64_t n, int64_t num, float* out) {
   typedef Vec<float> V;
@@ -1243,12 +1260,7 @@ void top_values_block(const float* x, int64_t n, int64_t num, float* out) {
   for (int64_t j = 0; j < n; ++j) {
     V entry;
     for (int64_t l = 0; l < W; ++l) entry[l] = x[l * n + j];
-    entry = entry == entry ? entry : splat(-inf);
-    for (int64_t c = 0; c < num; ++c) {
-      const V larger = vmax(top[c], entry);
-      entry = vmin(top[c], entry);
-      top[c] = larger;
-    }
+    sift_down(top, num, entry == entry ? entry : splat(-inf));
   }
   for (int64_t l = 0; l < W; ++l) {
     for (int64_t c = 0; c < num; ++c) out[l * num + c] = top[c][l];
@@ -1272,9 +1284,7 @@ void top_values_impl(const at::Tensor& rows, int64_t num, at::Tensor& out) {
     Scratch<T> s(n);
     for (; r < end; ++r) {
       // (the selection reads the pads of s.x; NaN would poison its cut)
-      std::transform(x + r * n, x + (r + 1) * n, s.x.begin(), [](T v) {
-        return v == v ? v : -std::numeric_limits<T>::infinity();
-      });
+      std::transform(x + r * n, x + (r + 1) * n, s.x.begin(), nan_as_neg_inf<T>);
       select_top(s.x.data(), n, num, s);
       std::copy(s.top_val.begin(), s.top_val.begin() + num, o + r * num);
     }
@@ -1292,9 +1302,7 @@ void rank_pair_impl(const at::Tensor& rows, const at::Tensor& rank, at::Tensor& 
   at::parallel_for(0, rows.size(0), 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buf(n);
     for (int64_t r = begin; r < end; ++r) {
-      std::transform(x + r * n, x + (r + 1) * n, buf.begin(), [](T v) {
-        return v == v ? v : -std::numeric_limits<T>::infinity();
-      });
+      std::transform(x + r * n, x + (r + 1) * n, buf.begin(), nan_as_neg_inf<T>);
       const int64_t at = std::min(std::max<int64_t>(rank_ptr[r], 0), n - 1);
       std::nth_element(buf.begin(), buf.begin() + at, buf.end(), std::greater<T>());
       // the next position's entry: the largest of those after `at`, all <= buf[at]
@@ -1306,40 +1314,28 @@ void rank_pair_impl(const at::Tensor& rows, const at::Tensor& rank, at::Tensor& 
 }
 
 at::Tensor rank_pair(const at::Tensor& rows, const at::Tensor& rank) {
-  TORCH_CHECK(rows.device().is_cpu() && rank.device().is_cpu(),
-              "moe_router_cpu: expected CPU tensors");
-  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous() && rows.size(1) >= 1,
-              "moe_router_cpu: expected a contiguous [R, N] tensor with N >= 1");
-  TORCH_CHECK(rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kDouble,
-              "moe_router_cpu: expected float32 or float64, got ", rows.scalar_type());
-  TORCH_CHECK(rank.scalar_type() == at::kLong && rank.dim() == 1 &&
+  check_rows(rows);
+  TORCH_CHECK(rows.size(1) >= 1, "moe_router_cpu: rank_pair needs N >= 1");
+  TORCH_CHECK(rank.device().is_cpu() && rank.scalar_type() == at::kLong && rank.dim() == 1 &&
                   rank.size(0) == rows.size(0) && rank.is_contiguous(),
-              "moe_router_cpu: rank must be a contiguous int64 [R] tensor");
+              "moe_router_cpu: rank must be a contiguous int64 [R] CPU tensor");
   at::Tensor out = at::empty({rows.size(0), 2}, rows.options());
   if (rows.size(0) == 0) return out;
-  if (rows.scalar_type() == at::kFloat) {
-    rank_pair_impl<float>(rows, rank, out);
-  } else {
-    rank_pair_impl<double>(rows, rank, out);
-  }
+  dispatch_dtype(rows.scalar_type(), [&](auto scalar) {
+    rank_pair_impl<decltype(scalar)>(rows, rank, out);
+  });
   return out;
 }
 
 at::Tensor top_values(const at::Tensor& rows, int64_t num) {
-  TORCH_CHECK(rows.device().is_cpu(), "moe_router_cpu: expected CPU tensors");
-  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous(),
-              "moe_router_cpu: expected a contiguous [R, N] tensor");
-  TORCH_CHECK(rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kDouble,
-              "moe_router_cpu: expected float32 or float64, got ", rows.scalar_type());
+  check_rows(rows);
   TORCH_CHECK(num >= 1 && num <= rows.size(1), "moe_router_cpu: top_values needs 1 <= num <= ",
               rows.size(1), ", got ", num);
   at::Tensor out = at::empty({rows.size(0), num}, rows.options());
   if (rows.size(0) == 0) return out;
-  if (rows.scalar_type() == at::kFloat) {
-    top_values_impl<float>(rows, num, out);
-  } else {
-    top_values_impl<double>(rows, num, out);
-  }
+  dispatch_dtype(rows.scalar_type(), [&](auto scalar) {
+    top_values_impl<decltype(scalar)>(rows, num, out);
+  });
   return out;
 }
 
