@@ -21,6 +21,8 @@ from moe_router.stepping import register_optimizer_hooks
 
 # Scalars logged per layer at every training step; the full set is logged for validation.
 TRAIN_STEP_KEYS = ("max_vio_batch_last", "load_cv", "router_entropy", "active_experts_per_token")
+# Kept per layer at each validation over the training batches since the previous one.
+TRAIN_TABLE_KEYS = ("max_vio_batch_mean", "max_vio_global", "active_experts_per_token")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -169,7 +171,24 @@ class MoELanguageModel(L.LightningModule):
             "step": step,
             "loss": None if val_loss is None else float(val_loss),
             "layers": layers,
+            "train_layers": self._train_balance_since_last_validation(),
         }
+
+    def _train_balance_since_last_validation(self) -> dict[str, dict[str, Any]]:
+        """Each layer's load balance over the training batches since the previous validation
+        (empty outside fit), then starts the next interval. Training batches are where the
+        batch-level gates (``balanced_soft_topk``'s per-batch thresholds) act; validation
+        routes every token on its own."""
+        if self.trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        layers: dict[str, dict[str, Any]] = {}
+        for name, metric in zip(self.moe_layer_names, self.train_balance, strict=False):
+            if metric.num_batches > 0:  # this rank's count: every rank trains the same steps
+                values = metric.compute()
+                layers[name] = {key: values[key].detach().cpu() for key in TRAIN_TABLE_KEYS}
+                layers[name]["batches"] = int(metric.num_batches)
+            metric.reset()
+        return layers
 
     # ---------------------------------------------------------------------------- checkpoint
 

@@ -59,7 +59,8 @@ def format_table(summary: dict[str, Any]) -> str:
 
     Returns:
         A headline, the per-layer table of ``moe_router.report.load_balance_table`` (metrics
-        over the whole validation pass) and each layer's load share per expert.
+        over the whole validation pass), each layer's load share per expert and, after
+        ``fit``, each layer's balance over the training batches since the previous validation.
     """
     final = summary.get("final_val") or {}
     loss = final.get("loss")
@@ -80,6 +81,20 @@ def format_table(summary: dict[str, Any]) -> str:
             counts = values["tokens_per_expert"]
             total = sum(counts) or 1.0
             lines.append(f"  {name}: " + " ".join(f"{100 * c / total:4.1f}" for c in counts))
+    train_layers = final.get("train_layers") or {}
+    if train_layers:
+        lines.append("")
+        lines.append(
+            "Training batches since the previous validation (batch-level gates act here; "
+            "validation routes each token on its own):"
+        )
+        for name, values in train_layers.items():
+            lines.append(
+                f"  {name}: {values['batches']} batches, MaxVio (batch mean) "
+                f"{values['max_vio_batch_mean']:.3f}, MaxVio (over them) "
+                f"{values['max_vio_global']:.3f}, active experts/token "
+                f"{values['active_experts_per_token']:.3f}"
+            )
     return "\n".join(lines)
 
 

@@ -173,3 +173,23 @@ def test_ddp_ranks_keep_identical_router_state(corpus_dir, tmp_path):
     assert "validation loss" in result.stdout
     # Epoch-level logs are synced (the metrics already are): no per-key sync_dist warning.
     assert "sync_dist" not in result.stdout + result.stderr
+
+
+def test_final_table_reports_the_training_batches_since_the_previous_validation(
+    corpus_dir, tmp_path
+):
+    from models.summary import format_table
+
+    module = tiny_module("balanced_soft_topk")
+    trainer = tiny_trainer(tmp_path, max_steps=7)  # validations after steps 3 and 6
+    trainer.fit(module, datamodule=tiny_datamodule(corpus_dir, tmp_path))
+    train_layers = module.last_val["train_layers"]
+    assert list(train_layers) == module.moe_layer_names
+    for values in train_layers.values():
+        assert values["batches"] == 3  # steps 4-6: the interval restarts at each validation
+        # balanced_soft_topk solves every training batch's thresholds for an equal load
+        assert float(values["max_vio_batch_mean"]) <= 0.05
+        assert float(values["active_experts_per_token"]) == 2.0
+    table = format_table({"gate": "balanced_soft_topk", "final_val": module.last_val})
+    assert "Training batches since the previous validation" in table
+    assert "layer0: 3 batches, MaxVio (batch mean)" in table
