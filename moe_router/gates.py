@@ -375,16 +375,31 @@ def _balance_load(
     0.3-0.6 after 8 alternations on some training batches of the quickstart model). So the
     step is damped adaptively, halved whenever an alternation did not lower the batch's MaxVio
     and grown back toward 1 when it did, and the thresholds with the lowest MaxVio seen are
-    returned (the warm start included). All of it in tensors: no host sync.
+    returned (the warm start included). All of it in tensors: no host sync. On CPU each
+    alternation's margins, loads and quantiles are one C++ call (``margin_quantiles``).
     """
+    cpp = _use_cpp_selection(z_TE)
+    # The support's total is set by the row budgets (and the budget controller), not by T K:
+    # support-exact gates share the current total equally (rank None in the C++ call).
+    rank_E = None if config.support_exact else col_target_E.ceil().long() - 1
     best_mu_z_E = mu_z_E
     best_vio = prev_vio = torch.full((), math.inf, device=z_TE.device)
     scale = torch.ones((), device=z_TE.device)
     for it in range(iters + 1):  # the last pass only scores the last thresholds
         if config.support_exact:
             lam_T = _newton_threshold(z_TE - mu_z_E, row_target_T, lam_T, config.method, 2)
-        margin_TE = _dispatch_margin(z_TE - mu_z_E, lam_T, config, token_mask_T)
-        load_E = (margin_TE > 0).sum(0).float()
+        if cpp:
+            lam_or_none = lam_T if config.support_exact else None
+            stats_E3 = threshold_cpp.margin_quantiles(z_TE, mu_z_E, lam_or_none, config.k, rank_E)
+            inside_E, outside_E, load_E = stats_E3.unbind(-1)
+        else:
+            margin_TE = _dispatch_margin(z_TE - mu_z_E, lam_T, config, token_mask_T)
+            load_E = (margin_TE > 0).sum(0).float()
+            target_rank_E = rank_E
+            if rank_E is None:
+                target_rank_E = load_E.mean().ceil().long().expand_as(load_E) - 1
+            count = None if max_target is None else math.ceil(max_target) + 2
+            inside_E, outside_E = _column_ranks(margin_TE, target_rank_E, count)
         mean_load = load_E.mean()
         vio = (load_E.max() - mean_load) / mean_load.clamp_min(1.0)
         improved = vio < best_vio
@@ -394,10 +409,7 @@ def _balance_load(
             break
         scale = torch.where(vio < prev_vio, (1.5 * scale).clamp_max(1.0), 0.5 * scale)
         prev_vio = vio
-        # The support's total is set by the row budgets (and the budget controller), not by
-        # T K: support-exact gates share the current total equally.
-        target_E = mean_load.expand_as(load_E) if config.support_exact else col_target_E
-        mu_z_E = mu_z_E + scale * _quantile_shift(margin_TE, target_E, max_target)
+        mu_z_E = mu_z_E + scale * _quantile_shift(inside_E, outside_E)
     return best_mu_z_E
 
 
@@ -463,16 +475,10 @@ def _largest_per_column(x_TE: Tensor, count: int | None) -> Tensor:
     return x_TE.t().topk(count, dim=-1, sorted=True).values
 
 
-def _quantile_shift(margin_TE: Tensor, target_E: Tensor, max_target: float | None) -> Tensor:
+def _quantile_shift(inside_E: Tensor, outside_E: Tensor) -> Tensor:
     """Per expert, the shift of its threshold that leaves ``ceil(target)`` tokens with a
-    positive margin (midway between the target-th and the next largest margin).
-
-    ``max_target``: a static bound on the target, when one is known: only the
-    ``ceil(max_target) + 2`` largest margins of each column are needed then.
-    """
-    # + 2: the next largest after the target-th, and one for fp32 rounding of the target
-    count = None if max_target is None else math.ceil(max_target) + 2
-    inside_E, outside_E = _column_ranks(margin_TE, target_E.ceil().long() - 1, count)
+    positive margin: midway between the target-th largest margin (``inside_E``) and the next
+    (``outside_E``; one unit below when there is none)."""
     outside_E = torch.where(torch.isfinite(outside_E), outside_E, inside_E - 1.0)
     shift_E = 0.5 * (inside_E + outside_E)
     return torch.where(torch.isfinite(shift_E), shift_E, 0.0)

@@ -33,7 +33,16 @@ from torch import Tensor
 
 from moe_router.ops._vmap import batch_first
 
-__all__ = ["available", "backward", "build", "forward", "loaded", "rank_pair", "top_values"]
+__all__ = [
+    "available",
+    "backward",
+    "build",
+    "forward",
+    "loaded",
+    "margin_quantiles",
+    "rank_pair",
+    "top_values",
+]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "threshold_cpp.cpp"
 METHOD_IDS = {"sigmoid": 0, "laplace": 1, "exp": 2, "sparse": 3}
@@ -202,8 +211,8 @@ def _register_transform_rules() -> None:
     """Fake and vmap rules of the backward op, which autograd.Function runs under
     torch.compile (traced with fake tensors) and under torch.func.vmap (vmapped backward).
     The forward op only ever runs inside moe_router::soft_topk_threshold, which has both.
-    The selections (top_values, rank_pair) get fake rules: the balanced gate calls them in
-    code that torch.compile traces."""
+    The selections (top_values, rank_pair, margin_quantiles) get fake rules: the balanced
+    gate calls them in code that torch.compile traces."""
 
     @torch.library.register_fake("moe_router_cpu::top_values")
     def _(rows_RN, num):
@@ -212,6 +221,10 @@ def _register_transform_rules() -> None:
     @torch.library.register_fake("moe_router_cpu::rank_pair")
     def _(rows_RN, rank_R):
         return rows_RN.new_empty(rows_RN.shape[0], 2)
+
+    @torch.library.register_fake("moe_router_cpu::margin_quantiles")
+    def _(z_TE, mu_E, lam_T, k, rank_E):
+        return z_TE.new_empty(z_TE.shape[1], 3)
 
     @torch.library.register_fake("moe_router_cpu::threshold_backward")
     def _(p_RN, grad_RN, tau_R, method, need_tau_grad):
@@ -304,4 +317,32 @@ def rank_pair(rows_RN: Tensor, rank_R: Tensor) -> Tensor:
     -inf. No gradient."""
     return torch.ops.moe_router_cpu.rank_pair(
         rows_RN.detach().contiguous(), rank_R.to(torch.int64).contiguous()
+    )
+
+
+def margin_quantiles(
+    z_TE: Tensor, mu_E: Tensor, lam_T: Tensor | None, k: int, rank_E: Tensor | None
+) -> Tensor:
+    """One alternation of the balanced gate's load target in one call: ``[E, 3]``, per expert
+    the dispatch margins of ``s = z - mu`` at descending positions ``rank`` and
+    ``min(rank + 1, T - 1)`` of its column, and its load (the number of positive margins).
+
+    The margin of a pair is ``s - lam_t`` when ``lam_T`` is given (support-exact gates), else
+    ``s`` minus the best score it competes with: the token's (K+1)-th largest ``s`` for a
+    selected expert, its K-th for the others (``gates._dispatch_margin``); ``-inf`` where ``s``
+    is not finite. ``rank_E`` None: every expert's rank is ``ceil(total load / E) - 1``. CPU
+    float32 / float64, no gradient.
+
+    Raises:
+        RuntimeError: On shapes or dtypes that do not fit, or ``k`` outside ``[1, E - 1]``
+            without ``lam_T``.
+    """
+    dtype = z_TE.dtype
+    empty = z_TE.new_empty(0)
+    return torch.ops.moe_router_cpu.margin_quantiles(
+        z_TE.detach().contiguous(),
+        mu_E.detach().to(dtype).contiguous(),
+        empty if lam_T is None else lam_T.detach().to(dtype).contiguous(),
+        k,
+        empty.long() if rank_E is None else rank_E.to(torch.int64).contiguous(),
     )
