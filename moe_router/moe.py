@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_router.config import DROP_POLICIES, GROUPED_MM_BACKENDS, MoEConfig, MoEOptions
+from moe_router.ops import threshold_cpp
+from moe_router.ops.soft_topk import cpp_kernels_ready
 from moe_router.router import Router
 from moe_router.routing import Routing
 
@@ -241,7 +243,11 @@ class _GatherSlices(torch.autograd.Function):
 
     The composition (one ``index_select``, then ``split``) has a backward that concatenates
     the E slices' gradients into a fresh [P, D] tensor and then scatters it; here each slice's
-    gradient is scattered straight into the [T, D] input gradient.
+    gradient is scattered straight into the [T, D] input gradient. The forward gathers each
+    slice on its own: one [P, D] block (64 MiB at T = 8192, K = 8, D = 256) is above glibc's
+    largest mmap threshold (32 MiB), so every call would map it fresh and page-fault through
+    it (measured 68 ms for that gather against 10 ms into reused memory, 1 thread), where the
+    per-expert slices come from the allocator's reused heap.
     """
 
     @staticmethod
@@ -249,7 +255,7 @@ class _GatherSlices(torch.autograd.Function):
         ctx.save_for_backward(token_P)
         ctx.sizes = sizes
         ctx.num_tokens = x_TD.shape[0]
-        return x_TD.index_select(0, token_P).split(sizes)
+        return tuple(x_TD.index_select(0, token_N) for token_N in token_P.split(sizes))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -297,6 +303,37 @@ class _GatedSiLU(torch.autograd.Function):
         grad_gate_PF.mul_(one_minus_sig_PF).sub_(one_minus_sig_PF).add_(1)
         grad_gate_PF.mul_(up_PF).mul_(grad_PF)
         return grad_PG
+
+
+class _WeightedGatedSiLU(torch.autograd.Function):
+    """``silu(gate) * up * weight[:, None]``: :class:`_GatedSiLU` with the combine weight
+    folded in, through the C++ kernels (CPU float32 / float64) in one pass each way.
+
+    Scaling the [N, F] hidden by the weight instead of the [N, D] expert output is the same
+    product (``(h w) W2 = (h W2) w``), on fewer entries when F < D, and its weight gradient is
+    a dot product over F. The reference is ``_GatedSiLU.apply(gate_up) * weight[:, None]``
+    (tested against it and by gradcheck).
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up_NG, weight_N):
+        weight_N = weight_N.to(gate_up_NG.dtype)
+        ctx.save_for_backward(gate_up_NG, weight_N)
+        ctx.weight_dtype = weight_N.dtype
+        return threshold_cpp.gated_silu_forward(gate_up_NG, weight_N)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_NF):
+        gate_up_NG, weight_N = ctx.saved_tensors
+        grad_NG, grad_weight_N = threshold_cpp.gated_silu_backward(gate_up_NG, weight_N, grad_NF)
+        return grad_NG, grad_weight_N
+
+    @staticmethod
+    def serves(x: Tensor) -> bool:
+        """Whether the kernels run for this dtype and device (and are built)."""
+        cpu_float = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+        return cpu_float and cpp_kernels_ready()
 
 
 class SwiGLU(nn.Module):
@@ -558,7 +595,14 @@ class MoELayer(nn.Module):
             *w_up,
             strict=True,
         )
+        # The combine weight folded into the activation (a [N, F] scaling, not [N, D]) where
+        # the C++ kernel serves; x's dtype is then the combine's dtype (fp32 / fp64).
+        fold = fuse and _WeightedGatedSiLU.serves(x_TD)
         for token_N, x_ND, weight_N, w2_FD, *w_up_D in slices:  # N = pairs of one expert
+            if fold:
+                h_NF = _WeightedGatedSiLU.apply(x_ND @ w_up_D[0], weight_N)
+                y_TD.index_add_(0, token_N, h_NF @ w2_FD)
+                continue
             if fuse:
                 h_NF = _GatedSiLU.apply(x_ND @ w_up_D[0])
             else:

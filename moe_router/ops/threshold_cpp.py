@@ -38,6 +38,8 @@ __all__ = [
     "backward",
     "build",
     "forward",
+    "gated_silu_backward",
+    "gated_silu_forward",
     "loaded",
     "margin_quantiles",
     "rank_pair",
@@ -226,6 +228,14 @@ def _register_transform_rules() -> None:
     def _(z_TE, mu_E, lam_T, k, rank_E):
         return z_TE.new_empty(z_TE.shape[1], 3)
 
+    @torch.library.register_fake("moe_router_cpu::gated_silu_forward")
+    def _(gate_up_NG, weight_N):
+        return gate_up_NG.new_empty(gate_up_NG.shape[0], gate_up_NG.shape[1] // 2)
+
+    @torch.library.register_fake("moe_router_cpu::gated_silu_backward")
+    def _(gate_up_NG, weight_N, grad_NF):
+        return torch.empty_like(gate_up_NG), torch.empty_like(weight_N)
+
     @torch.library.register_fake("moe_router_cpu::threshold_backward")
     def _(p_RN, grad_RN, tau_R, method, need_tau_grad):
         num_rows = p_RN.shape[0]
@@ -345,4 +355,24 @@ def margin_quantiles(
         empty if lam_T is None else lam_T.detach().to(dtype).contiguous(),
         k,
         empty.long() if rank_E is None else rank_E.to(torch.int64).contiguous(),
+    )
+
+
+def gated_silu_forward(gate_up_NG: Tensor, weight_N: Tensor) -> Tensor:
+    """``silu(gate) * up * weight[:, None]`` of a fused ``[N, 2F]`` gate|up projection (gate
+    the first F columns) in one pass: the MoE layer's expert activation with the combine
+    weight folded in. CPU float32 / float64, weight in the same dtype; no autograd (see
+    ``moe_router.moe._WeightedGatedSiLU``)."""
+    return torch.ops.moe_router_cpu.gated_silu_forward(
+        gate_up_NG.contiguous(), weight_N.to(gate_up_NG.dtype).contiguous()
+    )
+
+
+def gated_silu_backward(
+    gate_up_NG: Tensor, weight_N: Tensor, grad_NF: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(grad_gate_up_NG, grad_weight_N)`` of :func:`gated_silu_forward` in one pass."""
+    dtype = gate_up_NG.dtype
+    return torch.ops.moe_router_cpu.gated_silu_backward(
+        gate_up_NG.contiguous(), weight_N.to(dtype).contiguous(), grad_NF.to(dtype).contiguous()
     )
