@@ -14,9 +14,12 @@ Dispatch (megablocks / torchtitan style, no token dropped unless a capacity is s
 4. scale each row by its combine weight and scatter-add it back to its token.
 
 At fine-grained shapes the [P, D] and [P, F] intermediates, not the matmuls, dominate the
-time outside the FLOP floor on CPU, so steps 3-4 use two small autograd Functions
+time outside the FLOP floor on CPU, so steps 3-4 use small autograd Functions
 (``_GatedSiLU``, ``_WeightedScatterAdd``) that allocate fewer of them than the plain
-composition; both are checked by gradcheck and by the layer-vs-naive-loop tests.
+composition. On CPU the experts run one at a time (``MoELayer._experts_per_slice``), with the
+combine weight folded into the activation by a C++ kernel (``_WeightedGatedSiLU``, step 4's
+scaling on [N, F] instead of [N, D]). All are checked by gradcheck and by the
+layer-vs-naive-loop tests.
 G = 2F below.
 """
 
