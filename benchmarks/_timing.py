@@ -125,6 +125,33 @@ def load_verdict(load_before: str) -> str:
     )
 
 
+# glibc's allocator settings that decide whether large tensors are fresh, page-faulted memory.
+MALLOC_ENV = (
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "GLIBC_TUNABLES",
+)
+
+
+def malloc_settings() -> dict[str, str]:
+    """The glibc malloc environment variables this process runs with (empty: the defaults)."""
+    return {name: os.environ[name] for name in MALLOC_ENV if name in os.environ}
+
+
+def malloc_note(settings: dict[str, str]) -> str:
+    """One line for a report on what the allocator settings mean for the figures."""
+    if not settings:
+        return (
+            "glibc malloc defaults: an allocation above its mmap threshold (adaptive, at most "
+            "32 MiB) is mapped fresh and page-faulted on first touch on every call, so the "
+            "paths with tensors of 32 MiB or more pay for page faults, and how much varies "
+            "with the allocator's history."
+        )
+    pairs = ", ".join(f"`{name}={value}`" for name, value in settings.items())
+    return f"glibc malloc settings: {pairs} (large tensors reuse heap memory)."
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

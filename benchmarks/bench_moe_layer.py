@@ -49,6 +49,8 @@ from _timing import (  # noqa: E402
     default_clock,
     load_verdict,
     machine_load,
+    malloc_note,
+    malloc_settings,
 )
 
 from moe_router.moe import MoELayer, SwiGLU  # noqa: E402
@@ -219,6 +221,8 @@ def markdown(results: dict) -> str:
         f"Machine load before: `{results['load_before']}`; after: `{results['load_after']}`. "
         + load_verdict(results["load_before"]),
         "",
+        malloc_note(results.get("malloc", {})),
+        "",
     ]
     for shape_name, entry in results["shapes"].items():
         s = entry["shape"]
@@ -312,6 +316,7 @@ def main() -> None:
         "quick": args.quick,
         "soft_topk_impl": f"{soft_topk.__module__}.{soft_topk.__qualname__}",
         "load_before": machine_load(),
+        "malloc": malloc_settings(),
         "shapes": {},
     }
     for shape in shapes:
@@ -322,6 +327,8 @@ def main() -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "moe_layer_cpu_quick" if args.quick else "moe_layer_cpu"
+    if results["malloc"]:
+        stem += "_malloc_tuned"  # a second set of figures, beside the default allocator's
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
     (RESULTS / f"{stem}.md").write_text(table + "\n")
