@@ -599,15 +599,18 @@ class MoELayer(nn.Module):
             strict=True,
         )
         # The combine weight folded into the activation (a [N, F] scaling, not [N, D]) where
-        # the C++ kernel serves; x's dtype is then the combine's dtype (fp32 / fp64).
+        # the C++ kernel serves the projection's dtype (fp32 / fp64, i.e. the combine's dtype;
+        # not under a bf16 autocast, whose matmuls return bf16).
         fold = fuse and _WeightedGatedSiLU.serves(x_TD)
         for token_N, x_ND, weight_N, w2_FD, *w_up_D in slices:  # N = pairs of one expert
-            if fold:
-                h_NF = _WeightedGatedSiLU.apply(x_ND @ w_up_D[0], weight_N)
+            if fuse:
+                gate_up_NG = x_ND @ w_up_D[0]
+            if fold and gate_up_NG.dtype == dtype:
+                h_NF = _WeightedGatedSiLU.apply(gate_up_NG, weight_N)
                 y_TD.index_add_(0, token_N, h_NF @ w2_FD)
                 continue
             if fuse:
-                h_NF = _GatedSiLU.apply(x_ND @ w_up_D[0])
+                h_NF = _GatedSiLU.apply(gate_up_NG)
             else:
                 h_NF = F.silu(x_ND @ w_up_D[0]) * (x_ND @ w_up_D[1])
             y_ND = h_NF @ w2_FD
