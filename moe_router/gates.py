@@ -348,9 +348,11 @@ def balance_thresholds(
     else:
         mu_z_E = mu_E.float() / tau_t
     # Rows start from the hard K-th / (K+1)-th midpoint of z - mu.
-    top_TK1 = _top_values(z_TE - mu_z_E, min(k + 1, num_experts))
-    lam_T = top_TK1[:, k - 1 : k + 1].mean(-1) if k < num_experts else top_TK1[:, -1] - 1.0
-    lam_T = torch.where(torch.isfinite(lam_T), lam_T, 0.0)
+    lam_T = None  # the rows' thresholds, where the alternations use them
+    if config.balance_target == "mass" or config.support_exact:
+        top_TK1 = _top_values(z_TE - mu_z_E, min(k + 1, num_experts))
+        lam_T = top_TK1[:, k - 1 : k + 1].mean(-1) if k < num_experts else top_TK1[:, -1] - 1.0
+        lam_T = torch.where(torch.isfinite(lam_T), lam_T, 0.0)
     if config.balance_target == "load":
         mu_z_E = _balance_load(
             z_TE, mu_z_E, lam_T, row_target_T, col_target_E, config, iters, token_mask_T, max_target
@@ -367,7 +369,7 @@ def balance_thresholds(
 def _balance_load(
     z_TE: Tensor,
     mu_z_E: Tensor,
-    lam_T: Tensor,
+    lam_T: Tensor | None,
     row_target_T: Tensor,
     col_target_E: Tensor,
     config: RouterConfig,
@@ -390,6 +392,9 @@ def _balance_load(
     # The support's total is set by the row budgets (and the budget controller), not by T K:
     # support-exact gates share the current total equally (rank None in the C++ call).
     rank_E = None if config.support_exact else col_target_E.ceil().long() - 1
+    # The PyTorch path selects only the count largest margins per expert where the target has
+    # a static bound (+ 2: the next largest after the target-th, and one for fp32 rounding).
+    count = None if max_target is None else math.ceil(max_target) + 2
     best_mu_z_E = mu_z_E
     best_vio = prev_vio = torch.full((), math.inf, device=z_TE.device)
     scale = torch.ones((), device=z_TE.device)
@@ -397,8 +402,7 @@ def _balance_load(
         if config.support_exact:
             lam_T = _newton_threshold(z_TE - mu_z_E, row_target_T, lam_T, config.method, 2)
         if cpp:
-            lam_or_none = lam_T if config.support_exact else None
-            stats_E3 = threshold_cpp.margin_quantiles(z_TE, mu_z_E, lam_or_none, config.k, rank_E)
+            stats_E3 = threshold_cpp.margin_quantiles(z_TE, mu_z_E, lam_T, config.k, rank_E)
             inside_E, outside_E, load_E = stats_E3.unbind(-1)
         else:
             margin_TE = _dispatch_margin(z_TE - mu_z_E, lam_T, config, token_mask_T)
@@ -406,7 +410,6 @@ def _balance_load(
             target_rank_E = rank_E
             if rank_E is None:
                 target_rank_E = load_E.mean().ceil().long().expand_as(load_E) - 1
-            count = None if max_target is None else math.ceil(max_target) + 2
             inside_E, outside_E = _column_ranks(margin_TE, target_rank_E, count)
         mean_load = load_E.mean()
         vio = (load_E.max() - mean_load) / mean_load.clamp_min(1.0)
