@@ -53,7 +53,7 @@ from torch import Tensor
 
 from moe_router.config import RouterConfig
 from moe_router.ops import soft_topk, threshold_cpp
-from moe_router.ops.soft_topk import cpp_kernels_ready
+from moe_router.ops.soft_topk import cpp_kernels_serve
 from moe_router.ops.threshold_torch import apply_f, f_prime_from_p
 
 __all__ = [
@@ -449,9 +449,9 @@ def _dispatch_margin(
 def _use_cpp_selection(x: Tensor) -> bool:
     """Whether the C++ kernels' selections serve this tensor (CPU float32 / float64, loaded):
     torch.topk costs about 1 us per short row on CPU and the quantiles a full column sort,
-    the alternations' main costs."""
-    on_cpu = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-    return on_cpu and cpp_kernels_ready()
+    the alternations' main costs. One name for the gate's selections, so that tests can
+    switch them to the PyTorch path alone."""
+    return cpp_kernels_serve(x)
 
 
 def _top_values(x_TE: Tensor, num: int) -> Tensor:

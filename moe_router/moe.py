@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from moe_router.config import DROP_POLICIES, GROUPED_MM_BACKENDS, MoEConfig, MoEOptions
 from moe_router.ops import threshold_cpp
-from moe_router.ops.soft_topk import cpp_kernels_ready
+from moe_router.ops.soft_topk import cpp_kernels_serve
 from moe_router.router import Router
 from moe_router.routing import Routing
 
@@ -320,9 +320,9 @@ class _WeightedGatedSiLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate_up_NG, weight_N):
+        ctx.weight_dtype = weight_N.dtype  # its gradient goes back in it (fp32 weights, fp64 x)
         weight_N = weight_N.to(gate_up_NG.dtype)
         ctx.save_for_backward(gate_up_NG, weight_N)
-        ctx.weight_dtype = weight_N.dtype
         return threshold_cpp.gated_silu_forward(gate_up_NG, weight_N)
 
     @staticmethod
@@ -330,13 +330,7 @@ class _WeightedGatedSiLU(torch.autograd.Function):
     def backward(ctx, grad_NF):
         gate_up_NG, weight_N = ctx.saved_tensors
         grad_NG, grad_weight_N = threshold_cpp.gated_silu_backward(gate_up_NG, weight_N, grad_NF)
-        return grad_NG, grad_weight_N
-
-    @staticmethod
-    def serves(x: Tensor) -> bool:
-        """Whether the kernels run for this dtype and device (and are built)."""
-        cpu_float = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-        return cpu_float and cpp_kernels_ready()
+        return grad_NG, grad_weight_N.to(ctx.weight_dtype)
 
 
 class SwiGLU(nn.Module):
@@ -553,13 +547,13 @@ class MoELayer(nn.Module):
 
         The CPU path (and ``backend="loop"``): the slice sizes are read on the host once (free
         on CPU; one sync on an accelerator). Working one expert at a time keeps every
-        intermediate but the gathered input rows at [pairs of one expert, ...], memory the
-        allocator reuses, where the grouped path materialises [P, 2F] and [P, D] products that
-        are fresh, page-faulted memory on every call; measured faster on CPU at every shape of
-        the layer benchmark. The input rows are gathered once for all experts: a gather per
-        expert has a backward that zeroes and sums E full [T, D] gradients (at E = 64 that
-        was a third of the layer's time). Pairs without compute (key E) form the last split
-        and are never touched.
+        intermediate at [pairs of one expert, ...], memory the allocator reuses, where the
+        grouped path materialises [P, 2F] and [P, D] products that are fresh, page-faulted
+        memory on every call; measured faster on CPU at every shape of the layer benchmark.
+        The input rows go through one ``_GatherSlices``: per-expert gathers whose gradients
+        land in one [T, D] tensor, where autograd's per-expert gathers would zero and sum E
+        full [T, D] gradients (at E = 64 that was a third of the layer's time). Pairs without
+        compute (key E) form the last split and are never touched.
 
         Args:
             x_TD: Token rows.
@@ -586,8 +580,7 @@ class MoELayer(nn.Module):
             w_up = tuple(w.to(x_TD.dtype).unbind(0) for w in (self.w1_EDF, self.w3_EDF))
         # split / unbind: their backward concatenates / stacks once instead of adding E
         # zero-padded full-size gradients.
-        # The rows of every computed pair gathered at once, into one [T, D] gradient, where a
-        # gather per expert would allocate, zero and sum E of them.
+        # The rows of every computed pair, one slice per expert, with one [T, D] gradient.
         computed = token_P.shape[0] - sizes[-1]
         x_slices = _GatherSlices.apply(x_TD, token_P[:computed], sizes[:num_experts])
         slices = zip(
@@ -601,7 +594,7 @@ class MoELayer(nn.Module):
         # The combine weight folded into the activation (a [N, F] scaling, not [N, D]) where
         # the C++ kernel serves the projection's dtype (fp32 / fp64, i.e. the combine's dtype;
         # not under a bf16 autocast, whose matmuls return bf16).
-        fold = fuse and _WeightedGatedSiLU.serves(x_TD)
+        fold = fuse and cpp_kernels_serve(x_TD)
         for token_N, x_ND, weight_N, w2_FD, *w_up_D in slices:  # N = pairs of one expert
             if fuse:
                 gate_up_NG = x_ND @ w_up_D[0]

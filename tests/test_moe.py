@@ -462,8 +462,9 @@ def test_weighted_gated_silu_kernel_matches_its_reference(width):
     and both gradients against ``_GatedSiLU(gate_up) * weight`` (float32: widths on both sides
     of a SIMD vector, large gates, a NaN that must propagate), and gradcheck in float64."""
     from moe_router.moe import _GatedSiLU, _WeightedGatedSiLU
+    from moe_router.ops.soft_topk import cpp_kernels_serve
 
-    if not _WeightedGatedSiLU.serves(torch.zeros(1)):
+    if not cpp_kernels_serve(torch.zeros(1)):
         pytest.skip("the C++ kernels are not built here")
     gen = torch.Generator().manual_seed(width)
     gate_up = 3 * torch.randn(37, 2 * width, generator=gen)
@@ -483,6 +484,10 @@ def test_weighted_gated_silu_kernel_matches_its_reference(width):
     assert torch.isnan(_WeightedGatedSiLU.apply(gate_up, weight)[3]).any()
     double = [t.double().requires_grad_() for t in (gate_up[4:], weight[4:])]
     assert torch.autograd.gradcheck(_WeightedGatedSiLU.apply, double)
+    # fp64 activations with fp32 combine weights: the weight's gradient comes back in fp32
+    mixed = [gate_up[4:].double().requires_grad_(), weight[4:].clone().requires_grad_()]
+    _WeightedGatedSiLU.apply(*mixed).sum().backward()
+    assert mixed[1].grad.dtype == torch.float32
 
 
 def test_fused_dispatch_pieces_gradcheck():

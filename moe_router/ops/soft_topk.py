@@ -71,6 +71,12 @@ def cpp_kernels_ready() -> bool:
     return threshold_cpp.available()
 
 
+def cpp_kernels_serve(x: Tensor) -> bool:
+    """Whether the C++ kernels run on this tensor: CPU float32 / float64, and built."""
+    on_cpu = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    return on_cpu and cpp_kernels_ready()
+
+
 def _resolve_backend(scores_RN: Tensor, method: str, backend: str) -> str:
     """The one implementation this call runs: "torch", "cpp" or "triton".
 
@@ -82,9 +88,7 @@ def _resolve_backend(scores_RN: Tensor, method: str, backend: str) -> str:
     if backend != "auto":
         return backend
     if scores_RN.device.type == "cpu":
-        if scores_RN.dtype in (torch.float32, torch.float64) and cpp_kernels_ready():
-            return "cpp"
-        return "torch"
+        return "cpp" if cpp_kernels_serve(scores_RN) else "torch"
     if scores_RN.is_cuda and _triton_available():
         from moe_router.ops.threshold_triton import is_supported
 

@@ -213,8 +213,9 @@ def _register_transform_rules() -> None:
     """Fake and vmap rules of the backward op, which autograd.Function runs under
     torch.compile (traced with fake tensors) and under torch.func.vmap (vmapped backward).
     The forward op only ever runs inside moe_router::soft_topk_threshold, which has both.
-    The selections (top_values, rank_pair, margin_quantiles) get fake rules: the balanced
-    gate calls them in code that torch.compile traces."""
+    The selections (top_values, rank_pair, margin_quantiles) and the MoE layer's gated SiLU
+    get fake rules: the balanced gate and the layer call them in code that torch.compile
+    traces."""
 
     @torch.library.register_fake("moe_router_cpu::top_values")
     def _(rows_RN, num):
