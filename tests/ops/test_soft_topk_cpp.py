@@ -125,9 +125,11 @@ def test_sparse_exact_sorted_path_matches(num_entries, dtype):
 
 @pytest.mark.parametrize("method", THRESHOLD)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_backward_matches_torch_formula(method, dtype):
-    scores_RN = stress_rows(37, dtype, seed=5)
-    k_R, tau_R = per_row_budgets(scores_RN.shape[0], 37, dtype, seed=5)
+# 8 and 16: float32 rows of whole SIMD vectors, unrolled; 37: vectors and a scalar tail
+@pytest.mark.parametrize("num_entries", [8, 16, 37])
+def test_backward_matches_torch_formula(method, dtype, num_entries):
+    scores_RN = stress_rows(num_entries, dtype, seed=5)
+    k_R, tau_R = per_row_budgets(scores_RN.shape[0], num_entries, dtype, seed=5)
     p_RN, _ = threshold_cpp.forward(scores_RN, k_R, tau_R, method)
     grad_RN = torch.randn(p_RN.shape, dtype=dtype, generator=torch.Generator().manual_seed(5))
     grad_x, grad_k, grad_tau = threshold_cpp.backward(p_RN, grad_RN, tau_R, method, True)
@@ -136,7 +138,13 @@ def test_backward_matches_torch_formula(method, dtype):
     torch.testing.assert_close(grad_x, ref_x, atol=atol, rtol=1e-5, equal_nan=True)
     torch.testing.assert_close(grad_k, ref_k, atol=atol, rtol=1e-5, equal_nan=True)
     torch.testing.assert_close(grad_tau, ref_tau, atol=atol, rtol=1e-4, equal_nan=True)
-    assert threshold_cpp.backward(p_RN, grad_RN, tau_R, method, False)[2] is None
+    # without the tau gradient: the same dL/dx and dL/dk
+    grad_x_only, grad_k_only, grad_tau_none = threshold_cpp.backward(
+        p_RN, grad_RN, tau_R, method, False
+    )
+    assert grad_tau_none is None
+    torch.testing.assert_close(grad_x_only, grad_x, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(grad_k_only, grad_k, atol=0, rtol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("method", THRESHOLD)
