@@ -422,10 +422,15 @@ def soft_topk(
             )
 
     compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    scores_BN = scores.movedim(dim, -1)
+    # (identity moves and reshapes skipped: each would be one more autograd node, ~10 us of
+    # a call whose kernels take about as long at router sizes)
+    last = dim == scores.dim() - 1
+    scores_BN = scores if last else scores.movedim(dim, -1)
     batch_shape = scores_BN.shape[:-1]
     # (R, N); R spelled out: -1 is ambiguous for N = 0
-    scores_RN = scores_BN.reshape(math.prod(batch_shape), num_entries).to(compute_dtype)
+    flat = scores_BN.dim() == 2
+    scores_RN = scores_BN if flat else scores_BN.reshape(math.prod(batch_shape), num_entries)
+    scores_RN = scores_RN.to(compute_dtype)
     k_R = _per_row(k, "k", batch_shape, dim, scores.dim(), scores_RN)
     tau_R = _per_row(tau, "tau", batch_shape, dim, scores.dim(), scores_RN)
 
@@ -451,4 +456,5 @@ def soft_topk(
                 f"{GRAD_MAX_SPREAD:g} * tau, but row {row} spans {spread_R[row].item():.3g} * tau "
                 "(use a threshold method, or a larger tau)"
             )
-    return p_RN.reshape(scores_BN.shape).movedim(-1, dim).to(scores.dtype)
+    p_BN = p_RN if flat else p_RN.reshape(scores_BN.shape)
+    return (p_BN if last else p_BN.movedim(-1, dim)).to(scores.dtype)
