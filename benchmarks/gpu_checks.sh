@@ -5,6 +5,9 @@
 # benchmark's soft_topk_gpu.{md,json} go to $OUT (default benchmarks/results/gpu).
 #
 #   bash benchmarks/gpu_checks.sh            # with the repository root as working directory
+#
+# Then, as a second command where the lease allows (about 3 minutes), the forward's tile sweep:
+#   python benchmarks/sweep_triton_launch.py --max-seconds 200
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu}"

@@ -488,11 +488,26 @@ def _traceable(kernel):
     return wrap_triton(kernel)
 
 
-def _launch_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps) for rows of n entries."""
+_NUM_WARPS = (1, 2, 4, 8, 16)
+
+
+def _launch_config(n: int, launch: tuple[int, int] | None = None) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS, num_warps) for rows of n entries: the default tile, or `launch`.
+
+    launch: (ROWS, num_warps) instead of the default (a tuning sweep's override); ROWS a power
+    of two from 1 to _MAX_ROWS, num_warps one of 1, 2, 4, 8, 16.
+    """
     block_n = max(8, 1 << (n - 1).bit_length())
-    rows = max(1, min(_MAX_ROWS, _TILE_ELEMENTS // block_n))
-    num_warps = 4 if rows * block_n <= 2048 else 8
+    if launch is None:
+        rows = max(1, min(_MAX_ROWS, _TILE_ELEMENTS // block_n))
+        num_warps = 4 if rows * block_n <= 2048 else 8
+        return block_n, rows, num_warps
+    rows, num_warps = launch
+    if not (1 <= rows <= _MAX_ROWS and rows & (rows - 1) == 0) or num_warps not in _NUM_WARPS:
+        raise ValueError(
+            f"launch={launch!r}: need (ROWS, num_warps) with ROWS a power of two from 1 to "
+            f"{_MAX_ROWS} and num_warps one of {_NUM_WARPS}"
+        )
     return block_n, rows, num_warps
 
 
@@ -559,6 +574,7 @@ def triton_soft_topk_forward(
     tau_R: Tensor,
     method: str,
     return_threshold: bool = False,
+    launch: tuple[int, int] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Soft top-k of every row with one fused kernel launch.
 
@@ -571,19 +587,22 @@ def triton_soft_topk_forward(
         tau_R: Per-row temperature > 0, float32 (converted otherwise).
         method: One of ``sigmoid``, ``laplace``, ``exp``, ``sparse``.
         return_threshold: Also return lambda per row, in units of z = scores / tau.
+        launch: (ROWS, num_warps) of the kernel tile instead of the default (for tuning
+            sweeps, ``benchmarks/sweep_triton_launch.py``); the result does not depend on it.
 
     Returns:
         ``p_RN`` in float32 (a new contiguous tensor), and ``threshold_R`` (float32; ``-inf``
         for rows with at most k selectable entries, NaN for rows containing NaN) if asked.
 
     Raises:
-        ValueError: On a bad method, shape, dtype, stride or device.
+        ValueError: On a bad method, shape, dtype, stride, device or launch.
         RuntimeError: If Triton is not installed.
     """
     method_code = _check_method(method)
     _check_rows(scores_RN, "scores_RN")
     _check_available(scores_RN, "scores_RN")
     n_rows, n = scores_RN.shape
+    block_n, rows, num_warps = _launch_config(n, launch)
     k_R = _per_row(k_R, n_rows, scores_RN.device, "k_R")
     tau_R = _per_row(tau_R, n_rows, scores_RN.device, "tau_R")
     p_RN = torch.empty((n_rows, n), dtype=torch.float32, device=scores_RN.device)
@@ -591,7 +610,6 @@ def triton_soft_topk_forward(
         (n_rows if return_threshold else 1,), dtype=torch.float32, device=scores_RN.device
     )
     if n_rows > 0 and n > 0:
-        block_n, rows, num_warps = _launch_config(n)
         grid = (triton.cdiv(n_rows, rows),)
         _traceable(_soft_topk_fwd_kernel)[grid](
             scores_RN,
@@ -623,6 +641,7 @@ def triton_soft_topk_backward(
     method: str,
     need_k_grad: bool,
     need_tau_grad: bool,
+    launch: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Vector-Jacobian product of the soft top-k from its output alone, one fused pass.
 
@@ -639,12 +658,14 @@ def triton_soft_topk_backward(
         method: One of ``sigmoid``, ``laplace``, ``exp``, ``sparse``.
         need_k_grad: Compute dL/dk per row.
         need_tau_grad: Compute dL/dtau per row.
+        launch: (ROWS, num_warps) of the kernel tile instead of the default, as in
+            ``triton_soft_topk_forward``.
 
     Returns:
         ``(grad_scores_RN, grad_k_R, grad_tau_R)``, float32; the last two are None unless asked.
 
     Raises:
-        ValueError: On a bad method, shape, dtype, stride or device.
+        ValueError: On a bad method, shape, dtype, stride, device or launch.
         RuntimeError: If Triton is not installed.
     """
     method_code = _check_method(method)
@@ -654,6 +675,7 @@ def triton_soft_topk_backward(
         raise ValueError(f"grad_RN has shape {tuple(grad_RN.shape)}, p_RN {tuple(p_RN.shape)}")
     _check_available(p_RN, "p_RN")
     n_rows, n = p_RN.shape
+    block_n, rows, num_warps = _launch_config(n, launch)
     tau_R = _per_row(tau_R, n_rows, p_RN.device, "tau_R")
     device = p_RN.device
     grad_scores_RN = torch.empty((n_rows, n), dtype=torch.float32, device=device)
@@ -662,7 +684,6 @@ def triton_soft_topk_backward(
         torch.empty((n_rows,), dtype=torch.float32, device=device) if need_tau_grad else None
     )
     if n_rows > 0 and n > 0:
-        block_n, rows, num_warps = _launch_config(n)
         grid = (triton.cdiv(n_rows, rows),)
         _traceable(_soft_topk_bwd_kernel)[grid](
             p_RN,

@@ -84,19 +84,19 @@ def _mode():
     return contextlib.nullcontext() if _CUDA else _interpreter_env()
 
 
-def forward(x, k_R, tau_R, method, return_threshold=False):
+def forward(x, k_R, tau_R, method, return_threshold=False, launch=None):
     """The kernel on DEVICE, results back on the CPU."""
     with _mode():
         out = kernels.triton_soft_topk_forward(
-            x.to(DEVICE), k_R.to(DEVICE), tau_R.to(DEVICE), method, return_threshold
+            x.to(DEVICE), k_R.to(DEVICE), tau_R.to(DEVICE), method, return_threshold, launch
         )
     return tuple(t.cpu() for t in out) if return_threshold else out.cpu()
 
 
-def backward(p, g, tau_R, method, need_k=True, need_tau=True):
+def backward(p, g, tau_R, method, need_k=True, need_tau=True, launch=None):
     with _mode():
         out = kernels.triton_soft_topk_backward(
-            p.to(DEVICE), g.to(DEVICE), tau_R.to(DEVICE), method, need_k, need_tau
+            p.to(DEVICE), g.to(DEVICE), tau_R.to(DEVICE), method, need_k, need_tau, launch
         )
     return tuple(None if t is None else t.cpu() for t in out)
 
@@ -454,6 +454,35 @@ def test_backward_matches_torch_path_autograd(method):
         torch_x, torch_tau = torch.autograd.grad((p_torch * g.double()).sum(), (x64, tau64))
     torch.testing.assert_close(grad_x.double(), torch_x, atol=5e-5, rtol=1e-3)
     torch.testing.assert_close(grad_tau.double(), torch_tau, atol=2e-4, rtol=2e-3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", METHODS)
+def test_results_do_not_depend_on_the_launch_tile(method):
+    """Rows are independent: a tuning sweep's (ROWS, num_warps) changes the tiling, not p or
+    the gradients (20 rows: tiles of 1, 4 and 32 rows, partial last tiles included). Within
+    rounding: on a GPU the warps split a row's sums differently."""
+    x, k_R, tau_R = make_rows(20, 12, seed=3, per_row_k=True)
+    x[5, :4] = float("-inf")
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    p, lam = forward(x, k_R, tau_R, method, return_threshold=True)
+    grads = backward(p, g, tau_R, method)
+    for launch in [(1, 1), (4, 2), (32, 8)]:
+        p_tile, lam_tile = forward(x, k_R, tau_R, method, return_threshold=True, launch=launch)
+        torch.testing.assert_close(p_tile, p, atol=2e-6, rtol=0)
+        torch.testing.assert_close(lam_tile, lam, atol=2e-6, rtol=1e-6)
+        for ours, ref in zip(backward(p, g, tau_R, method, launch=launch), grads, strict=True):
+            torch.testing.assert_close(ours, ref, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("launch", [(3, 4), (0, 4), (256, 4), (8, 3), (8, 32)])
+def test_bad_launch_tile_is_rejected(launch):
+    x, k_R, tau_R = make_rows(4, 8, seed=1)
+    with pytest.raises(ValueError, match=r"launch=.*ROWS a power of two"):
+        forward(x, k_R, tau_R, "exp", launch=launch)
+    with pytest.raises(ValueError, match=r"launch=.*ROWS a power of two"):
+        backward(x, x, tau_R, "exp", launch=launch)
 
 
 @needs_kernels
