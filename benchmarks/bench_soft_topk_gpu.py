@@ -90,25 +90,34 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.smoke:
+def check_environment(script: str, smoke: bool) -> bool:
+    """For a smoke run, switch Triton to its CPU interpreter; otherwise check for a CUDA device.
+    Then check for triton. Prints why not and returns False where the script cannot run."""
+    if smoke:
         # Must precede the first import of triton (the interpreter replaces triton.language).
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
-    if not args.smoke and not torch.cuda.is_available():
+    if not smoke and not torch.cuda.is_available():
         print(
-            "bench_soft_topk_gpu: no CUDA device found. This benchmark times GPU kernels; run it "
-            "on a machine with an NVIDIA GPU (or use --smoke to check the script on CPU).",
+            f"{script}: no CUDA device found. It times GPU kernels; run it on a machine with an "
+            "NVIDIA GPU (or use --smoke to check the script on CPU).",
             file=sys.stderr,
         )
-        return 2
+        return False
     try:
         import triton  # noqa: F401
     except ImportError:
-        print("bench_soft_topk_gpu: the `triton` package is not installed.", file=sys.stderr)
+        print(f"{script}: the `triton` package is not installed.", file=sys.stderr)
+        return False
+    return True
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not check_environment("bench_soft_topk_gpu", args.smoke):
         return 2
+    import torch
 
     sys.path.insert(0, str(ROOT))
     from moe_router.ops import threshold_triton as kernels
@@ -133,7 +142,7 @@ def main(argv=None) -> int:
                 file=sys.stderr,
             )
             return 2
-    timer = _wall_clock if args.smoke else _do_bench(quick=args.quick)
+    timer = wall_clock if args.smoke else gpu_timer(quick=args.quick)
 
     results: list[Row] = []
     for n_rows, n in shapes:
@@ -151,20 +160,25 @@ def main(argv=None) -> int:
             if device == "cuda":
                 torch.cuda.empty_cache()
 
-    table = _markdown(results, args, torch, device)
-    print()
-    print(table)
-    if args.smoke:
-        print("(smoke run: interpreter wall-clock times, nothing written)")
-        return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soft_topk_gpu.md").write_text(table)
     meta = _environment(torch, device)
     meta.update({"quick": args.quick, "dtype": args.dtype, "k": args.k})
     payload = {"meta": meta, "results": [asdict(r) for r in results]}
-    (args.out / "soft_topk_gpu.json").write_text(json.dumps(payload, indent=2))
-    print(f"wrote {args.out / 'soft_topk_gpu.md'} and {args.out / 'soft_topk_gpu.json'}")
+    report(_markdown(results, args, torch, device), payload, args.out / "soft_topk_gpu", args.smoke)
     return 0
+
+
+def report(table: str, payload: dict, stem: Path, smoke: bool) -> None:
+    """Print the markdown table; unless this is a smoke run, write it and the JSON payload to
+    stem.md and stem.json."""
+    print()
+    print(table)
+    if smoke:
+        print("(smoke run: interpreter wall-clock times, nothing written)")
+        return
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(table)
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")
 
 
 def _bench_shape(kernels, soft_topk, seed_soft_topk, timer, x, g, k_R, tau_R, args, method):
@@ -229,14 +243,16 @@ def _bench_shape(kernels, soft_topk, seed_soft_topk, timer, x, g, k_R, tau_R, ar
     return row
 
 
-def _do_bench(quick: bool) -> Callable[[Callable[[], object]], float]:
+def gpu_timer(quick: bool) -> Callable[[Callable[[], object]], float]:
+    """Median ms of a callable by ``triton.testing.do_bench`` (fewer repetitions if quick)."""
     from triton.testing import do_bench
 
     warmup, rep = (10, 50) if quick else (25, 200)
     return lambda fn: float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
-def _wall_clock(fn: Callable[[], object], repeats: int = 3) -> float:
+def wall_clock(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Median wall-clock ms of a callable over a few calls after one warm-up (smoke runs)."""
     fn()
     times = []
     for _ in range(repeats):

@@ -25,12 +25,13 @@ Shape legend: R rows, N entries per row, ROWS rows per program (the tile).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_soft_topk_gpu import check_environment, gpu_timer, report, wall_clock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "gpu"
@@ -92,23 +93,12 @@ def tiles(block_n: int) -> list[tuple[int, int]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the first import of triton
+    if not check_environment("sweep_triton_launch", args.smoke):
+        return 2
     import torch
+    import triton
+    import triton.language as tl
 
-    if not args.smoke and not torch.cuda.is_available():
-        print(
-            "sweep_triton_launch: no CUDA device found; run it on a machine with an NVIDIA GPU "
-            "(or use --smoke to check the script on CPU).",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        print("sweep_triton_launch: the `triton` package is not installed.", file=sys.stderr)
-        return 2
     sys.path.insert(0, str(ROOT))
     from moe_router.ops import threshold_triton as kernels
 
@@ -134,7 +124,7 @@ def main(argv=None) -> int:
 
     device = "cpu" if args.smoke else "cuda"
     n_rows = 64 if args.smoke else args.rows
-    timer = _wall_clock if args.smoke else _do_bench()
+    timer = wall_clock if args.smoke else gpu_timer(quick=True)
     started = time.monotonic()
     stopped_early = False
     points: list[Point] = []
@@ -180,17 +170,9 @@ def main(argv=None) -> int:
         if stopped_early:
             break
     _ratios(points)
-    table = _markdown(points, args, n_rows, torch, stopped_early)
-    print()
-    print(table)
-    if args.smoke:
-        print("(smoke run: interpreter wall-clock times, nothing written)")
-        return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "launch_sweep.md").write_text(table)
     payload = {
         "meta": {
-            "device": torch.cuda.get_device_name(),
+            "device": "interpreter (smoke)" if args.smoke else torch.cuda.get_device_name(),
             "torch": torch.__version__,
             "triton": triton.__version__,
             "rows": n_rows,
@@ -200,8 +182,8 @@ def main(argv=None) -> int:
         },
         "points": [asdict(p) for p in points],
     }
-    (args.out / "launch_sweep.json").write_text(json.dumps(payload, indent=2))
-    print(f"wrote {args.out / 'launch_sweep.md'} and {args.out / 'launch_sweep.json'}")
+    table = _markdown(points, args, n_rows, torch, stopped_early)
+    report(table, payload, args.out / "launch_sweep", args.smoke)
     return 0
 
 
@@ -231,22 +213,6 @@ def _ratios(points: list[Point]) -> None:
         if base is not None:
             point.fwd_vs_default = point.fwd_ms / base.fwd_ms
             point.bwd_vs_default = point.bwd_ms / base.bwd_ms
-
-
-def _do_bench():
-    from triton.testing import do_bench
-
-    return lambda fn: float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
-
-
-def _wall_clock(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _line(p: Point) -> str:
