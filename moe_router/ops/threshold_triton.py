@@ -502,8 +502,15 @@ def _launch_config(n: int, launch: tuple[int, int] | None = None) -> tuple[int, 
         rows = max(1, min(_MAX_ROWS, _TILE_ELEMENTS // block_n))
         num_warps = 4 if rows * block_n <= 2048 else 8
         return block_n, rows, num_warps
-    rows, num_warps = launch
-    if not (1 <= rows <= _MAX_ROWS and rows & (rows - 1) == 0) or num_warps not in _NUM_WARPS:
+    valid = (
+        isinstance(launch, tuple | list)
+        and len(launch) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in launch)
+    )
+    if valid:
+        rows, num_warps = launch
+        valid = 1 <= rows <= _MAX_ROWS and rows & (rows - 1) == 0 and num_warps in _NUM_WARPS
+    if not valid:
         raise ValueError(
             f"launch={launch!r}: need (ROWS, num_warps) with ROWS a power of two from 1 to "
             f"{_MAX_ROWS} and num_warps one of {_NUM_WARPS}"

@@ -458,25 +458,46 @@ def test_backward_matches_torch_path_autograd(method):
 
 @needs_kernels
 @pytest.mark.parametrize("method", METHODS)
-def test_results_do_not_depend_on_the_launch_tile(method):
+def test_results_do_not_depend_on_the_launch_tile(method, monkeypatch):
     """Rows are independent: a tuning sweep's (ROWS, num_warps) changes the tiling, not p or
     the gradients (20 rows: tiles of 1, 4 and 32 rows, partial last tiles included). Within
-    rounding: on a GPU the warps split a row's sums differently."""
+    rounding: on a GPU the warps split a row's sums differently. The launches are recorded, to
+    check that the tile asked for is the one launched."""
+    launches = []
+    traceable = kernels._traceable
+
+    def recording(kernel):
+        def at(grid):
+            def launch_kernel(*args, **kwargs):
+                launches.append((grid, kwargs["ROWS"], kwargs["num_warps"]))
+                return traceable(kernel)[grid](*args, **kwargs)
+
+            return launch_kernel
+
+        return type("Recording", (), {"__getitem__": lambda self, grid: at(grid)})()
+
+    monkeypatch.setattr(kernels, "_traceable", recording)
     x, k_R, tau_R = make_rows(20, 12, seed=3, per_row_k=True)
     x[5, :4] = float("-inf")
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
     p, lam = forward(x, k_R, tau_R, method, return_threshold=True)
     grads = backward(p, g, tau_R, method)
+    assert [rows for _, rows, _ in launches] == [kernels._launch_config(12)[1]] * 2
     for launch in [(1, 1), (4, 2), (32, 8)]:
+        launches.clear()
         p_tile, lam_tile = forward(x, k_R, tau_R, method, return_threshold=True, launch=launch)
         torch.testing.assert_close(p_tile, p, atol=2e-6, rtol=0)
         torch.testing.assert_close(lam_tile, lam, atol=2e-6, rtol=1e-6)
         for ours, ref in zip(backward(p, g, tau_R, method, launch=launch), grads, strict=True):
             torch.testing.assert_close(ours, ref, atol=2e-6, rtol=1e-5)
+        rows, warps = launch
+        assert launches == [((-(-20 // rows),), rows, warps)] * 2  # forward, backward
 
 
 @needs_kernels
-@pytest.mark.parametrize("launch", [(3, 4), (0, 4), (256, 4), (8, 3), (8, 32)])
+@pytest.mark.parametrize(
+    "launch", [(3, 4), (0, 4), (256, 4), (8, 3), (8, 32), (8.0, 4), (8,), (8, 4, 1), 8]
+)
 def test_bad_launch_tile_is_rejected(launch):
     x, k_R, tau_R = make_rows(4, 8, seed=1)
     with pytest.raises(ValueError, match=r"launch=.*ROWS a power of two"):
