@@ -334,11 +334,12 @@ def _nan_as_neg_inf(rows_RN: torch.Tensor) -> torch.Tensor:
 def test_top_values_match_torch_topk(num_entries, dtype):
     """The balanced gate's row selection: torch.topk's values, NaN counted as -inf, on rows
     with ties, -inf masks and scales from 1e-3 to 1e3; row counts that leave a partial block
-    of 8, and counts on both sides of the SIMD sifting path's limit (16)."""
+    of 8, and counts on both sides of the SIMD sifting path's limit (16) and of the insertion
+    path's (32; larger counts select with nth_element and sort)."""
     rows_RN = stress_rows(num_entries, dtype)
     rows_RN = torch.cat([rows_RN, torch.randn(3 * 8 + 5, num_entries, dtype=dtype)])
     expected_RN = _nan_as_neg_inf(rows_RN)
-    for num in sorted({min(num, num_entries) for num in (1, 2, 9, 16, 17)}):
+    for num in sorted({min(num, num_entries) for num in (1, 2, 9, 16, 17, 32, 33, 100)}):
         got_RN = threshold_cpp.top_values(rows_RN, num)
         assert torch.equal(got_RN, expected_RN.topk(num, dim=-1).values), num
 
