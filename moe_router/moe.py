@@ -596,16 +596,15 @@ class MoELayer(nn.Module):
         # not under a bf16 autocast, whose matmuls return bf16).
         fold = fuse and cpp_kernels_serve(x_TD)
         for token_N, x_ND, weight_N, w2_FD, *w_up_D in slices:  # N = pairs of one expert
-            if fuse:
-                gate_up_NG = x_ND @ w_up_D[0]
-            if fold and gate_up_NG.dtype == dtype:
-                h_NF = _WeightedGatedSiLU.apply(gate_up_NG, weight_N)
-                y_TD.index_add_(0, token_N, h_NF @ w2_FD)
-                continue
-            if fuse:
-                h_NF = _GatedSiLU.apply(gate_up_NG)
-            else:
+            if not fuse:
                 h_NF = F.silu(x_ND @ w_up_D[0]) * (x_ND @ w_up_D[1])
+            else:
+                gate_up_NG = x_ND @ w_up_D[0]
+                if fold and gate_up_NG.dtype == dtype:
+                    h_NF = _WeightedGatedSiLU.apply(gate_up_NG, weight_N)
+                    y_TD.index_add_(0, token_N, h_NF @ w2_FD)
+                    continue
+                h_NF = _GatedSiLU.apply(gate_up_NG)
             y_ND = h_NF @ w2_FD
             y_TD.index_add_(0, token_N, y_ND.to(dtype) * weight_N.unsqueeze(-1))
         return y_TD

@@ -1118,51 +1118,52 @@ inline V f_prime_vec(V p) {
   }
 }
 
-// The float lanes of v as two double vectors (low half, high half).
-inline std::pair<Vec<double>, Vec<double>> widen(Vec<float> v) {
-  Vec<double> low;
-  Vec<double> high;
+// sum_w += w and sum_wg += w g lane by lane, in double: float lanes widened in two halves.
+inline void accumulate(Vec<double>& sum_w, Vec<double>& sum_wg, Vec<double> w, Vec<double> g) {
+  sum_w += w;
+  sum_wg += w * g;
+}
+inline void accumulate(Vec<double>& sum_w, Vec<double>& sum_wg, Vec<float> w, Vec<float> g) {
+  Vec<double> w_low, w_high, g_low, g_high;
   for (int64_t l = 0; l < kWidth<double>; ++l) {
-    low[l] = v[l];
-    high[l] = v[l + kWidth<double>];
+    w_low[l] = w[l];
+    w_high[l] = w[l + kWidth<double>];
+    g_low[l] = g[l];
+    g_high[l] = g[l + kWidth<double>];
   }
-  return {low, high};
+  sum_w += w_low + w_high;
+  sum_wg += w_low * g_low + w_high * g_high;
 }
 
-// dL/dx and dL/dk of one float32 row: the formula of backward_impl's row loop in SIMD
-// vectors, with a scalar tail for the last n % 8 entries. The compiler's own vectorisation of
-// that loop spent more on its setup and epilogue than on the arithmetic for rows of 8 or 16
-// (this is 1.3-1.5x faster there) and ran exp's blend at half speed (n = 64: 1.9x). Sums in
-// double, as there, and every entry gets the same expression (the same bits as that loop at
-// n = 8, 12, 16 and 64 in the A/B of this change).
-template <int64_t M>
-inline void backward_row_float(const float* pr, const float* gr, float tau, float* gxr,
-                               float* gk, int64_t n) {
-  typedef Vec<float> V;
-  constexpr int64_t W = kWidth<float>;
+// dL/dx and dL/dk of one row (w = f'(u) through p, v = w / tau): mean = sum w g / sum w (0
+// when sum w = 0; NaN stays NaN), dL/dx = w (g - mean) / tau, divided by tau, never times
+// 1 / tau (a subnormal tau gives +-inf, never 0 * inf = NaN). SIMD vectors with a scalar tail
+// for the last n % width entries, sums in double. The compiler's own vectorisation of the
+// scalar loop this replaces spent more on its setup and epilogue than on the arithmetic for
+// float rows of 8 or 16 (this is 1.3-1.5x faster there) and ran exp's blend at half speed
+// (n = 64: 1.9x); the float results were the same bits at n = 8, 12, 16 and 64.
+template <typename T, int64_t M>
+inline void backward_row(const T* pr, const T* gr, T tau, T* gxr, T* gk, int64_t n) {
+  typedef Vec<T> V;
+  constexpr int64_t W = kWidth<T>;
   const int64_t full = n / W * W;
   Vec<double> sum_w{};
   Vec<double> sum_wg{};
   for (int64_t c = 0; c < full; c += W) {
-    const auto [w_low, w_high] = widen(f_prime_vec<V, M>(load(pr + c)));
-    const auto [g_low, g_high] = widen(load(gr + c));
-    sum_w += w_low + w_high;
-    sum_wg += w_low * g_low + w_high * g_high;
+    accumulate(sum_w, sum_wg, f_prime_vec<V, M>(load(pr + c)), load(gr + c));
   }
   double total_w = hsum(sum_w);
   double total_wg = hsum(sum_wg);
   for (int64_t i = full; i < n; ++i) {
-    const float w = f_prime<float, M>(pr[i]);
+    const T w = f_prime<T, M>(pr[i]);
     total_w += w;
     total_wg += static_cast<double>(w) * gr[i];
   }
-  // sum v = 0 divides by 1 (mean 0); NaN stays NaN; divided by tau, never times 1 / tau (a
-  // subnormal tau gives +-inf, never 0 * inf = NaN)
-  const float mean = static_cast<float>(total_wg / (total_w > 0 ? total_w : 1.0));
+  const T mean = static_cast<T>(total_wg / (total_w > 0 ? total_w : 1.0));
   for (int64_t c = 0; c < full; c += W) {
     store(gxr + c, f_prime_vec<V, M>(load(pr + c)) * (load(gr + c) - mean) / tau);
   }
-  for (int64_t i = full; i < n; ++i) gxr[i] = f_prime<float, M>(pr[i]) * (gr[i] - mean) / tau;
+  for (int64_t i = full; i < n; ++i) gxr[i] = f_prime<T, M>(pr[i]) * (gr[i] - mean) / tau;
   *gk = mean;
 }
 
@@ -1183,32 +1184,14 @@ void backward_impl(const at::Tensor& p, const at::Tensor& grad, const at::Tensor
       const T* pr = p_ptr + r * n;
       const T* gr = g_ptr + r * n;
       T* gxr = gx_ptr + r * n;
-      if constexpr (std::is_same_v<T, float>) {
-        // (rows of 8 and 16 entries, the commonest router widths, with n known to the
-        // compiler: their loops unroll into a few vector instructions)
-        if (n == kWidth<float>) {
-          backward_row_float<M>(pr, gr, tau_ptr[r], gxr, gk_ptr + r, kWidth<float>);
-        } else if (n == 2 * kWidth<float>) {
-          backward_row_float<M>(pr, gr, tau_ptr[r], gxr, gk_ptr + r, 2 * kWidth<float>);
-        } else {
-          backward_row_float<M>(pr, gr, tau_ptr[r], gxr, gk_ptr + r, n);
-        }
+      // (rows of one or two vectors, 8 and 16 float entries, the commonest router widths,
+      // with n known to the compiler: their loops unroll into a few vector instructions)
+      if (n == kWidth<T>) {
+        backward_row<T, M>(pr, gr, tau_ptr[r], gxr, gk_ptr + r, kWidth<T>);
+      } else if (n == 2 * kWidth<T>) {
+        backward_row<T, M>(pr, gr, tau_ptr[r], gxr, gk_ptr + r, 2 * kWidth<T>);
       } else {
-        double sum_w = 0.0;
-        double sum_wg = 0.0;
-#pragma omp simd reduction(+ : sum_w, sum_wg)
-        for (int64_t i = 0; i < n; ++i) {
-          const T w = f_prime<T, M>(pr[i]);
-          sum_w += w;
-          sum_wg += static_cast<double>(w) * gr[i];
-        }
-        // as the torch formula: sum v = 0 divides by 1 (mean 0); NaN stays NaN
-        const T mean = static_cast<T>(sum_wg / (sum_w > 0 ? sum_w : 1.0));
-        // divided, not multiplied by 1 / tau: a subnormal tau gives +-inf, never 0 * inf = NaN
-        const T tau = tau_ptr[r];
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) gxr[i] = f_prime<T, M>(pr[i]) * (gr[i] - mean) / tau;
-        gk_ptr[r] = mean;
+        backward_row<T, M>(pr, gr, tau_ptr[r], gxr, gk_ptr + r, n);
       }
       if (need_tau) {
         double acc = 0.0;
