@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from models.config import ModelConfig, OptimConfig, config_differences
 from models.transformer import MoETransformer
 from moe_router.metrics import LoadBalanceMetrics, scalar_metrics
+from moe_router.records import routings
+from moe_router.routing import Routing
 from moe_router.stepping import register_optimizer_hooks
 
 # Scalars logged per layer at every training step; the full set is logged for validation.
@@ -91,16 +93,17 @@ class MoELanguageModel(L.LightningModule):
 
     # -------------------------------------------------------------------------------- forward
 
-    def forward(self, tokens_BS: Tensor):
-        """Logits and routing records, see ``MoETransformer.forward``."""
+    def forward(self, tokens_BS: Tensor) -> Tensor:
+        """Logits, see ``MoETransformer.forward``."""
         return self.net(tokens_BS)
 
-    def _loss(self, blocks_BL: Tensor):
+    def _loss(self, blocks_BL: Tensor) -> tuple[Tensor, list[Routing]]:
+        """The LM loss of a batch and each MoE layer's routing record, in block order."""
         inputs_BS, targets_BS = blocks_BL[:, :-1], blocks_BL[:, 1:].long()
-        logits_BSV, routings = self.net(inputs_BS)
+        logits_BSV = self.net(inputs_BS)
         # Cross entropy in fp32 even under bf16 autocast (F.cross_entropy autocasts to fp32).
         lm_loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
-        return lm_loss, routings
+        return lm_loss, list(routings(self.net).values())
 
     # ------------------------------------------------------------------------------- training
 

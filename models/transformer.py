@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from models.config import ModelConfig
 from moe_router.moe import MoELayer, SwiGLU
-from moe_router.routing import Routing
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
@@ -114,23 +113,18 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(config.d_model, config.dense_width)
 
-    def forward(self, x_BSD: Tensor) -> tuple[Tensor, Routing | None]:
-        """Runs attention and FFN with residual connections.
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        """Runs attention and FFN with residual connections (an MoE FFN keeps its routing
+        record on its router: ``moe_router.routings(model)``).
 
         Args:
             x_BSD: Residual stream.
 
         Returns:
-            The updated residual stream and the FFN's routing record (None for a dense FFN).
+            The updated residual stream.
         """
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
-        h_BSD = self.ffn_norm(x_BSD)
-        routing = None
-        if self.is_moe:
-            ffn_BSD, routing = self.ffn(h_BSD, return_routing=True)
-        else:
-            ffn_BSD = self.ffn(h_BSD)
-        return x_BSD + ffn_BSD, routing
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
 
 
 class MoETransformer(nn.Module):
@@ -141,7 +135,8 @@ class MoETransformer(nn.Module):
 
     Example:
         >>> net = MoETransformer(ModelConfig(d_model=64, n_layers=2, n_heads=2))
-        >>> logits_BSV, routings = net(torch.randint(0, 256, (2, 16)))
+        >>> logits_BSV = net(torch.randint(0, 256, (2, 16)))
+        >>> records = moe_router.routings(net)  # one Routing per MoE layer, in block order
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -173,15 +168,17 @@ class MoETransformer(nn.Module):
         """The MoE layers, in block order."""
         return [block.ffn for block in self.blocks if block.is_moe]
 
-    def forward(self, tokens_BS: Tensor) -> tuple[Tensor, list[Routing]]:
+    def forward(self, tokens_BS: Tensor) -> Tensor:
         """Computes next-token logits.
+
+        Each MoE layer's routing record (aux losses, loads) is read afterwards with
+        ``moe_router.routings(net)`` / ``moe_router.aux_loss(net)``.
 
         Args:
             tokens_BS: Token ids (any integer dtype), ``S <= config.max_seq_len``.
 
         Returns:
-            ``(logits_BSV, routings)``: logits in the compute dtype and one routing record
-            per MoE layer, in block order.
+            ``logits_BSV`` in the compute dtype.
 
         Raises:
             ValueError: If the sequence is longer than ``config.max_seq_len``.
@@ -192,10 +189,6 @@ class MoETransformer(nn.Module):
                 f"max_seq_len={self.config.max_seq_len}"
             )
         x_BSD = self.embed(tokens_BS.long())
-        routings = []
         for block in self.blocks:
-            x_BSD, routing = block(x_BSD)
-            if routing is not None:
-                routings.append(routing)
-        logits_BSV = F.linear(self.final_norm(x_BSD), self.embed.weight)
-        return logits_BSV, routings
+            x_BSD = block(x_BSD)
+        return F.linear(self.final_norm(x_BSD), self.embed.weight)

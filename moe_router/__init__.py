@@ -19,6 +19,7 @@ from moe_router.metrics import (
 )
 from moe_router.moe import MoEConfig, MoELayer, SwiGLU, capacity_keep_mask, grouped_matmul
 from moe_router.ops import soft_topk
+from moe_router.records import aux_loss, routings
 from moe_router.report import (
     LoadBalanceReport,
     load_balance_table,
@@ -43,6 +44,7 @@ __all__ = [
     "RouterOptions",
     "Routing",
     "SwiGLU",
+    "aux_loss",
     "balance_thresholds",
     "capacity_keep_mask",
     "grouped_matmul",
@@ -53,6 +55,7 @@ __all__ = [
     "register_optimizer_hooks",
     "router_z_loss",
     "routers",
+    "routings",
     "run_gate",
     "scalar_metrics",
     "select_experts",

@@ -19,13 +19,22 @@ loads summed over all data-parallel ranks.
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
+
+from moe_router.routing import Routing
+from moe_router.state import RouterState, all_reduce_sum
+
+if TYPE_CHECKING:
+    from moe_router.config import RouterConfig
 
 __all__ = [
     "ExpertBias",
     "load_balancing_loss",
+    "router_aux_losses",
     "router_z_loss",
     "sequence_load_balancing_loss",
 ]
@@ -142,16 +151,68 @@ def router_z_loss(logits_TE: Tensor, token_mask_T: Tensor | None = None) -> Tens
     return (log_z_T.square() * weight_T).sum() / weight_T.sum().clamp_min(1.0)
 
 
-class ExpertBias(nn.Module):
+def router_aux_losses(
+    config: RouterConfig,
+    lead_shape: tuple[int, ...],
+    logits_TE: Tensor,
+    scores_TE: Tensor,
+    expert_ids_TK: Tensor,
+    valid_TK: Tensor,
+    token_mask_T: Tensor | None,
+) -> dict[str, Tensor]:
+    """The auxiliary losses a router's config enables, already scaled by their coefficients.
+
+    Args:
+        config: The router's config (``aux_loss_coef``, ``seq_aux_loss_coef``,
+            ``z_loss_coef``).
+        lead_shape: The leading dims of the router input: ``[B, S]`` defines the sequences of
+            the per-sequence loss; any other shape is one sequence.
+        logits_TE: Raw router logits (z-loss).
+        scores_TE: The gate's scores (softmax / sigmoid, or the soft top-k p).
+        expert_ids_TK: Selected experts.
+        valid_TK: Which slots carry an assignment.
+        token_mask_T: True for real tokens; all real when None.
+
+    Returns:
+        ``{"load_balance": ..., "seq_load_balance": ..., "z_loss": ...}``, the enabled ones.
+    """
+    losses: dict[str, Tensor] = {}
+    if config.aux_loss_coef > 0 or config.seq_aux_loss_coef > 0:
+        # P_i needs a distribution per token: softmax already is one, sigmoid scores and soft
+        # top-k p (which sums to K) are normalised by their row sum (DeepSeek-V3).
+        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    if config.aux_loss_coef > 0:
+        losses["load_balance"] = config.aux_loss_coef * load_balancing_loss(
+            probs_TE, expert_ids_TK, valid_TK, token_mask_T
+        )
+    if config.seq_aux_loss_coef > 0:
+        batch = lead_shape[0] if len(lead_shape) >= 2 else 1
+        seq = math.prod(lead_shape[1:]) if len(lead_shape) >= 2 else logits_TE.shape[0]
+        token_mask_BS = None if token_mask_T is None else token_mask_T.view(batch, seq)
+        losses["seq_load_balance"] = config.seq_aux_loss_coef * sequence_load_balancing_loss(
+            probs_TE.view(batch, seq, config.num_experts),
+            expert_ids_TK.view(batch, seq, expert_ids_TK.shape[-1]),
+            valid_TK.view(batch, seq, valid_TK.shape[-1]),
+            token_mask_BS,
+        )
+    if config.z_loss_coef > 0:
+        losses["z_loss"] = config.z_loss_coef * router_z_loss(logits_TE, token_mask_T)
+    return losses
+
+
+class ExpertBias(RouterState):
     """DeepSeek-V3 auxiliary-loss-free balancing bias (selection-only, fp32).
 
     The bias is added to the selection scores only, so it changes which experts a token goes
     to but never the combine weights, and it gets no gradient. The support-exact
     ``sparse_soft_topk`` gate is the exception: there the bias shifts each expert's threshold
     inside the solve (its weights are the biased p), since that gate computes exactly the
-    experts with p > 0. After each optimizer step the
-    training loop calls :meth:`update` with the step's loads; loads are summed over the
-    data-parallel ranks first, so every rank applies the same update and holds the same bias.
+    experts with p > 0.
+
+    A router component (:class:`~moe_router.state.RouterState`): training forwards
+    :meth:`accumulate` their loads, :meth:`step` applies :meth:`update` to them after each
+    optimizer step. Loads are summed over the data-parallel ranks first, so every rank applies
+    the same update and holds the same bias.
 
     The buffer stays fp32 when the module is cast (``.to(torch.bfloat16)``, ``.half()``):
     updates of size ``u`` ~ 1e-3 would be lost to bf16 rounding, and ranks must agree exactly.
@@ -173,13 +234,19 @@ class ExpertBias(nn.Module):
         self.num_experts = num_experts
         self.update_rate = update_rate
         self.register_buffer("bias_E", torch.zeros(num_experts, dtype=torch.float32))
+        # Loads of the training forwards since the last step.
+        self.register_buffer("pending_load_E", torch.zeros(num_experts), persistent=False)
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's signature
-        bias_E = self.bias_E
-        super()._apply(fn, recurse)
-        # Follow device moves but never a dtype cast (see the class docstring).
-        self.bias_E = bias_E.to(device=self.bias_E.device, dtype=torch.float32)
-        return self
+    @torch.no_grad()
+    def accumulate(self, routing: Routing, token_mask_T: Tensor | None) -> None:
+        """Add the batch's assignments per expert (padding is already out of them)."""
+        self.pending_load_E += routing.tokens_per_expert_E
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """:meth:`update` from the loads since the last step, then reset them."""
+        self.update(self.pending_load_E)
+        self.pending_load_E.zero_()
 
     def forward(self, scores_TE: Tensor) -> Tensor:
         """Selection scores: ``scores + bias`` (fp32; the bias carries no gradient)."""
@@ -202,9 +269,7 @@ class ExpertBias(nn.Module):
                 f"got {tuple(tokens_per_expert_E.shape)}"
             )
         load_E = tokens_per_expert_E.detach().to(device=self.bias_E.device, dtype=torch.float32)
-        load_E = load_E.clone()  # all_reduce is in place; never touch the caller's tensor
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(load_E, op=dist.ReduceOp.SUM)
+        load_E = all_reduce_sum(load_E)  # a copy: the caller's tensor is never touched
         self.bias_E += self.update_rate * torch.sign(load_E.mean() - load_E)
         self.bias_E -= self.bias_E.mean()
 

@@ -25,11 +25,16 @@ the ranges) for users who build the dataclasses in Python. Every bad value raise
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 __all__ = [
     "ANNEAL_SHAPES",
+    "COMMON_OPTIONS",
+    "GATE_SPECS",
+    "MECHANISM_OPTIONS",
+    "ROUTER_OPTION_DEFAULTS",
     "DROP_POLICIES",
     "GATES",
     "GROUPED_MM_BACKENDS",
@@ -41,6 +46,7 @@ __all__ = [
     "BalanceTarget",
     "DropPolicy",
     "Gate",
+    "GateSpec",
     "GroupedMMBackend",
     "MoEConfig",
     "MoEOptions",
@@ -49,6 +55,11 @@ __all__ = [
     "ScoreFunc",
     "SoftMethod",
     "TauSchedule",
+    "check_options_read",
+    "config_from_arguments",
+    "gates_reading",
+    "is_support_exact",
+    "option_is_read",
 ]
 
 BalanceTarget = Literal["load", "mass"]
@@ -68,13 +79,176 @@ DropPolicy = Literal["score", "position"]
 GroupedMMBackend = Literal["auto", "grouped_mm", "loop"]
 
 GATES: tuple[str, ...] = get_args(Gate)
-SOFT_GATES = tuple(gate for gate in GATES if gate != "topk")
 SCORE_FUNCS: tuple[str, ...] = get_args(ScoreFunc)
 SOFT_METHODS: tuple[str, ...] = get_args(SoftMethod)
 TAU_SCHEDULES: tuple[str, ...] = get_args(TauSchedule)
 ANNEAL_SHAPES: tuple[str, ...] = get_args(AnnealShape)
 DROP_POLICIES: tuple[str, ...] = get_args(DropPolicy)
 GROUPED_MM_BACKENDS: tuple[str, ...] = get_args(GroupedMMBackend)
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """What one gate is, for the config: the options it reads and how it dispatches.
+
+    Attributes:
+        options: The options this gate reads beyond :data:`COMMON_OPTIONS`.
+        soft: Whether it solves a soft top-k (and so has a temperature).
+        support_exact: Whether it computes every expert with p > 0 (``max_active`` static
+            slots, the rest counted as overflow) instead of a fixed K; ``"sparse"`` when that
+            holds only with ``method="sparse"``.
+    """
+
+    options: frozenset[str]
+    soft: bool = True
+    support_exact: bool | Literal["sparse"] = False
+
+
+# Options every gate reads: the router's linear, scaling, groups and auxiliary losses.
+COMMON_OPTIONS = frozenset(
+    {
+        "renormalize",
+        "score_scale",
+        "jitter_eps",
+        "num_groups",
+        "topk_groups",
+        "aux_loss_coef",
+        "seq_aux_loss_coef",
+        "z_loss_coef",
+        "init_std",
+    }
+)
+_TEMPERATURE = {"tau", "tau_schedule", "tau_final", "anneal_steps", "anneal_shape", "tau_min"}
+_BUDGET = {"max_active", "target_active", "budget_update_rate"}
+_BIAS = {"expert_bias", "bias_update_rate"}
+_BALANCE = {"balance_iters", "balance_target", "balance_momentum", "balance_window"}
+
+#: One entry per gate (a new gate is a function in ``moe_router.gates`` and an entry here).
+GATE_SPECS: dict[str, GateSpec] = {
+    "topk": GateSpec(frozenset({"score_func", *_BIAS}), soft=False),
+    "soft_topk": GateSpec(frozenset({"method", *_TEMPERATURE, *_BIAS})),
+    # every expert is dispatched: no selection for a bias to shift
+    "soft_topk_dense": GateSpec(frozenset({"method", *_TEMPERATURE})),
+    "sparse_soft_topk": GateSpec(
+        frozenset({"method", *_TEMPERATURE, *_BUDGET, *_BIAS}), support_exact=True
+    ),
+    "balanced_soft_topk": GateSpec(
+        frozenset({"method", *_TEMPERATURE, *_BUDGET, *_BIAS, *_BALANCE}), support_exact="sparse"
+    ),
+    "straight_through": GateSpec(frozenset({"method", *_TEMPERATURE, *_BIAS})),
+}
+
+_SUPPORT_EXACT = (
+    "a support-exact gate (sparse_soft_topk, or balanced_soft_topk with method='sparse')"
+)
+
+# Options a gate reads only while another setting enables their mechanism:
+# option -> (the enabling setting, as the error names it; whether it holds for a config).
+MECHANISM_OPTIONS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "tau_final": ("tau_schedule='anneal'", lambda c: c.tau_schedule == "anneal"),
+    "anneal_steps": ("tau_schedule='anneal'", lambda c: c.tau_schedule == "anneal"),
+    "anneal_shape": ("tau_schedule='anneal'", lambda c: c.tau_schedule == "anneal"),
+    "tau_min": ("tau_schedule='learned'", lambda c: c.tau_schedule == "learned"),
+    "bias_update_rate": ("expert_bias=True", lambda c: c.expert_bias),
+    "budget_update_rate": ("target_active set", lambda c: c.target_active is not None),
+    "balance_momentum": ("balance_window=None", lambda c: c.balance_window is None),
+    "max_active": (_SUPPORT_EXACT, lambda c: is_support_exact(c.gate, c.method)),
+    "target_active": (_SUPPORT_EXACT, lambda c: is_support_exact(c.gate, c.method)),
+    # the support-exact balanced gate dispatches on its support alone
+    "expert_bias": (
+        "a method other than 'sparse' for balanced_soft_topk",
+        lambda c: not _balanced_sparse(c),
+    ),
+    "method": (
+        "'sparse' for sparse_soft_topk (its only method)",
+        lambda c: c.gate != "sparse_soft_topk" or c.method == "sparse",
+    ),
+    "drop_policy": ("capacity_factor set", lambda c: c.capacity_factor is not None),
+}
+
+
+SOFT_GATES = tuple(gate for gate in GATES if GATE_SPECS[gate].soft)
+
+
+def is_support_exact(gate: str, method: str) -> bool:
+    """Whether ``gate`` with soft top-k ``method`` computes every expert with p > 0."""
+    support_exact = GATE_SPECS[gate].support_exact
+    return support_exact is True or (support_exact == "sparse" and method == "sparse")
+
+
+def _balanced_sparse(config: Any) -> bool:
+    return config.gate == "balanced_soft_topk" and config.method == "sparse"
+
+
+def gates_reading(option: str) -> tuple[str, ...]:
+    """The gates that read ``option`` (every gate for a common or layer option)."""
+    if option in COMMON_OPTIONS or option not in _ROUTER_OPTION_NAMES:
+        return GATES
+    return tuple(gate for gate, spec in GATE_SPECS.items() if option in spec.options)
+
+
+def option_is_read(config: Any, name: str) -> bool:
+    """Whether the config's gate reads option ``name`` with the config's other settings.
+
+    Args:
+        config: Anything with the option attributes and ``gate`` (a :class:`RouterConfig`, a
+            :class:`MoEConfig`, a ``types.SimpleNamespace``).
+        name: The option.
+    """
+    if name in _ROUTER_OPTION_NAMES and name not in COMMON_OPTIONS:
+        if name not in GATE_SPECS[config.gate].options:
+            return False
+    _, holds = MECHANISM_OPTIONS.get(name, ("", None))
+    return holds is None or holds(config)
+
+
+def check_options_read(config: Any, defaults: dict[str, Any]) -> None:
+    """Refuse every option set away from its default that the config's gate does not read.
+
+    An option left at its default is indistinguishable from an unset one, so it always passes.
+
+    Args:
+        config: A :class:`RouterConfig` or :class:`MoEConfig` (sizes and gate set).
+        defaults: The options to check, with their defaults.
+
+    Raises:
+        ValueError: Naming the option, its value, the gate and what reads the option.
+    """
+    for name, default in defaults.items():
+        value = getattr(config, name)
+        if value == default or option_is_read(config, name):
+            continue
+        if config.gate not in gates_reading(name):
+            raise ValueError(
+                f"{name}={value!r} is not read by gate={config.gate!r}: it is an option of "
+                f"{', '.join(gates_reading(name))}"
+            )
+        raise ValueError(
+            f"{name}={value!r} is not read by gate={config.gate!r} with these settings: "
+            f"it is read only with {MECHANISM_OPTIONS[name][0]}"
+        )
+
+
+def config_from_arguments(cls: type, args: tuple, kwargs: dict) -> object:
+    """The config a module's constructor was given: ``cls`` itself, or built from positional
+    sizes and keywords (``MoELayer(d_model=64, d_ff=128, num_experts=8, k=2)``).
+
+    Raises:
+        ValueError: If a ready config comes with further arguments.
+    """
+    config = kwargs.pop("config", None)
+    if config is None and len(args) >= 1 and isinstance(args[0], cls):
+        config, args = args[0], args[1:]
+    if config is None:
+        return cls(*args, **kwargs)
+    if not isinstance(config, cls):
+        raise ValueError(f"config must be a {cls.__name__}, got {type(config).__name__}")
+    if args or kwargs:
+        raise ValueError(
+            f"a {cls.__name__} takes no further arguments: set {sorted(kwargs) or list(args)} "
+            "in the config"
+        )
+    return config
 
 
 def _need(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -303,19 +477,7 @@ class RouterConfig(RouterOptions):
             f"an int with 1 <= k <= num_experts={self.num_experts}",
         )
         super().__post_init__()
-        # A learned tau the topk gate never reads would be an unused parameter (DDP errors).
-        need(
-            self.tau_schedule != "learned" or self.gate in SOFT_GATES,
-            "tau_schedule",
-            f"'learned' needs a soft gate ({SOFT_GATES}), not gate={self.gate!r}",
-        )
-        need(
-            self.target_active is None or self.support_exact,
-            "target_active",
-            "a budget controller needs a support-exact gate (sparse_soft_topk, or "
-            f"balanced_soft_topk with method='sparse'), not gate={self.gate!r} "
-            f"with method={self.method!r}",
-        )
+        check_options_read(self, ROUTER_OPTION_DEFAULTS)
         if self.target_active is not None:
             need(
                 self.target_active < self.num_experts,
@@ -373,9 +535,7 @@ class RouterConfig(RouterOptions):
     def support_exact(self) -> bool:
         """Whether the gate computes every expert with p > 0 (up to ``max_active``, the rest
         counted as overflow) instead of a fixed K."""
-        return self.gate == "sparse_soft_topk" or (
-            self.gate == "balanced_soft_topk" and self.method == "sparse"
-        )
+        return is_support_exact(self.gate, self.method)
 
     @property
     def all_slots_valid(self) -> bool:
@@ -393,8 +553,13 @@ class RouterConfig(RouterOptions):
     @property
     def needs_stepping(self) -> bool:
         """Whether the router holds per-step state that must advance after every optimizer
-        step (expert bias, annealed temperature, budget controller)."""
-        return self.expert_bias or self.tau_schedule == "anneal" or self.target_active is not None
+        step (expert bias, annealed temperature, budget controller, balanced thresholds)."""
+        return (
+            self.expert_bias
+            or self.tau_schedule == "anneal"
+            or self.target_active is not None
+            or self.gate == "balanced_soft_topk"
+        )
 
 
 @dataclass(kw_only=True)
@@ -485,9 +650,17 @@ class MoEConfig(MoEOptions):
         self.router_config = RouterConfig(
             self.d_model, self.num_experts, self.k, self.gate, **self.router_options()
         )
+        check_options_read(self, _LAYER_DEFAULTS)
 
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity for a batch of ``num_tokens`` tokens (None when dropless)."""
         if self.capacity_factor is None:
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.k / self.num_experts)
+
+
+_ROUTER_OPTION_NAMES = frozenset(f.name for f in fields(RouterOptions))
+ROUTER_OPTION_DEFAULTS = {f.name: f.default for f in fields(RouterOptions)}
+_LAYER_DEFAULTS = {
+    f.name: f.default for f in fields(MoEOptions) if f.name not in _ROUTER_OPTION_NAMES
+}

@@ -61,6 +61,7 @@ __all__ = [
     "Selection",
     "annealed_tau",
     "balance_thresholds",
+    "group_limit",
     "run_gate",
     "select_experts",
 ]
@@ -99,6 +100,19 @@ def annealed_tau(config: RouterConfig, step: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ shared helpers
+
+
+def group_limit(logits_TE: Tensor, config: RouterConfig) -> Tensor:
+    """Set the logits of every expert outside the token's ``topk_groups`` best groups to
+    ``-inf`` (group score = the largest logit of the group); no-op without a group limit."""
+    if config.topk_groups == config.num_groups:
+        return logits_TE
+    logits_TGX = logits_TE.unflatten(-1, (config.num_groups, -1))  # X = E // G
+    group_scores_TG = logits_TGX.detach().amax(-1)
+    keep_groups_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
+    keep_groups_TG.scatter_(-1, group_scores_TG.topk(config.topk_groups, -1).indices, True)
+    masked_TGX = logits_TGX.masked_fill(~keep_groups_TG.unsqueeze(-1), float("-inf"))
+    return masked_TGX.flatten(-2)  # (T, E)
 
 
 def _guard_masked(selection_TE: Tensor, logits_TE: Tensor, config: RouterConfig) -> Tensor:

@@ -114,7 +114,7 @@ def test_budget_controller_reaches_and_holds_the_target(target):
 
     # Resume: the budget is checkpointed and the controller holds the target from there.
     state = router.state_dict()
-    assert "budget" in state
+    assert "budget_controller.budget" in state
     resumed = Router(
         16,
         8,
@@ -323,16 +323,16 @@ def test_balance_window_keeps_the_last_real_tokens_and_solves_on_them():
     logits_TE = torch.cat([x.reshape(-1, 4) @ router.weight_ED.t() for x in batches])
     real_T = (~padding.reshape(-1)).repeat(3)
     slots = torch.arange(46, 96) % 50
-    assert torch.equal(router.window_mask_W[slots], real_T[46:])
+    assert torch.equal(router.balance.window_mask_W[slots], real_T[46:])
     kept = real_T[46:]  # (padding rows hold whatever; they are masked out)
     torch.testing.assert_close(
-        router.window_logits_WE[slots][kept], logits_TE[46:][kept], atol=1e-5, rtol=0
+        router.balance.window_logits_WE[slots][kept], logits_TE[46:][kept], atol=1e-5, rtol=0
     )
-    assert router.window_pos.item() == 96 % 50
+    assert router.balance.window_pos.item() == 96 % 50
     before = router.balance_mu_E.clone()
     router.step()
     expected = balance_thresholds(
-        router.window_logits_WE, router.config, 1.0, before, router.window_mask_W
+        router.balance.window_logits_WE, router.config, 1.0, before, router.balance.window_mask_W
     )
     torch.testing.assert_close(router.balance_mu_E, expected)
     # The window travels in checkpoints, so a resumed run steps to the same thresholds.
@@ -365,7 +365,7 @@ def test_running_thresholds_checkpoint_and_fp32():
     router = Router(16, 8, 2, gate="balanced_soft_topk")
     router(torch.randn(64, 16))
     step_routers(router)
-    assert "balance_mu_E" in router.state_dict()
+    assert "balance.mu_E" in router.state_dict()
     router = router.to(torch.bfloat16)
     assert router.balance_mu_E.dtype == torch.float32
 

@@ -380,7 +380,7 @@ def test_padding_tokens_get_nothing_and_count_nowhere(gate):
     if gate == "balanced_soft_topk":
         # In training its thresholds come from the whole batch (padding excluded, checked
         # above): route each sequence with the batch's thresholds, i.e. as at evaluation.
-        router.balance_mu_E.copy_(router.warm_mu_E)
+        router.balance.mu_E.copy_(router.balance.warm_mu_E)
         router.eval()
     per_sequence = [router(x[b][~padding[b]]).aux_losses["seq_load_balance"] for b in range(2)]
     torch.testing.assert_close(routing.aux_losses["seq_load_balance"], sum(per_sequence) / 2)

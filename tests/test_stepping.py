@@ -59,7 +59,7 @@ def test_hook_steps_every_router_like_a_manual_replay():
     for layer, bias_E in zip((model.first, model.second), expected_bias, strict=True):
         torch.testing.assert_close(layer.router.expert_bias.bias_E, bias_E)
         assert int(layer.router.schedule_step) == 3
-        assert not layer.router.pending_load_E.any()
+        assert not layer.router.expert_bias.pending_load_E.any()
     handle.remove()
     optimizer.step()
     assert int(model.first.router.schedule_step) == 3  # removed: no more steps

@@ -44,6 +44,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -52,6 +53,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from transformers.utils import cached_file
 
+from moe_router.config import GATE_SPECS, ROUTER_OPTION_DEFAULTS, option_is_read
 from moe_router.metrics import LoadBalanceMetrics
 from moe_router.report import LoadBalanceReport, load_balance_table, write_load_balance_report
 from moe_router.router import Router
@@ -477,6 +479,19 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> None:
         )
 
 
+def _model_defaults_read(
+    gate: str, defaults: dict[str, Any], router_options: dict[str, Any]
+) -> dict[str, Any]:
+    """The user's options over the model's defaults, keeping a default only where the chosen
+    gate reads it (a soft gate has no ``score_func``; every gate takes ``k``)."""
+    options = {**defaults, **router_options}
+    settings = SimpleNamespace(**{**ROUTER_OPTION_DEFAULTS, **options, "gate": gate})
+    for name in defaults.keys() - router_options.keys() - {"k"}:
+        if gate in GATE_SPECS and not option_is_read(settings, name):
+            del options[name]
+    return options
+
+
 def _copy_forward_hooks(source: nn.Module, target: nn.Module) -> None:
     """Register ``source``'s forward (pre-)hooks on ``target`` too.
 
@@ -552,7 +567,7 @@ def replace_routers(model: nn.Module, gate: str = "soft_topk", **router_options:
     replacements: dict[int, RoutedGate] = {}
     for hf_gate in gates.values():
         spec = gate_spec(hf_gate)
-        options = {**spec.router_options(), **router_options}
+        options = _model_defaults_read(gate, spec.router_options(), router_options)
         k = options.pop("k")
         router_class = DeepseekV3GroupRouter if spec.group_rule == "top2_score_sum" else Router
         router = router_class(spec.d_model, spec.num_experts, k, gate=gate, **options)

@@ -242,7 +242,9 @@ def test_router_takes_the_gate_weight_and_deepseek_settings():
     assert isinstance(routed, RoutedGate) and isinstance(routed, type(hf_gate))
     assert routed.router.weight_ED is weight  # the same Parameter
     config = routed.router.config
-    assert (config.score_func, config.renormalize, config.score_scale) == ("sigmoid", True, 2.5)
+    assert (config.renormalize, config.score_scale) == (True, 2.5)
+    # sigmoid scoring is a topk option: a soft gate does not read it, so it is left unset
+    assert config.score_func == "softmax"
     assert (config.num_groups, config.topk_groups, config.k, config.tau) == (4, 2, 2, 0.5)
     torch.testing.assert_close(routed.router.expert_bias.bias_E, bias_E)
     assert not isinstance(model.model.layers[0].mlp.gate_proj, RoutedGate)  # dense layer 0

@@ -52,13 +52,13 @@ def test_bias_update_gets_the_loads_of_every_micro_batch(corpus_dir, tmp_path):
                 recorded_loads[index].append(routing.tokens_per_expert_E.detach().clone())
 
         router.register_forward_hook(record_forward)
-        original_update = router.update_expert_bias
+        original_update = router.expert_bias.update
 
         def record_update(loads_E, index=index, router=router, original=original_update):
             updates[index].append((loads_E.clone(), router.expert_bias.bias_E.clone()))
             original(loads_E)
 
-        router.update_expert_bias = record_update
+        router.expert_bias.update = record_update
     trainer = tiny_trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, limit_val_batches=0)
     trainer.fit(module, datamodule=tiny_datamodule(corpus_dir, tmp_path))
 
@@ -79,7 +79,7 @@ def test_bias_update_gets_the_loads_of_every_micro_batch(corpus_dir, tmp_path):
         assert bias_E.abs().sum() > 0
         assert int(layer.router.schedule_step) == 3  # one schedule step per optimizer step
     # The routers' own load accumulators are empty after the last step.
-    assert not any(layer.router.pending_load_E.any() for layer in module.net.moe_layers)
+    assert not any(layer.router.expert_bias.pending_load_E.any() for layer in module.net.moe_layers)
 
 
 class _StopAt(L.Callback):

@@ -1,0 +1,298 @@
+"""Per-step router state, one small component per mechanism.
+
+Shape legend: T tokens, E experts, W window tokens.
+
+A :class:`~moe_router.router.Router` builds the components its config enables and drives them
+all through one protocol (:class:`RouterState`):
+
+- ``accumulate(routing, token_mask_T)`` after every training forward (in-place buffer updates,
+  no host sync);
+- ``step()`` after every optimizer step: reduce what was accumulated over the data-parallel
+  ranks (each component does its own all-reduce, so every rank holds the same state), update,
+  reset;
+- ``state_dict()`` through persistent buffers, so a checkpoint resumes the state exactly;
+- ``needs_step``: whether training without ever calling ``step()`` leaves the component
+  wrong (the router's "trained without a step" warning asks every component).
+
+=========================  ====================================  ==============================
+component                  enabled by                            what ``step()`` does
+=========================  ====================================  ==============================
+``ExpertBias``             ``expert_bias=True``                  ``b += u sign(mean load - load)``
+(:mod:`moe_router.balancing`)
+:class:`AnnealedTau`       ``tau_schedule="anneal"``             one schedule step
+:class:`BudgetController`  ``target_active``                     ``log k += rate * rel. error``
+:class:`RunningThresholds`  ``balanced_soft_topk``               EMA of the batch solutions
+:class:`WindowThresholds`  ``balanced_soft_topk`` +              one solve over the last W
+                           ``balance_window``                    training tokens' logits
+=========================  ====================================  ==============================
+
+Every floating-point buffer of a component stays fp32 under ``.to(torch.bfloat16)`` /
+``.half()``: the updates are small and every rank must hold the same values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moe_router.config import RouterConfig
+from moe_router.gates import annealed_tau, balance_thresholds
+from moe_router.routing import Routing
+
+__all__ = [
+    "AnnealedTau",
+    "BalancedThresholds",
+    "BudgetController",
+    "RouterState",
+    "RunningThresholds",
+    "WindowThresholds",
+    "all_reduce_sum",
+    "upgrade_flat_state_dict",
+]
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum over data-parallel ranks when torch.distributed is initialised (a copy)."""
+    tensor = tensor.clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+class RouterState(nn.Module):
+    """One mechanism's per-step state (see the module docstring for the protocol)."""
+
+    #: Whether a router holding this component must be stepped after each optimizer step.
+    needs_step: bool = True
+
+    def accumulate(self, routing: Routing, token_mask_T: Tensor | None) -> None:
+        """Take what :meth:`step` needs from one training forward (default: nothing)."""
+
+    def step(self) -> None:
+        """Advance after one optimizer step; every rank must call it after the same step."""
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):
+        # Device moves are followed, dtype casts are not: a cast would round the fp32 values.
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is None or not old.is_floating_point() or new.dtype == torch.float32:
+                continue
+            if old.is_meta or new.is_meta:
+                self._buffers[name] = new.float()
+            else:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return self
+
+
+class AnnealedTau(RouterState):
+    """The ``anneal`` temperature schedule: its position in optimizer steps (checkpointed).
+
+    Args:
+        config: The router's config (``tau``, ``tau_final``, ``anneal_steps``,
+            ``anneal_shape``).
+    """
+
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("schedule_step", torch.zeros((), dtype=torch.long))
+
+    @property
+    def tau(self) -> Tensor:
+        """The temperature at the current step (fp32 scalar)."""
+        return annealed_tau(self.config, self.schedule_step)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One optimizer step along the schedule."""
+        self.schedule_step += 1
+
+
+class BudgetController(RouterState):
+    """Holds the mean support of a support-exact gate at ``target_active``.
+
+    The soft budget k (the sum of p each token spends) follows an integral controller on the
+    log scale, ``log k += rate * (target - s) / target``, with s the mean number of experts
+    with p > 0 per real token since the last step, over all ranks; k stays in
+    ``[1e-3, E_usable - 1e-3]``.
+
+    Args:
+        config: The router's config (``k``, ``target_active``, ``budget_update_rate``).
+
+    Attributes:
+        budget: The current soft budget (fp32 scalar, checkpointed).
+    """
+
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("budget", torch.tensor(float(config.k)))
+        # [sum of supports, real tokens] since the last step.
+        self.register_buffer("pending_support", torch.zeros(2), persistent=False)
+
+    @torch.no_grad()
+    def accumulate(self, routing: Routing, token_mask_T: Tensor | None) -> None:
+        """Add the batch's support: dispatched experts plus overflow, per real token (with an
+        expert bias this is the biased support, the compute the budget is about)."""
+        support_T = routing.valid_TK.sum(-1).float() + routing.overflow_T
+        if token_mask_T is None:
+            self.pending_support[0] += support_T.sum()
+            self.pending_support[1] += support_T.numel()
+        else:
+            self.pending_support[0] += torch.where(token_mask_T, support_T, 0.0).sum()
+            self.pending_support[1] += token_mask_T.sum()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One controller step from the support since the last step (all ranks); no move
+        when no token was seen."""
+        config = self.config
+        support_sum, num_tokens = all_reduce_sum(self.pending_support.double()).unbind()
+        mean_support = support_sum / num_tokens.clamp_min(1.0)
+        error = (config.target_active - mean_support) / config.target_active
+        log_step = torch.where(num_tokens > 0, config.budget_update_rate * error, 0.0)
+        usable = config.topk_groups * (config.num_experts // config.num_groups)
+        new_budget = (self.budget.double().log() + log_step).exp()
+        self.budget.copy_(new_budget.clamp(1e-3, usable - 1e-3).float())
+        self.pending_support.zero_()
+
+
+class BalancedThresholds(RouterState):
+    """``balanced_soft_topk``'s per-expert thresholds.
+
+    In training the gate uses this batch's solution (:meth:`batch_mu`, warm-started from the
+    previous batch's, both checkpointed so that a resumed run solves exactly as the
+    uninterrupted one); at evaluation the running thresholds :attr:`mu_E`, so a token's
+    routing never depends on the other tokens of its batch. Subclasses decide how ``step()``
+    turns the training batches into :attr:`mu_E`.
+
+    Args:
+        config: The router's config.
+
+    Attributes:
+        mu_E: Evaluation thresholds (logit units, fp32, checkpointed).
+        warm_mu_E: The latest training solution, the next one's warm start (checkpointed).
+    """
+
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__()
+        self.config = config
+        num_experts = config.num_experts
+        self.register_buffer("mu_E", torch.zeros(num_experts))
+        self.register_buffer("warm_mu_E", torch.zeros(num_experts))
+
+    def batch_mu(
+        self, gate_logits_TE: Tensor, token_mask_T: Tensor | None, tau: float | Tensor, k
+    ) -> Tensor:
+        """This training batch's thresholds (recorded for ``step()`` unless under no_grad)."""
+        record = torch.is_grad_enabled()
+        with torch.no_grad():
+            logits_TE = gate_logits_TE.detach()
+            mu_E = balance_thresholds(
+                logits_TE, self.config, tau, self.warm_mu_E, token_mask_T, k=k
+            )
+            if record:
+                self.warm_mu_E.copy_(mu_E)
+                self._record(mu_E, logits_TE, token_mask_T, tau, k)
+        return mu_E
+
+    def _record(self, mu_E, gate_logits_TE, token_mask_T, tau, k) -> None:
+        raise NotImplementedError
+
+
+class RunningThresholds(BalancedThresholds):
+    """Evaluation thresholds as a running average (``balance_momentum``) of the mean batch
+    solution of each optimizer step, over all ranks."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__(config)
+        # [sum of batch solutions, number of batches] since the last step.
+        self.register_buffer("pending_mu_E1", torch.zeros(config.num_experts + 1), persistent=False)
+
+    def _record(self, mu_E, gate_logits_TE, token_mask_T, tau, k) -> None:
+        self.pending_mu_E1[:-1] += mu_E
+        self.pending_mu_E1[-1] += 1
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Move the running thresholds toward this step's mean solution (kept when none)."""
+        totals_E1 = all_reduce_sum(self.pending_mu_E1)
+        mean_mu_E = totals_E1[:-1] / totals_E1[-1].clamp_min(1.0)
+        momentum = torch.where(totals_E1[-1] > 0, self.config.balance_momentum, 1.0)
+        self.mu_E.mul_(momentum).add_((1 - momentum) * mean_mu_E)
+        self.pending_mu_E1.zero_()
+
+
+class WindowThresholds(BalancedThresholds):
+    """Evaluation thresholds from one solve over the last ``balance_window`` real training
+    tokens' router logits (a checkpointed ring buffer; unused rows are masked out), warm-started
+    from the current ones, with the temperature and budget of the latest training forward, and
+    averaged over the data-parallel ranks."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__(config)
+        window, num_experts = config.balance_window, config.num_experts
+        self.register_buffer("window_logits_WE", torch.zeros(window, num_experts))
+        self.register_buffer("window_mask_W", torch.zeros(window, dtype=torch.bool))
+        self.register_buffer("window_pos", torch.zeros((), dtype=torch.long))
+        self.register_buffer("solve_tau", torch.tensor(float(config.tau)), persistent=False)
+        self.register_buffer("solve_k", torch.tensor(float(config.k)), persistent=False)
+
+    def _record(self, mu_E, gate_logits_TE, token_mask_T, tau, k) -> None:
+        """Write the batch's logits into the window (its last ``balance_window`` tokens when
+        the batch is larger), padding marked unused."""
+        window = self.window_logits_WE.shape[0]
+        keep = min(window, gate_logits_TE.shape[0])  # static: shapes only
+        logits_TE = gate_logits_TE[-keep:].float()
+        mask_T = torch.ones(keep, dtype=torch.bool, device=logits_TE.device)
+        if token_mask_T is not None:
+            mask_T = token_mask_T[-keep:]
+        index_T = (self.window_pos + torch.arange(keep, device=logits_TE.device)) % window
+        self.window_logits_WE.index_copy_(0, index_T, logits_TE)
+        self.window_mask_W.index_copy_(0, index_T, mask_T)
+        self.window_pos.copy_((self.window_pos + keep) % window)
+        self.solve_tau.copy_(torch.as_tensor(tau, dtype=torch.float32).detach())
+        self.solve_k.copy_(torch.as_tensor(k, dtype=torch.float32).detach())
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Solve over the window; kept as they are while no rank's window holds a token."""
+        config = self.config
+        tau = config.tau if config.tau_schedule == "fixed" else self.solve_tau
+        k = float(config.k) if config.target_active is None else self.solve_k
+        mu_E = balance_thresholds(
+            self.window_logits_WE, config, tau, self.mu_E, self.window_mask_W, k=k
+        )
+        filled = self.window_mask_W.any().float()
+        totals_E1 = all_reduce_sum(torch.cat([mu_E * filled, filled.reshape(1)]))
+        mean_mu_E = totals_E1[:-1] / totals_E1[-1].clamp_min(1.0)
+        self.mu_E.copy_(torch.where(totals_E1[-1] > 0, mean_mu_E, self.mu_E))
+
+
+# Router state-dict keys of the earlier flat layout -> the component's key.
+_FLAT_KEYS = {
+    "schedule_step": "anneal.schedule_step",
+    "budget": "budget_controller.budget",
+    "balance_mu_E": "balance.mu_E",
+    "window_logits_WE": "balance.window_logits_WE",
+    "window_mask_W": "balance.window_mask_W",
+    "window_pos": "balance.window_pos",
+}
+
+
+def upgrade_flat_state_dict(router: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """A router's load-state-dict pre-hook: maps a checkpoint of the earlier flat layout
+    (``budget``, ``balance_mu_E``, ...) onto the components, in place."""
+    for old, new in _FLAT_KEYS.items():
+        if prefix + old in state_dict:
+            value = state_dict.pop(prefix + old)
+            if getattr(router, new.split(".")[0]) is not None:  # else the state was unused
+                state_dict[prefix + new] = value
+    # The warm start became part of the checkpoint; an older one resumes from its default.
+    balance = getattr(router, "balance", None)
+    if balance is not None and prefix + "balance.mu_E" in state_dict:
+        state_dict.setdefault(prefix + "balance.warm_mu_E", balance.warm_mu_E.clone())
