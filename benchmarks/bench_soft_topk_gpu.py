@@ -72,8 +72,8 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--methods",
-        default="sigmoid,laplace,exp,sparse",
-        help="comma-separated soft top-k methods (default: all four)",
+        default=None,
+        help="comma-separated soft top-k methods (default: every threshold method)",
     )
     parser.add_argument("--k", type=float, default=2.0, help="budget per row (default 2)")
     parser.add_argument(
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, str(ROOT))
     from moe_router.ops import threshold_triton as kernels
-    from moe_router.ops.soft_topk import soft_topk
+    from moe_router.ops.soft_topk import THRESHOLD_METHODS, soft_topk
 
     seed_soft_topk = None
     if not args.skip_seed:
@@ -134,11 +134,13 @@ def main(argv=None) -> int:
     device = "cpu" if args.smoke else "cuda"
     dtype = getattr(torch, args.dtype)
     shapes = SMOKE_SHAPES if args.smoke else QUICK_SHAPES if args.quick else FULL_SHAPES
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(THRESHOLD_METHODS)
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:
-        if method not in kernels.METHODS:
+        if method not in THRESHOLD_METHODS:
             print(
-                f"--methods: {method!r} has no Triton kernel; allowed: {kernels.METHODS}",
+                f"--methods: {method!r} has no Triton kernel; allowed: {THRESHOLD_METHODS}",
                 file=sys.stderr,
             )
             return 2

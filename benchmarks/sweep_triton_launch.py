@@ -65,7 +65,7 @@ def parse_args(argv=None):
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows R (default 10^6)")
     parser.add_argument("--k", type=float, default=2.0, help="budget per row (default 2)")
     parser.add_argument(
-        "--methods", default="sigmoid,laplace,exp,sparse", help="comma-separated methods"
+        "--methods", default=None, help="comma-separated methods (default: every one)"
     )
     parser.add_argument(
         "--max-seconds",
@@ -101,11 +101,14 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, str(ROOT))
     from moe_router.ops import threshold_triton as kernels
+    from moe_router.ops.soft_topk import THRESHOLD_METHODS
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in kernels.METHODS]
+    methods = list(THRESHOLD_METHODS)
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in THRESHOLD_METHODS]
     if unknown:
-        print(f"--methods: {unknown} have no Triton kernel; allowed: {kernels.METHODS}")
+        print(f"--methods: {unknown} have no Triton kernel; allowed: {THRESHOLD_METHODS}")
         return 2
     bad_n = [n for n in args.n if not 1 <= n <= kernels.MAX_N]
     if bad_n:

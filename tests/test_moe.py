@@ -5,40 +5,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from moe_router.moe import (
-    MoEConfig,
-    MoELayer,
-    capacity_keep_mask,
-    grouped_matmul,
-    grouped_mm_available,
-    slice_sizes,
-)
+from moe_router import dispatch, experts, moe
+from moe_router.moe import MoEConfig, MoELayer
 from moe_router.router import GATES
+from tests.test_dispatch import BACKENDS, reference_capacity_keep
 from tests.test_router import needs_neg_inf_support
 
 D, FF, E, K = 16, 32, 4, 2
-BACKENDS = ["loop", "grouped_mm"]
-
-
-def reference_capacity_keep(expert_ids, valid, priority, num_experts, capacity):
-    """Per expert: sort its assignments by (priority desc, position), keep the first C."""
-    num_tokens, num_slots = expert_ids.shape
-    keep = torch.zeros_like(valid)
-    for e in range(num_experts):
-        pairs = [
-            (t, s)
-            for t in range(num_tokens)
-            for s in range(num_slots)
-            if valid[t, s] and expert_ids[t, s] == e
-        ]
-        if priority is not None:
-            pairs.sort(key=lambda ts: (-float(priority[ts]), ts[0] * num_slots + ts[1]))
-        for t, s in pairs[:capacity]:
-            keep[t, s] = True
-    return keep
 
 
 def naive_moe(layer, x, padding_mask=None, router_state=None):
@@ -178,15 +152,13 @@ def test_rows_past_the_slices_never_leak(gate, options, backend, monkeypatch):
     # The grouped kernel leaves rows past the last expert slice uninitialised, in forward and
     # backward. Make them NaN on purpose (both ways) and check that nothing reaches y or any
     # gradient, and that the result still matches the naive loop.
-    import moe_router.moe as moe
-
-    real = moe.grouped_matmul
+    real = experts.grouped_matmul
 
     def nan_tail_matmul(x, w, offsets, backend="auto", **kwargs):
         end = int(offsets[-1])
         return _NaNTail.apply(real(_NaNTail.apply(x, end), w, offsets, backend, **kwargs), end)
 
-    monkeypatch.setattr(moe, "grouped_matmul", nan_tail_matmul)
+    monkeypatch.setattr(experts, "grouped_matmul", nan_tail_matmul)
     layer = make_layer(gate, backend=backend, **options)
     x = torch.randn(4, 16, D, requires_grad=True)
     padding = torch.zeros(4, 16, dtype=torch.bool)
@@ -216,6 +188,14 @@ def test_group_limited_layer_matches_naive_loop(gate):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_the_layer_module_reexports_its_parts():
+    """``moe_router.moe`` stays the import path of the layer's public pieces."""
+    assert moe.SwiGLU is experts.SwiGLU
+    for name in ("capacity_keep_mask", "grouped_matmul", "grouped_mm_available", "slice_sizes"):
+        assert getattr(moe, name) is getattr(dispatch, name), name
+    assert set(moe.__all__) <= set(dir(moe))
+
+
 def test_two_dim_input_and_from_config():
     cfg = MoEConfig(D, FF, E, K, gate="topk", shared_d_ff=4, score_func="sigmoid")
     layer = MoELayer.from_config(cfg)
@@ -231,68 +211,6 @@ def test_bf16_layer_returns_bf16_close_to_fp32_reference():
     assert y.dtype == torch.bfloat16 and routing.weights_TK.dtype == torch.float32
     y_ref, _ = naive_moe(layer, x)  # same routing (router math is fp32), fp32 experts
     torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=2e-2)
-
-
-def test_unaligned_width_falls_back_to_the_loop():
-    x = torch.randn(10, 6)
-    w = torch.randn(3, 6, 5)
-    assert not grouped_mm_available(x, w)
-    layer = MoELayer(6, 5, 3, 1, gate="topk")
-    assert layer(torch.randn(4, 6)).shape == (4, 6)
-    with pytest.raises(ValueError, match="grouped_mm"):
-        grouped_matmul(x, w, torch.tensor([3, 3, 10], dtype=torch.int32), backend="grouped_mm")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_grouped_matmul_against_per_expert_loop_with_empty_groups(backend):
-    x = torch.randn(20, 16)
-    w = torch.randn(4, 16, 8)
-    counts = [0, 7, 0, 13]
-    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
-    out = grouped_matmul(x, w, offsets, backend=backend)
-    expected = torch.cat([x[:7] @ w[1], x[7:] @ w[3]])
-    torch.testing.assert_close(out, expected)
-
-
-def test_capacity_keep_mask_crafted():
-    expert_ids = torch.tensor([[0], [0], [1], [0], [0]])
-    valid = torch.tensor([[True], [True], [True], [True], [False]])
-    priority = torch.tensor([[0.1], [0.9], [0.5], [0.7], [1.0]])
-    by_score = capacity_keep_mask(expert_ids, valid, priority, num_experts=2, capacity=2)
-    assert by_score.flatten().tolist() == [False, True, True, True, False]
-    by_position = capacity_keep_mask(expert_ids, valid, None, num_experts=2, capacity=2)
-    assert by_position.flatten().tolist() == [True, True, True, False, False]
-
-
-@pytest.mark.parametrize("policy", ["score", "position"])
-def test_capacity_keep_mask_against_reference(policy):
-    gen = torch.Generator().manual_seed(3)
-    expert_ids = torch.randint(0, 5, (40, 3), generator=gen)
-    valid = torch.rand(40, 3, generator=gen) > 0.2
-    priority = torch.rand(40, 3, generator=gen) if policy == "score" else None
-    got = capacity_keep_mask(expert_ids, valid, priority, 5, capacity=9)
-    torch.testing.assert_close(got, reference_capacity_keep(expert_ids, valid, priority, 5, 9))
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    num_tokens=st.integers(1, 30),
-    num_slots=st.integers(1, 4),
-    num_experts=st.integers(1, 6),
-    capacity=st.integers(0, 12),
-    by_score=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_capacity_keep_mask_property(num_tokens, num_slots, num_experts, capacity, by_score, seed):
-    gen = torch.Generator().manual_seed(seed)
-    expert_ids = torch.randint(0, num_experts, (num_tokens, num_slots), generator=gen)
-    valid = torch.rand(num_tokens, num_slots, generator=gen) > 0.25
-    # Coarse priorities, so that ties (broken by position) actually occur.
-    priority = torch.randint(0, 3, (num_tokens, num_slots), generator=gen).float()
-    priority = priority if by_score else None
-    got = capacity_keep_mask(expert_ids, valid, priority, num_experts, capacity)
-    expected = reference_capacity_keep(expert_ids, valid, priority, num_experts, capacity)
-    torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("policy", ["score", "position"])
@@ -443,74 +361,3 @@ def test_layer_compiles_with_inductor_forward_and_backward(
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for got, expected in zip(gradients(layer, x, y), gradients(layer, x, y_ref), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-
-
-def test_slice_sizes_and_grouped_matmul_with_given_sizes():
-    offsets = torch.tensor([0, 7, 7, 20], dtype=torch.int32)
-    sizes = slice_sizes(offsets, 23)
-    assert sizes == [0, 7, 0, 13, 3]
-    x = torch.randn(23, 16)
-    w = torch.randn(4, 16, 8)
-    out = grouped_matmul(x, w, offsets, backend="loop", sizes=sizes)
-    torch.testing.assert_close(out[:20], torch.cat([x[:7] @ w[1], x[7:20] @ w[3]]))
-    torch.testing.assert_close(out, grouped_matmul(x, w, offsets, backend="loop"))
-
-
-@pytest.mark.parametrize("width", [1, 7, 8, 64, 130])
-def test_weighted_gated_silu_kernel_matches_its_reference(width):
-    """The CPU kernel of the experts' activation with the combine weight folded in: outputs
-    and both gradients against ``_GatedSiLU(gate_up) * weight`` (float32: widths on both sides
-    of a SIMD vector, large gates, a NaN that must propagate), and gradcheck in float64."""
-    from moe_router.moe import _GatedSiLU, _WeightedGatedSiLU
-    from moe_router.ops.soft_topk import cpp_kernels_serve
-
-    if not cpp_kernels_serve(torch.zeros(1)):
-        pytest.skip("the C++ kernels are not built here")
-    gen = torch.Generator().manual_seed(width)
-    gate_up = 3 * torch.randn(37, 2 * width, generator=gen)
-    gate_up[0, 0], gate_up[1, 0], gate_up[2, :width] = 90.0, -90.0, 0.0
-    weight = torch.rand(37, generator=gen)
-    grad = torch.randn(37, width, generator=gen)
-    got = [t.clone().requires_grad_() for t in (gate_up, weight)]
-    ref = [t.clone().requires_grad_() for t in (gate_up, weight)]
-    y = _WeightedGatedSiLU.apply(*got)
-    y_ref = _GatedSiLU.apply(ref[0]) * ref[1].unsqueeze(-1)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
-    y.backward(grad)
-    y_ref.backward(grad)
-    torch.testing.assert_close(got[0].grad, ref[0].grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got[1].grad, ref[1].grad, rtol=1e-5, atol=1e-4)
-    gate_up[3, width // 2] = math.nan  # a NaN in the gate (or up) row reaches its output row
-    assert torch.isnan(_WeightedGatedSiLU.apply(gate_up, weight)[3]).any()
-    double = [t.double().requires_grad_() for t in (gate_up[4:], weight[4:])]
-    assert torch.autograd.gradcheck(_WeightedGatedSiLU.apply, double)
-    # fp64 activations with fp32 combine weights: the weight's gradient comes back in fp32
-    mixed = [gate_up[4:].double().requires_grad_(), weight[4:].clone().requires_grad_()]
-    _WeightedGatedSiLU.apply(*mixed).sum().backward()
-    assert mixed[1].grad.dtype == torch.float32
-
-
-def test_fused_dispatch_pieces_gradcheck():
-    # The layer's two hand-written backwards (gated SiLU of the fused gate|up projection, and
-    # the weighted scatter-add combine with its invalid-row select) against finite differences.
-    from moe_router.moe import _GatedSiLU, _WeightedScatterAdd
-
-    gen = torch.Generator().manual_seed(0)
-    gate_up = torch.randn(7, 10, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(_GatedSiLU.apply, (gate_up,))
-    gate, up = gate_up.detach().chunk(2, -1)
-    torch.testing.assert_close(_GatedSiLU.apply(gate_up), F.silu(gate) * up)
-    rows = torch.randn(9, 5, dtype=torch.float64, generator=gen, requires_grad=True)
-    weight = torch.rand(9, dtype=torch.float64, generator=gen, requires_grad=True)
-    token = torch.randint(0, 4, (9,), generator=gen)
-    for valid in (None, torch.rand(9, generator=gen) > 0.3):
-        assert torch.autograd.gradcheck(
-            lambda r, w, v=valid: _WeightedScatterAdd.apply(r, w, token, v, 4), (rows, weight)
-        )
-        kept = torch.ones(9, dtype=torch.bool) if valid is None else valid
-        expected = torch.zeros(4, 5, dtype=torch.float64).index_add_(
-            0, token, (rows * weight.unsqueeze(-1) * kept.unsqueeze(-1)).detach()
-        )
-        torch.testing.assert_close(
-            _WeightedScatterAdd.apply(rows, weight, token, valid, 4), expected
-        )

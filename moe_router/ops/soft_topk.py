@@ -408,12 +408,12 @@ def soft_topk(
                 "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels "
                 f"on CPU through Triton's interpreter), got device={scores.device}"
             )
-        from moe_router.ops.threshold_triton import MAX_N
+        from moe_router.ops.threshold_triton import INPUT_DTYPES, MAX_N, dtype_names
 
-        if scores.dtype == torch.float64:
+        if scores.dtype not in INPUT_DTYPES:
             raise ValueError(
-                "backend='triton' supports float16, bfloat16 and float32 scores, got "
-                "dtype=torch.float64 (use backend='torch')"
+                f"backend='triton' supports {dtype_names()} scores, got dtype={scores.dtype} "
+                "(use backend='torch')"
             )
         if num_entries > MAX_N:
             raise ValueError(

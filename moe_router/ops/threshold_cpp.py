@@ -1,4 +1,9 @@
-"""The C++ CPU path of the threshold family: loads csrc/threshold_cpp.cpp, built on first use.
+"""The C++ CPU kernels: builds csrc/*.cpp into one extension on first use and loads it.
+
+One source file per op family: `soft_topk.cpp` (the threshold soft top-k forward and backward),
+`selections.cpp` (the balanced gate's top_values, rank_pair and margin_quantiles) and
+`gated_silu.cpp` (the MoE layer's gated activation); `common.h` and `select_top.h` hold what
+they share. Each source registers its own ops in the torch.ops.moe_router_cpu namespace.
 
 `soft_topk(..., backend="auto")` runs CPU tensors through these kernels when they build, and
 through the PyTorch path of `threshold_torch.py` (which they are tested against) otherwise.
@@ -6,13 +11,13 @@ through the PyTorch path of `threshold_torch.py` (which they are tested against)
 The extension is compiled once with torch.utils.cpp_extension (a C++ compiler and ninja are
 needed; the build takes about 10-30 s) into one file of a cache folder: $MOE_ROUTER_CACHE, else
 $XDG_CACHE_HOME/moe_router, else ~/.cache/moe_router. Its name hashes everything the binary
-depends on: the source, the torch build, the Python ABI, the compiler (its --version), the
-flags and the CPU's instruction-set flags (-march=native). It does not depend on which
-checkout or virtual environment asks, so all of them share one build, and a changed source,
-torch, compiler or machine gets its own. Later processes load the file directly, without
-ninja or torch.utils.cpp_extension. A build happens in a private folder and is moved into
-place atomically, so concurrent processes never see half a file. Set MOE_ROUTER_CPU_KERNELS=0
-to never build or use them.
+depends on: the sources and headers, the torch build, the Python ABI, the compiler (its
+--version), the flags and the CPU's instruction-set flags (-march=native). It does not depend
+on which checkout or virtual environment asks, so all of them share one build, and a changed
+source, torch, compiler or machine gets its own. Later processes load the file directly,
+without ninja or torch.utils.cpp_extension. A build happens in a private folder and is moved
+into place atomically, so concurrent processes never see half a file. Set
+MOE_ROUTER_CPU_KERNELS=0 to never build or use them.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 from torch import Tensor
 
 from moe_router.ops._vmap import batch_first
+from moe_router.ops.threshold_torch import METHOD_CODES
 
 __all__ = [
     "available",
@@ -46,8 +52,10 @@ __all__ = [
     "top_values",
 ]
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "threshold_cpp.cpp"
-METHOD_IDS = {"sigmoid": 0, "laplace": 1, "exp": 2, "sparse": 3}
+CSRC = Path(__file__).resolve().parent / "csrc"
+# Every source is compiled into the one extension; the key hashes them and the headers.
+SOURCES = tuple(sorted(CSRC.glob("*.cpp")))
+HEADERS = tuple(sorted(CSRC.glob("*.h")))
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 _ENV_SWITCH = "MOE_ROUTER_CPU_KERNELS"
@@ -88,7 +96,9 @@ def _cache_dir() -> Path:
 
 def _build_name() -> str:
     """moe_router_cpu_<hash of everything the built library depends on>."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     for part in (
         torch.__version__,
         str(torch.version.git_version),
@@ -102,7 +112,7 @@ def _build_name() -> str:
 
 
 def library_path() -> Path:
-    """Where the built library of this source, torch, compiler and machine lives."""
+    """Where the built library of these sources, torch, compiler and machine lives."""
     name = _build_name()
     return _cache_dir() / f"{name}.so"
 
@@ -159,7 +169,7 @@ def build(verbose: bool = False) -> Path:
         # load() builds and loads the library; the loaded file keeps its inode when moved
         load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(path) for path in SOURCES],
             extra_cflags=list(_CFLAGS),
             extra_ldflags=list(_LDFLAGS),
             build_directory=build_dir,
@@ -289,7 +299,7 @@ def forward(
         scores_RN.contiguous(),
         k_R.to(dtype).contiguous(),
         tau_R.to(dtype).contiguous(),
-        METHOD_IDS[method],
+        METHOD_CODES[method],
         sparse_newton_steps,
         narrow,
     )
@@ -304,7 +314,7 @@ def backward(
         p_RN.contiguous(),
         grad_RN.to(dtype).contiguous(),
         tau_R.to(dtype).contiguous(),
-        METHOD_IDS[method],
+        METHOD_CODES[method],
         need_tau_grad,
     )
     return grad_x_RN, grad_k_R, grad_tau_R if need_tau_grad else None
@@ -363,7 +373,7 @@ def gated_silu_forward(gate_up_NG: Tensor, weight_N: Tensor) -> Tensor:
     """``silu(gate) * up * weight[:, None]`` of a fused ``[N, 2F]`` gate|up projection (gate
     the first F columns) in one pass: the MoE layer's expert activation with the combine
     weight folded in. CPU float32 / float64, weight in the same dtype; no autograd (see
-    ``moe_router.moe._WeightedGatedSiLU``)."""
+    ``moe_router.experts._WeightedGatedSiLU``)."""
     return torch.ops.moe_router_cpu.gated_silu_forward(
         gate_up_NG.contiguous(), weight_N.to(gate_up_NG.dtype).contiguous()
     )

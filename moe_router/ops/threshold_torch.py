@@ -53,6 +53,9 @@ import torch
 from torch import Tensor
 
 THRESHOLD_METHODS = ("sigmoid", "laplace", "exp", "sparse")
+# The code of each method in the fused kernels (the C++ enum Method, the Triton METHOD): its
+# position above.
+METHOD_CODES = {name: code for code, name in enumerate(THRESHOLD_METHODS)}
 
 # Newton iterations for `sigmoid` after the laplace bracket (|sum p - k| < 1e-7 k in float64
 # on the stress suite after 5; one spare).

@@ -94,6 +94,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_router.ops.threshold_torch import METHOD_CODES, THRESHOLD_METHODS
+
 try:
     import triton
     import triton.language as tl
@@ -104,9 +106,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     tl = None
     HAS_TRITON = False
 
-
-METHODS = ("sigmoid", "laplace", "exp", "sparse")
-_METHOD_CODE = {name: code for code, name in enumerate(METHODS)}
 
 # Rows longer than this would not fit one row in registers; the PyTorch path handles them.
 MAX_N = 1024
@@ -123,7 +122,8 @@ MAX_STAGES = 8
 _TILE_ELEMENTS = 2048
 _MAX_ROWS = 128
 
-_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The score dtypes the kernels take (they solve in fp32).
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 if HAS_TRITON:
@@ -531,12 +531,17 @@ def is_supported(scores: Tensor, method: str) -> bool:
     """
     return (
         HAS_TRITON
-        and method in _METHOD_CODE
+        and method in METHOD_CODES
         and scores.is_cuda
-        and scores.dtype in _INPUT_DTYPES
+        and scores.dtype in INPUT_DTYPES
         and scores.dim() >= 1
         and 0 < scores.shape[-1] <= MAX_N
     )
+
+
+def dtype_names() -> str:
+    """``INPUT_DTYPES`` for messages: "float16, bfloat16, float32"."""
+    return ", ".join(str(dtype).removeprefix("torch.") for dtype in INPUT_DTYPES)
 
 
 def _check_available(t: Tensor, name: str) -> None:
@@ -550,9 +555,11 @@ def _check_available(t: Tensor, name: str) -> None:
 
 
 def _check_method(method: str) -> int:
-    if method not in _METHOD_CODE:
-        raise ValueError(f"method={method!r} has no Triton kernel; allowed: {', '.join(METHODS)}")
-    return _METHOD_CODE[method]
+    if method not in METHOD_CODES:
+        raise ValueError(
+            f"method={method!r} has no Triton kernel; allowed: {', '.join(THRESHOLD_METHODS)}"
+        )
+    return METHOD_CODES[method]
 
 
 def _check_rows(t: Tensor, name: str) -> None:
@@ -563,8 +570,8 @@ def _check_rows(t: Tensor, name: str) -> None:
             f"{name} has {t.shape[1]} entries per row; the Triton kernels allow "
             f"at most {MAX_N} (use the torch backend)"
         )
-    if t.dtype not in _INPUT_DTYPES:
-        raise ValueError(f"{name} has dtype {t.dtype}; allowed: float16, bfloat16, float32")
+    if t.dtype not in INPUT_DTYPES:
+        raise ValueError(f"{name} has dtype {t.dtype}; allowed: {dtype_names()}")
     if t.shape[0] > 0 and t.shape[1] > 1 and t.stride(1) != 1:  # (size <= 1: any stride)
         raise ValueError(f"{name} must have unit stride along its last dim, got {t.stride()}")
 

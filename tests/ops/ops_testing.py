@@ -7,6 +7,7 @@ Shape legend: R rows, N entries per row.
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -15,6 +16,16 @@ from hypothesis import strategies as st
 from moe_router import soft_topk
 from moe_router.ops.reference import GRAD_MAX_SPREAD
 from moe_router.ops.soft_topk import REFERENCE_METHODS, THRESHOLD_METHODS
+
+# The marks of a module whose tests call the C++ kernels' ops directly (`pytestmark =
+# NEEDS_CPP_KERNELS`): skipped without a compiler, the kernels built first (conftest.py).
+NEEDS_CPP_KERNELS = [
+    pytest.mark.skipif(
+        shutil.which("c++") is None and shutil.which("g++") is None,
+        reason="no C++ compiler to build the kernels with",
+    ),
+    pytest.mark.usefixtures("cpp_kernels"),
+]
 
 
 def exact_reference(row: torch.Tensor, k: float, tau: float, method: str) -> torch.Tensor:
@@ -48,6 +59,27 @@ def exact_reference(row: torch.Tensor, k: float, tau: float, method: str) -> tor
             for v in row.tolist()
         ]
     return torch.tensor(p, dtype=torch.float64)
+
+
+def stress_rows(num_entries: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Rows for every branch: several scales, heavy ties, all equal, values spaced by exactly 1
+    (the kinks of `sparse` coincide), -inf masks, one NaN row and one +inf row."""
+    gen = torch.Generator().manual_seed(seed)
+    n = num_entries
+    rows = [torch.randn(n, generator=gen) * scale for scale in (1e-3, 0.1, 1.0, 10.0, 1e3)]
+    rows.append(torch.randint(0, 3, (n,), generator=gen).float())
+    rows.append(torch.zeros(n))
+    rows.append(torch.arange(n).float().flip(0))
+    masked = torch.randn(n, generator=gen)
+    masked[::3] = -math.inf
+    rows.append(masked)
+    with_nan = torch.randn(n, generator=gen)
+    with_nan[n // 2] = math.nan
+    rows.append(with_nan)
+    with_inf = torch.randn(n, generator=gen)
+    with_inf[0] = math.inf
+    rows.append(with_inf)
+    return torch.stack(rows).to(dtype)
 
 
 def scale_cases() -> list[tuple[str, torch.Tensor, float, float]]:

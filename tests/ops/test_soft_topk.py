@@ -16,13 +16,11 @@ from ops_testing import exact_reference, scale_cases
 from torch.autograd import gradcheck, gradgradcheck
 
 from moe_router import soft_topk
+from moe_router.ops.soft_topk import METHODS, REFERENCE_METHODS, THRESHOLD_METHODS
 from moe_router.ops.threshold_torch import apply_f
 
-THRESHOLD = ["sigmoid", "laplace", "exp", "sparse"]
 # the two CPU implementations of the threshold methods: the PyTorch path and the C++ kernels
 CPU_BACKENDS = ["torch", "cpp"]
-REFERENCE = ["iterative", "grad"]
-ALL = THRESHOLD + REFERENCE
 
 
 def bisection_reference(scores: torch.Tensor, k, tau: float, method: str) -> torch.Tensor:
@@ -46,7 +44,7 @@ def hard_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------ forward accuracy
 
 
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 @pytest.mark.parametrize(
     ("num_entries", "k"),
     [(8, 2), (64, 8), (256, 8), (64, 1), (64, 32), (64, 63), (64, 2.5), (5, 0.3)],
@@ -64,7 +62,7 @@ def test_fp32_matches_float64_reference(method, num_entries, k, scale, backend):
     )
 
 
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_per_row_k_matches_reference(method, backend):
     torch.manual_seed(1)
@@ -77,7 +75,7 @@ def test_per_row_k_matches_reference(method, backend):
     )
 
 
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_tau_and_dim_and_leading_dims(method, backend):
     torch.manual_seed(2)
@@ -95,7 +93,7 @@ def test_tau_and_dim_and_leading_dims(method, backend):
             torch.testing.assert_close(p[:, :, i, j].double(), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", METHODS)
 def test_range_sum_shape_dtype(method):
     torch.manual_seed(3)
     scores = torch.randn(6, 12, dtype=torch.float64)
@@ -147,7 +145,7 @@ def test_iterative_matches_the_seed_loop():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_low_precision_solved_in_fp32(dtype, method):
     torch.manual_seed(6)
     scores = torch.randn(32, 16).to(dtype)
@@ -158,7 +156,7 @@ def test_low_precision_solved_in_fp32(dtype, method):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", METHODS)
 def test_huge_logits_give_no_nan(dtype, method):
     scores = (torch.randn(16, 8) * 1e4).clamp(-6e4, 6e4).to(dtype)
     scores[0] = torch.tensor([1e4, -1e4, 1e4, -1e4, 1e4, 0.0, 5.0, -5.0]).to(dtype)
@@ -171,7 +169,7 @@ def test_huge_logits_give_no_nan(dtype, method):
 # ------------------------------------------------------------------------------ any scale
 
 
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", scale_cases(), ids=lambda case: case[0])
 def test_exact_in_the_rows_own_frame_at_any_scale(case, method, backend):
@@ -196,7 +194,7 @@ _EXACT: dict[tuple[str, str], torch.Tensor] = {}  # the references, shared by bo
 # ------------------------------------------------------------------------------ limits
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", METHODS)
 def test_small_tau_gives_the_hard_topk_mask(method):
     torch.manual_seed(7)
     scores = torch.randn(50, 10)
@@ -234,7 +232,7 @@ def _double(*shape, seed=0):
     return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", METHODS)
 def test_gradcheck_batched_dim_not_last(method):
     x = _double(3, 6, 4, seed=10)  # selection along dim 1 of size 6
     fn = lambda a: soft_topk(a, 2, tau=0.7, dim=1, method=method)  # noqa: E731
@@ -242,7 +240,7 @@ def test_gradcheck_batched_dim_not_last(method):
     assert gradgradcheck(fn, (x,), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gradcheck_per_row_k_and_tau(method, backend):
     x = _double(3, 6, 4, seed=11)
@@ -254,7 +252,7 @@ def test_gradcheck_per_row_k_and_tau(method, backend):
     assert gradgradcheck(fn, (x, k, tau), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", REFERENCE)
+@pytest.mark.parametrize("method", REFERENCE_METHODS)
 def test_reference_methods_accept_integer_per_row_k(method):
     x = _double(5, 6, seed=12)
     k = torch.tensor([1, 2, 3, 4, 5])
@@ -265,7 +263,7 @@ def test_reference_methods_accept_integer_per_row_k(method):
     assert gradcheck(lambda a: soft_topk(a, k, method=method), (x,), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_backward_matches_explicit_jacobian(method, backend):
     """The one-pass formula v*g - v*(v.g)/sum v against the explicit Jacobian
@@ -288,7 +286,7 @@ def test_backward_matches_explicit_jacobian(method, backend):
         torch.testing.assert_close(grad[row], jacobian.T @ g[row])
 
 
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_saturated_rows_give_zero_gradient_not_nan(method, backend):
     x = torch.tensor([[100.0, 100.0, -100.0, -100.0]], requires_grad=True)
@@ -300,7 +298,7 @@ def test_saturated_rows_give_zero_gradient_not_nan(method, backend):
 # ------------------------------------------------------------------------------ masking
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", METHODS)
 def test_neg_inf_column_equals_dropping_it(method):
     torch.manual_seed(14)
     scores = torch.randn(8, 6, dtype=torch.float64)
@@ -316,7 +314,7 @@ def test_neg_inf_column_equals_dropping_it(method):
     assert torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_too_few_finite_entries(method):
     scores = torch.tensor([[1.0, 2.0, -math.inf, -math.inf], [1.0, 2.0, 3.0, 4.0]])
     with pytest.raises(ValueError, match="finite"):
@@ -330,7 +328,7 @@ def test_too_few_finite_entries(method):
     assert torch.equal(x.grad[0], torch.zeros(4))
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", METHODS)
 def test_nan_propagates_to_its_row_only(method):
     torch.manual_seed(15)
     scores = torch.randn(3, 5)
@@ -340,7 +338,7 @@ def test_nan_propagates_to_its_row_only(method):
     torch.testing.assert_close(p[[0, 2]], soft_topk(scores[[0, 2]], 2, method=method))
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_validates_and_masks_alike(method):
     """The reference methods follow the threshold family's contract (issue 12 item 7: a
     negative tensor tau selected the bottom k, tau = 0 gave NaN, a tensor k = n summed to
@@ -428,12 +426,12 @@ def test_bad_arguments_raise_value_error(kwargs, match):
         soft_topk(torch.randn(4, 5), **kwargs)
 
 
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape", [(3, 0), (0, 0), (2, 0, 3), (0, 4)])
 def test_empty_scores_with_tensor_k(shape, method):
     """An empty score tensor gives an empty result (and gradient), whatever k is: a tensor k
     with no entries per row used to fail in a reshape (issue 12 item 9)."""
-    backends = CPU_BACKENDS if method in THRESHOLD else ["auto"]
+    backends = CPU_BACKENDS if method in THRESHOLD_METHODS else ["auto"]
     for backend in backends:
         x = torch.empty(shape, requires_grad=True)
         k = torch.tensor(2.0, requires_grad=True)
@@ -451,7 +449,7 @@ def test_integer_scores_raise_value_error():
 # ----------------------------------------------------------------------- compile, vmap, opcheck
 
 
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_torch_compile_fullgraph(method):
     torch._dynamo.reset()
     x = torch.randn(16, 8, requires_grad=True)
@@ -474,7 +472,7 @@ def test_torch_compile_inductor():
     torch.testing.assert_close(compiled(x), soft_topk(x, 2, method="sigmoid").square())
 
 
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_vmap_and_vmap_of_grad(method):
     torch.manual_seed(16)
     x = torch.randn(5, 3, 8)
@@ -490,7 +488,7 @@ def test_vmap_and_vmap_of_grad(method):
     torch.testing.assert_close(per_sample(x), expected)
 
 
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_opcheck(method):
     op = torch.ops.moe_router.soft_topk_threshold.default
     torch.manual_seed(17)
@@ -513,7 +511,7 @@ row_values = st.lists(
 
 
 @settings(max_examples=40, deadline=None)
-@given(values=row_values, k_frac=st.floats(0.05, 0.95), method=st.sampled_from(THRESHOLD))
+@given(values=row_values, k_frac=st.floats(0.05, 0.95), method=st.sampled_from(THRESHOLD_METHODS))
 def test_properties_range_sum_monotone(values, k_frac, method):
     scores = torch.tensor([values], dtype=torch.float64)
     n = len(values)
@@ -530,7 +528,7 @@ def test_properties_range_sum_monotone(values, k_frac, method):
     values=row_values,
     shift=st.floats(-50, 50),
     seed=st.integers(0, 2**16),
-    method=st.sampled_from(THRESHOLD),
+    method=st.sampled_from(THRESHOLD_METHODS),
 )
 def test_properties_shift_invariant_permutation_equivariant(values, shift, seed, method):
     scores = torch.tensor([values], dtype=torch.float64)
@@ -546,7 +544,7 @@ def test_properties_shift_invariant_permutation_equivariant(values, shift, seed,
 @settings(max_examples=30, deadline=None)
 @given(
     values=st.lists(st.integers(-1000, 1000), min_size=3, max_size=10, unique=True),
-    method=st.sampled_from(ALL),
+    method=st.sampled_from(METHODS),
 )
 def test_property_small_tau_limit(values, method):
     scores = torch.tensor([values], dtype=torch.float64)  # distinct by >= 1: tau = 1e-3 is hard

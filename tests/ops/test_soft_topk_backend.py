@@ -21,9 +21,10 @@ SCRIPT = textwrap.dedent(
     import math
     import torch
     from moe_router import soft_topk
+    from moe_router.ops.soft_topk import THRESHOLD_METHODS
 
     torch.manual_seed(0)
-    for method in ("sigmoid", "laplace", "exp", "sparse"):
+    for method in THRESHOLD_METHODS:
         x = torch.randn(2, 9, 13) * 3  # select along dim 1 (n = 9), 26 rows
         x[0, 4, :] = -math.inf
         k = torch.rand(2, 13) * 5 + 0.5

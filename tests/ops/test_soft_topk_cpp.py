@@ -1,4 +1,5 @@
-"""The C++ CPU path (threshold_cpp.py, csrc/) against the PyTorch path (threshold_torch.py).
+"""The C++ soft top-k (threshold_cpp.py, csrc/soft_topk.cpp) against the PyTorch path
+(threshold_torch.py), and the build cache of the C++ kernels.
 
 The PyTorch path is itself checked against a float64 bisection in test_soft_topk.py (which also
 runs its accuracy and gradcheck tests through both backends); here the two implementations are
@@ -15,46 +16,13 @@ import sys
 
 import pytest
 import torch
+from ops_testing import NEEDS_CPP_KERNELS, stress_rows
 
 from moe_router import soft_topk
 from moe_router.ops import threshold_cpp
-from moe_router.ops.threshold_torch import solve_threshold, threshold_backward
+from moe_router.ops.threshold_torch import THRESHOLD_METHODS, solve_threshold, threshold_backward
 
-THRESHOLD = ["sigmoid", "laplace", "exp", "sparse"]
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("c++") is None and shutil.which("g++") is None,
-    reason="no C++ compiler to build the kernels with",
-)
-
-
-@pytest.fixture(autouse=True)
-def _kernels_loaded():
-    """The tests below call the kernels' ops directly: build / load them first (in whatever
-    order or subset the tests run)."""
-    if not threshold_cpp.available():
-        pytest.skip("the C++ kernels do not build here")
-
-
-def stress_rows(num_entries: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """Rows for every branch: several scales, heavy ties, all equal, values spaced by exactly 1
-    (the kinks of `sparse` coincide), -inf masks, one NaN row and one +inf row."""
-    gen = torch.Generator().manual_seed(seed)
-    n = num_entries
-    rows = [torch.randn(n, generator=gen) * scale for scale in (1e-3, 0.1, 1.0, 10.0, 1e3)]
-    rows.append(torch.randint(0, 3, (n,), generator=gen).float())
-    rows.append(torch.zeros(n))
-    rows.append(torch.arange(n).float().flip(0))
-    masked = torch.randn(n, generator=gen)
-    masked[::3] = -math.inf
-    rows.append(masked)
-    with_nan = torch.randn(n, generator=gen)
-    with_nan[n // 2] = math.nan
-    rows.append(with_nan)
-    with_inf = torch.randn(n, generator=gen)
-    with_inf[0] = math.inf
-    rows.append(with_inf)
-    return torch.stack(rows).to(dtype)
+pytestmark = NEEDS_CPP_KERNELS
 
 
 def per_row_budgets(num_rows: int, num_entries: int, dtype: torch.dtype, seed: int = 0):
@@ -81,14 +49,14 @@ def assert_same_threshold(lam_a: torch.Tensor, lam_b: torch.Tensor, scale: torch
 def test_kernels_build_and_auto_uses_them():
     assert threshold_cpp.available()
     scores = torch.randn(16, 32)
-    for method in THRESHOLD:
+    for method in THRESHOLD_METHODS:
         auto = soft_topk(scores, 4, method=method)
         torch.testing.assert_close(
             auto, soft_topk(scores, 4, method=method, backend="cpp"), atol=0, rtol=0
         )
 
 
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 @pytest.mark.parametrize("num_entries", [1, 2, 5, 8, 13, 64, 257, 1030])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_forward_matches_torch_path(method, num_entries, dtype):
@@ -123,7 +91,7 @@ def test_sparse_exact_sorted_path_matches(num_entries, dtype):
     torch.testing.assert_close(p_newton_RN, p_ref_RN, atol=atol, rtol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 # 8 and 16: float32 rows of whole SIMD vectors, unrolled; 37: vectors and a scalar tail
 @pytest.mark.parametrize("num_entries", [8, 16, 37])
@@ -147,7 +115,7 @@ def test_backward_matches_torch_formula(method, dtype, num_entries):
     torch.testing.assert_close(grad_k_only, grad_k, atol=0, rtol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_public_gradients_match_torch_backend(method):
     gen = torch.Generator().manual_seed(7)
     scores = torch.randn(4, 9, 12, generator=gen)
@@ -171,9 +139,9 @@ def test_thread_count_does_not_change_results():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = {m: threshold_cpp.forward(scores_RN, k_R, tau_R, m)[0] for m in THRESHOLD}
+        single = {m: threshold_cpp.forward(scores_RN, k_R, tau_R, m)[0] for m in THRESHOLD_METHODS}
         torch.set_num_threads(max(2, threads))
-        for method in THRESHOLD:
+        for method in THRESHOLD_METHODS:
             assert torch.equal(
                 threshold_cpp.forward(scores_RN, k_R, tau_R, method)[0], single[method]
             )
@@ -230,6 +198,30 @@ def test_build_key_covers_what_the_binary_depends_on(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     assert threshold_cpp._build_name() != name
+
+
+def test_build_key_covers_every_source_and_header(monkeypatch, tmp_path):
+    """The extension is every csrc/*.cpp (one per op family) with the headers they share: an
+    edit to any one of them is another build."""
+    name = threshold_cpp._build_name()
+    files = threshold_cpp.SOURCES + threshold_cpp.HEADERS
+    assert {path.name for path in threshold_cpp.SOURCES} >= {
+        "soft_topk.cpp",
+        "selections.cpp",
+        "gated_silu.cpp",
+    }
+    assert {path.suffix for path in threshold_cpp.HEADERS} == {".h"}
+    for path in files:
+        edited = tmp_path / path.name
+        edited.write_bytes(path.read_bytes() + b"// edited\n")
+        for attr in ("SOURCES", "HEADERS"):
+            paths = getattr(threshold_cpp, attr)
+            monkeypatch.setattr(
+                threshold_cpp, attr, tuple(edited if p == path else p for p in paths)
+            )
+        assert threshold_cpp._build_name() != name, path.name
+        monkeypatch.undo()
+    assert threshold_cpp._build_name() == name
 
 
 def _copy_package(destination):
@@ -305,7 +297,7 @@ def narrow_rows(num_entries: int, num_rows: int = 203, seed: int = 0):
     return scores_RN, k_R, tau_R
 
 
-@pytest.mark.parametrize("method", THRESHOLD)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 @pytest.mark.parametrize("num_entries", [1, 2, 3, 5, 8, 13, 16])
 def test_narrow_rows_match_the_row_path_and_torch(method, num_entries):
     """float32 rows of at most 16 entries run 8 at a time, one SIMD lane each; the lanes with a
@@ -323,98 +315,3 @@ def test_narrow_rows_match_the_row_path_and_torch(method, num_entries):
     solved_R = ~torch.isnan(p_RN).any(-1)
     sum_err_R = (p_RN.double().sum(-1) - budget_R.double())[solved_R].abs()
     assert (sum_err_R <= 2e-6 * budget_R[solved_R].clamp_min(1)).all()
-
-
-def _nan_as_neg_inf(rows_RN: torch.Tensor) -> torch.Tensor:
-    return rows_RN.masked_fill(torch.isnan(rows_RN), -math.inf)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("num_entries", [1, 5, 16, 64, 200])
-def test_top_values_match_torch_topk(num_entries, dtype):
-    """The balanced gate's row selection: torch.topk's values, NaN counted as -inf, on rows
-    with ties, -inf masks and scales from 1e-3 to 1e3; row counts that leave a partial block
-    of 8, and counts on both sides of the SIMD sifting path's limit (16) and of the insertion
-    path's (32; larger counts select with nth_element and sort)."""
-    rows_RN = stress_rows(num_entries, dtype)
-    rows_RN = torch.cat([rows_RN, torch.randn(3 * 8 + 5, num_entries, dtype=dtype)])
-    expected_RN = _nan_as_neg_inf(rows_RN)
-    for num in sorted({min(num, num_entries) for num in (1, 2, 9, 16, 17, 32, 33, 100)}):
-        got_RN = threshold_cpp.top_values(rows_RN, num)
-        assert torch.equal(got_RN, expected_RN.topk(num, dim=-1).values), num
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("num_entries", [1, 2, 7, 64, 1000])
-def test_rank_pair_matches_a_full_sort(num_entries, dtype):
-    """The balanced gate's column quantiles: the sorted row's entries at rank and rank + 1
-    (the last one repeated past the end), ranks clamped to the row, NaN counted as -inf."""
-    rows_RN = stress_rows(num_entries, dtype)
-    num_rows = rows_RN.shape[0]
-    sorted_RN = _nan_as_neg_inf(rows_RN).sort(dim=-1, descending=True).values
-    gen = torch.Generator().manual_seed(3)
-    rank_R = torch.randint(-2, num_entries + 2, (num_rows,), generator=gen)
-    rank_R[0], rank_R[1] = 0, num_entries - 1
-    pair_R2 = threshold_cpp.rank_pair(rows_RN, rank_R)
-    at_R1 = rank_R.clamp(0, num_entries - 1).unsqueeze(-1)
-    assert torch.equal(pair_R2[:, 0], sorted_RN.gather(-1, at_R1).squeeze(-1))
-    next_R1 = (at_R1 + 1).clamp(max=num_entries - 1)
-    assert torch.equal(pair_R2[:, 1], sorted_RN.gather(-1, next_R1).squeeze(-1))
-    # a transposed (non-contiguous) view is copied, not misread
-    cols_NR = rows_RN.t()
-    assert torch.equal(threshold_cpp.rank_pair(cols_NR.t(), rank_R), pair_R2)
-
-
-def _margin_quantiles_reference(z_TE, mu_E, lam_T, k, rank_E):
-    """The PyTorch path of one load-balancing alternation (gates._dispatch_margin, then a full
-    sort of every expert's column)."""
-    from moe_router.config import RouterConfig
-    from moe_router.gates import _dispatch_margin
-
-    num_tokens, num_experts = z_TE.shape
-    gate, method = ("sparse_soft_topk", "sparse") if lam_T is not None else ("topk", "sigmoid")
-    config = RouterConfig(d_model=4, num_experts=num_experts, k=k, gate=gate, method=method)
-    margin_TE = _dispatch_margin(z_TE - mu_E, lam_T, config, None)
-    load_E = (margin_TE > 0).sum(0).to(z_TE.dtype)
-    if rank_E is None:
-        rank_E = (load_E.mean().ceil().long() - 1).expand(num_experts)
-    sorted_ET = margin_TE.t().sort(dim=-1, descending=True).values
-    at_E1 = rank_E.clamp(0, num_tokens - 1).unsqueeze(-1)
-    next_E1 = (at_E1 + 1).clamp(max=num_tokens - 1)
-    inside_E, outside_E = sorted_ET.gather(-1, at_E1), sorted_ET.gather(-1, next_E1)
-    return torch.cat([inside_E, outside_E, load_E.unsqueeze(-1)], -1)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(
-    ("num_tokens", "num_experts", "k"), [(1, 2, 1), (203, 8, 2), (1000, 64, 8), (77, 40, 17)]
-)
-@pytest.mark.parametrize("support_exact", [False, True])
-def test_margin_quantiles_match_the_pytorch_path(num_tokens, num_experts, k, support_exact, dtype):
-    """One alternation of the balanced gate's load target in one call: margins, loads and
-    each expert's margins at rank and rank + 1, exactly as the PyTorch path and a full sort.
-    Ranks at both ends of the column, right around the load (the short buffers on both sides
-    of it) and far from it (the selection); padding rows, -inf experts, a NaN logit; partial
-    blocks of 8 tokens and K on both sides of the SIMD limit; the shared rank of support-exact
-    gates (rank None)."""
-    gen = torch.Generator().manual_seed(num_tokens + num_experts)
-    z_TE = (
-        torch.randn(num_tokens, num_experts, generator=gen) + torch.linspace(2, -2, num_experts)
-    ).to(dtype)
-    z_TE[: num_tokens // 10] = -math.inf  # padding
-    z_TE[num_tokens // 3 :: 7, 1] = -math.inf  # masked expert
-    z_TE[num_tokens // 2, 0] = math.nan
-    mu_E = (0.3 * torch.randn(num_experts, generator=gen)).to(dtype)
-    lam_T = torch.randn(num_tokens, generator=gen).to(dtype) if support_exact else None
-    margin_load_E = _margin_quantiles_reference(z_TE, mu_E, lam_T, k, None)[:, 2].long()
-    offsets_E = torch.randint(-40, 40, (num_experts,), generator=gen)
-    offsets_E[:4] = torch.tensor([-1, 0, 1, 2])[:num_experts]
-    for rank_E in (
-        margin_load_E + offsets_E,  # around the load: the short buffers, both sides
-        torch.randint(-2, num_tokens + 2, (num_experts,), generator=gen),  # anywhere
-        torch.tensor([0, num_tokens - 1] * num_experts)[:num_experts],  # the ends
-        None,
-    ):
-        expected_E3 = _margin_quantiles_reference(z_TE, mu_E, lam_T, k, rank_E)
-        got_E3 = threshold_cpp.margin_quantiles(z_TE, mu_E, lam_T, k, rank_E)
-        assert torch.equal(got_E3, expected_E3), rank_E

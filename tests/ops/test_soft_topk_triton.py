@@ -58,7 +58,7 @@ from ops_testing import exact_reference, run_fuzz_case, scale_cases, soft_topk_i
 
 from moe_router.ops import threshold_triton as kernels  # noqa: E402
 from moe_router.ops.soft_topk import soft_topk  # noqa: E402
-from moe_router.ops.threshold_torch import apply_f  # noqa: E402
+from moe_router.ops.threshold_torch import THRESHOLD_METHODS, apply_f  # noqa: E402
 
 # The interpreter runs the kernels' guarded divisions and logs with numpy, which warns about the
 # branch that tl.where throws away.
@@ -69,7 +69,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]
 
-METHODS = ("sigmoid", "laplace", "exp", "sparse")
 DEVICE = "cuda" if _CUDA else "cpu"
 # The small tests run here if the kernels can run in this process.
 RUNNABLE = _CUDA or kernels.INTERPRETED
@@ -235,7 +234,7 @@ def check_forward(x, k_R, tau_R, method):
 
 
 @needs_kernels
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 @pytest.mark.parametrize("n", [7, 60, 257])
 def test_forward_matches_float64_reference(method, n):
     # R not a multiple of the rows per program: ROWS is 128, 32, 4 for these n.
@@ -245,7 +244,7 @@ def test_forward_matches_float64_reference(method, n):
 
 
 @needs_kernels
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 @pytest.mark.parametrize("scale", [0.1, 30.0])
 def test_forward_flat_and_peaked_rows(method, scale):
     x, k_R, tau_R = make_rows(33, 16, seed=int(scale * 10), scale=scale, k=3.0)
@@ -253,7 +252,7 @@ def test_forward_flat_and_peaked_rows(method, scale):
 
 
 @needs_kernels
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_router_like_rows_converge_within_8_iterations(method, monkeypatch):
     """The documented typical budget: 8 iterations per solve suffice for router-like rows."""
     monkeypatch.setattr(kernels, "MAX_ITERS", 8)
@@ -263,7 +262,7 @@ def test_router_like_rows_converge_within_8_iterations(method, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_hard_rows_large_k_wide_spread(method):
     """k close to N on widely spread rows, where 8 iterations are not enough for exp / laplace:
     the cap and the bisection steps must still get there."""
@@ -272,7 +271,7 @@ def test_hard_rows_large_k_wide_spread(method):
 
 
 @needs_kernels
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_forward_half_precision_inputs(method, dtype):
     x, k_R, tau_R = make_rows(20, 24, seed=3, dtype=dtype, per_row_k=True)
@@ -280,7 +279,7 @@ def test_forward_half_precision_inputs(method, dtype):
 
 
 @needs_kernels
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_forward_masks_fallback_and_nan(method):
     x, k_R, tau_R = make_rows(8, 12, seed=5, k=2.5)
     x[0, 3] = float("-inf")
@@ -310,7 +309,7 @@ def test_forward_threshold_units_and_fallback_value():
 
 
 @needs_kernels
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_forward_matches_torch_path(method):
     x, k_R, tau_R = make_rows(19, 33, seed=7, k=3.0)
     p = forward(x, k_R, tau_R, method)
@@ -320,7 +319,7 @@ def test_forward_matches_torch_path(method):
 
 
 @needs_kernels
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_exact_in_the_rows_own_frame_at_any_scale(method):
     """As the PyTorch and C++ paths: 1e-5 against a 100-digit solve on the same fp32 values,
     for logits near 1e8 or 3e38, rows spanning the fp32 range, and tau from 1e-45 to 1e30."""
@@ -342,7 +341,7 @@ def test_exact_in_the_rows_own_frame_at_any_scale(method):
 )
 @given(
     case=soft_topk_inputs(
-        methods=METHODS, backends=("triton",), dtypes=(torch.float32, torch.float16)
+        methods=THRESHOLD_METHODS, backends=("triton",), dtypes=(torch.float32, torch.float16)
     )
 )
 def test_fuzz_public_op(case):
@@ -363,7 +362,7 @@ def test_forward_row_stride():
 @needs_kernels
 @settings(max_examples=12, deadline=None, derandomize=True)
 @given(
-    method=st.sampled_from(METHODS),
+    method=st.sampled_from(THRESHOLD_METHODS),
     n=st.integers(2, 40),
     seed=st.integers(0, 2**16),
     shift=st.floats(-50, 50),
@@ -392,7 +391,7 @@ def run_backward(x, k_R, tau_R, g, method):
 
 
 @needs_kernels
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 @pytest.mark.parametrize("n", [7, 60])
 def test_backward_matches_finite_differences(method, n):
     n_rows = {7: 130, 60: 5}[n]
@@ -408,7 +407,7 @@ def test_backward_matches_finite_differences(method, n):
 
 
 @needs_kernels
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_backward_half_precision_and_wide_rows(method):
     x, k_R, tau_R = make_rows(6, 257, seed=9, dtype=torch.bfloat16, k=4.0)
     g = torch.randn(6, 257, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
@@ -420,7 +419,7 @@ def test_backward_half_precision_and_wide_rows(method):
 
 
 @needs_kernels
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_backward_masks_fallback_and_nan(method):
     # Fractional k: with an integer k sparse rows can sit on a flat piece (no entry strictly
     # between 0 and 1), where p is not differentiable in k and finite differences disagree.
@@ -442,7 +441,7 @@ def test_backward_masks_fallback_and_nan(method):
 
 
 @needs_kernels
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_backward_matches_torch_path_autograd(method):
     x, k_R, tau_R = make_rows(11, 20, seed=13, k=3.0)
     g = torch.randn(11, 20, generator=torch.Generator().manual_seed(4))
@@ -457,7 +456,7 @@ def test_backward_matches_torch_path_autograd(method):
 
 
 @needs_kernels
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_results_do_not_depend_on_the_launch_tile(method, monkeypatch):
     """Rows are independent: a tuning sweep's (ROWS, num_warps) changes the tiling, not p or
     the gradients (20 rows: tiles of 1, 4 and 32 rows, partial last tiles included). Within
@@ -524,7 +523,7 @@ def test_backward_optional_outputs_are_none():
     [
         ({"method": "iterative"}, "method='iterative'"),
         ({"scores_RN": torch.zeros(2, 3, 4)}, "2-D"),
-        ({"scores_RN": torch.zeros(2, 1025)}, "at most 1024"),
+        ({"scores_RN": torch.zeros(2, kernels.MAX_N + 1)}, f"at most {kernels.MAX_N}"),
         ({"scores_RN": torch.zeros(2, 4, dtype=torch.float64)}, "float64"),
         ({"scores_RN": torch.zeros(4, 2).t()}, "unit stride"),
         ({"k_R": torch.ones(3)}, "k_R must have shape"),
@@ -554,7 +553,7 @@ def test_is_supported_only_for_cuda_threshold_methods():
         assert kernels.is_supported(cpu.cuda().bfloat16(), "sparse")
         assert not kernels.is_supported(cpu.cuda(), "iterative")
         assert not kernels.is_supported(cpu.cuda().double(), "exp")
-        assert not kernels.is_supported(torch.zeros(2, 1025, device="cuda"), "exp")
+        assert not kernels.is_supported(torch.zeros(2, kernels.MAX_N + 1, device="cuda"), "exp")
 
 
 @needs_kernels
@@ -632,7 +631,7 @@ def test_interpreter_suite_in_subprocess():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 @pytest.mark.parametrize(("n_rows", "n"), [(1_000_000, 64), (100_000, 8), (20_000, 257)])
 def test_gpu_full_size_against_torch_path(method, n_rows, n):
     torch.manual_seed(0)
@@ -671,7 +670,7 @@ def test_gpu_full_size_against_torch_path(method, n_rows, n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", THRESHOLD_METHODS)
 def test_gpu_half_inputs(method):
     torch.manual_seed(1)
     for dtype in (torch.float16, torch.bfloat16):
@@ -689,7 +688,7 @@ def test_gpu_cuda_graph_capture():
     k_R = torch.full((4096,), 2.0, device="cuda")
     tau_R = torch.ones(4096, device="cuda")
     g = torch.randn(4096, 64, device="cuda")
-    for method in METHODS:  # compile outside the capture
+    for method in THRESHOLD_METHODS:  # compile outside the capture
         p = kernels.triton_soft_topk_forward(x, k_R, tau_R, method)
         kernels.triton_soft_topk_backward(p, g, tau_R, method, True, True)
     graph = torch.cuda.CUDAGraph()
