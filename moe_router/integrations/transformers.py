@@ -30,11 +30,18 @@ What a patched model gives back:
   a patched or unpatched model, as the markdown table + heatmap the CLI writes;
 * ``save_pretrained`` writes the router weight (and DeepSeek-V3's correction bias) under HF's
   own key names, the router settings in ``config.json`` and the remaining router state under
-  ``<gate>.router.*``; :func:`from_pretrained` loads it all back.
+  ``<gate>.router.*``; :func:`from_pretrained` loads it all back;
+* HF's loading and initialisation work on it as on the HF model: the gate names the router's
+  weight (and DeepSeek-V3's expert bias) as HF's gate does, so ``from_pretrained`` into a
+  model class patched before loading (``replace_routers`` in its ``__init__``) fills the
+  routers, and HF's ``_init_weights`` also sets the routers' state to its start values, so a
+  model built on the meta device (``from_pretrained`` with a ``device_map``, or
+  ``to_empty()`` + ``init_weights()``) starts as a new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
@@ -51,6 +58,7 @@ import torch
 import transformers
 from safetensors import safe_open
 from torch import Tensor, nn
+from transformers import initialization as hf_init
 from transformers.utils import cached_file
 
 from moe_router.config import GATE_SPECS, ROUTER_OPTION_DEFAULTS, option_is_read
@@ -252,13 +260,15 @@ class DeepseekV3GroupRouter(Router):
         return masked_TGX.flatten(-2)  # (T, E)
 
 
-def _to_hf_keys(module: RoutedGate, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    for ours, theirs in module.hf_key_names():
-        if prefix + ours in state_dict:
-            state_dict[prefix + theirs] = state_dict.pop(prefix + ours)
+def _drop_router_keys(
+    module: RoutedGate, state_dict: dict, prefix: str, local_metadata: Any
+) -> None:
+    """State-dict post-hook: a shared tensor once, under HF's name (the gate saved it so)."""
+    for router_path in module.shared_tensor_names().values():
+        state_dict.pop(f"{prefix}router.{router_path}", None)
 
 
-def _from_hf_keys(
+def _add_router_keys(
     module: RoutedGate,
     state_dict: dict,
     prefix: str,
@@ -268,9 +278,29 @@ def _from_hf_keys(
     unexpected_keys: list,
     error_msgs: list,
 ) -> None:
-    for ours, theirs in module.hf_key_names():
-        if prefix + theirs in state_dict:
-            state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
+    """Load pre-hook: the router loads a shared tensor from HF's key too (``load_state_dict``
+    works on a copy of the caller's dict)."""
+    for hf_name, router_path in module.shared_tensor_names().items():
+        if prefix + hf_name in state_dict:
+            state_dict.setdefault(f"{prefix}router.{router_path}", state_dict[prefix + hf_name])
+
+
+def _reshare_after_load(module: RoutedGate, incompatible_keys: Any) -> None:
+    """Load post-hook (after the router loaded): ``assign=True`` gives the router new tensors."""
+    module._share_router_tensors()
+
+
+def _fp32_buffer(value: Tensor) -> Tensor:
+    """``value`` as a plain fp32 tensor, keeping HF's mark of a loaded tensor (which tells its
+    ``_init_weights`` to leave the tensor as loaded)."""
+    tensor = value.detach().to(torch.float32)
+    if getattr(value, "_is_hf_initialized", False):
+        tensor._is_hf_initialized = True
+    return tensor
+
+
+# HF names a gate may share with its router (tested first: a gate sets attributes per call).
+_SHARED_NAMES = ("weight", "e_score_correction_bias")
 
 
 class RoutedGate(nn.Module):
@@ -282,9 +312,15 @@ class RoutedGate(nn.Module):
     derives from the HF gate's class (see :func:`_routed_gate_class`), so HF's output
     recorder, which finds ``router_logits`` by that class, still does.
 
-    In ``state_dict`` the router weight is named ``weight`` and DeepSeek-V3's expert bias
-    ``e_score_correction_bias``, as in the HF gate; the rest of the router state sits under
-    ``router.``.
+    The gate registers the router's weight as ``weight`` and, for DeepSeek-V3, the router's
+    expert bias as ``e_score_correction_bias``: the same tensors under the HF gate's names.
+    ``named_parameters``, ``named_buffers`` and ``state_dict`` list them under those names (the
+    state dict once), so HF's loader, ``_init_weights`` and save / reload checks find them as
+    in the HF gate; the rest of the router state sits under ``router.``. The router owns them:
+    conversions (``to``, ``to_empty``, ...) follow its rules (the expert bias stays fp32), and
+    assigning one of these names on the gate, as HF's loader does, assigns the router's. A
+    DeepSeek-V3 router without an expert bias leaves the model's ``e_score_correction_bias`` a
+    buffer of the gate, unused by the routing, so that a saved model still holds it.
 
     Args:
         router: The router.
@@ -293,6 +329,7 @@ class RoutedGate(nn.Module):
     Attributes:
         router: The :class:`~moe_router.router.Router`.
         spec: The replaced gate's :class:`GateSpec`.
+        weight: The router weight ``[E, D]`` (``router.weight_ED``).
         routing: The record of the latest call (None before the first one and at the start of
             each forward of the patched model).
     """
@@ -305,29 +342,59 @@ class RoutedGate(nn.Module):
         self.router = router
         self.spec = spec
         self.routing: Routing | None = None
-        self.register_state_dict_post_hook(_to_hf_keys)
-        self.register_load_state_dict_pre_hook(_from_hf_keys)
+        if spec.correction_bias_E is not None and router.expert_bias is None:
+            self.register_buffer("e_score_correction_bias", spec.correction_bias_E.clone())
+        self._share_router_tensors()
+        self.register_state_dict_post_hook(_drop_router_keys)
+        self.register_load_state_dict_pre_hook(_add_router_keys)
+        self.register_load_state_dict_post_hook(_reshare_after_load)
 
-    def hf_key_names(self) -> list[tuple[str, str]]:
-        """``(our state_dict key, HF's key)`` pairs, relative to this module."""
-        names = [("router.weight_ED", "weight")]
+    def shared_tensor_names(self) -> dict[str, str]:
+        """HF's name -> the tensor's name in the router, for each shared tensor."""
+        names = {"weight": "weight_ED"}
         if self.spec.correction_bias_E is not None and self.router.expert_bias is not None:
-            names.append(("router.expert_bias.bias_E", "e_score_correction_bias"))
+            names["e_score_correction_bias"] = "expert_bias.bias_E"
         return names
 
-    # HF code reads these attributes of a gate (e.g. its ``_init_weights``).
-    @property
-    def weight(self) -> nn.Parameter:
-        """The router weight ``[E, D]`` (the HF gate's ``weight``, same Parameter)."""
-        return self.router.weight_ED
+    def _owner(self, router_path: str) -> tuple[nn.Module, str]:
+        """The router module holding a shared tensor, and its name there."""
+        module_path, _, name = router_path.rpartition(".")
+        return self.router.get_submodule(module_path), name
 
-    @property
-    def e_score_correction_bias(self) -> Tensor:
-        """The selection-only expert bias (fp32 ``[E]``; zeros when the router has none)."""
-        if self.router.expert_bias is None:
-            return torch.zeros(self.spec.num_experts, device=self.weight.device)
-        return self.router.expert_bias.bias_E
+    def _share_router_tensors(self) -> None:
+        """Register the router's current shared tensors under HF's names."""
+        for hf_name, router_path in self.shared_tensor_names().items():
+            owner, name = self._owner(router_path)
+            if name in owner._parameters:
+                self._parameters[hf_name] = owner._parameters[name]
+            else:
+                self._buffers[hf_name] = owner._buffers[name]
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        router_path = None  # None: an attribute of the gate itself
+        if name in _SHARED_NAMES and isinstance(value, Tensor) and "spec" in self.__dict__:
+            router_path = self.shared_tensor_names().get(name)
+        if router_path is None:
+            super().__setattr__(name, value)
+            return
+        owner, owner_name = self._owner(router_path)
+        if owner_name in owner._buffers:
+            value = _fp32_buffer(value)  # the router's state stays fp32
+        setattr(owner, owner_name, value)
+        self._share_router_tensors()
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> RoutedGate:
+        # The router converts each shared tensor, once and by its rules; then they are shared again.
+        for hf_name in self.shared_tensor_names():
+            self._parameters.pop(hf_name, None)
+            self._buffers.pop(hf_name, None)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._share_router_tensors()
+        return self
+
+    # HF code reads these attributes of a gate.
     @property
     def top_k(self) -> int:
         """K."""
@@ -492,6 +559,75 @@ def _model_defaults_read(
     return options
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Torch's default dtype set to ``dtype`` inside the block."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _start_values(router: Router) -> dict[str, Tensor]:
+    """A new router's buffers and temperature parameter by name: the values each starts from
+    (the weight is HF's to initialise, as the gate's ``weight``)."""
+    # On the CPU and in fp32 whatever the defaults, without drawing from the global generator
+    # (HF's initialisation of the other weights must not depend on the routers).
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"), _default_dtype(torch.float32):
+        fresh = type(router)(router.config)
+    values = dict(fresh.named_buffers())
+    values.update((name, p) for name, p in fresh.named_parameters() if name != "weight_ED")
+    return values
+
+
+def _init_router_state(router: Router) -> None:
+    """Set every buffer of ``router`` (and a learned temperature) to its start value, except
+    the tensors HF marked as loaded (``transformers.initialization.copy_`` skips those)."""
+    start = _start_values(router)
+    current = dict(router.named_buffers())
+    current.update(router.named_parameters())
+    for name, value in start.items():
+        hf_init.copy_(current[name], value)
+
+
+class _InitWeightsWithRouters:
+    """A patched HF model's ``_init_weights``: HF's for every module, then a router's state.
+
+    HF initialises a model built on the meta device (``from_pretrained`` with a
+    ``device_map``, or ``to_empty()`` + ``init_weights()``) module by module through
+    ``_init_weights``, which knows nothing of the router's state; without this, the expert
+    bias, schedule position, budget and thresholds would keep whatever memory they were given.
+
+    Args:
+        hf_init_weights: The model's own ``_init_weights`` (bound).
+    """
+
+    def __init__(self, hf_init_weights: Callable[[nn.Module], None]) -> None:
+        self.hf_init_weights = hf_init_weights
+
+    def __call__(self, module: nn.Module) -> None:
+        self.hf_init_weights(module)
+        if isinstance(module, Router):
+            _init_router_state(module)
+
+
+def _init_routers_with_the_model(model: nn.Module) -> None:
+    """Make HF's weight initialisation of ``model`` also initialise the routers' state.
+
+    Every HF model inside ``model`` (e.g. the ``MixtralModel`` of a ``MixtralForCausalLM``)
+    gets the wrapper, as HF initialises a sub-model's modules with the sub-model's
+    ``_init_weights``.
+    """
+    for module in model.modules():
+        init_weights = getattr(module, "_init_weights", None)
+        if isinstance(module, transformers.PreTrainedModel) and not isinstance(
+            init_weights, _InitWeightsWithRouters
+        ):
+            module._init_weights = _InitWeightsWithRouters(init_weights)
+
+
 def _copy_forward_hooks(source: nn.Module, target: nn.Module) -> None:
     """Register ``source``'s forward (pre-)hooks on ``target`` too.
 
@@ -588,6 +724,7 @@ def replace_routers(model: nn.Module, gate: str = "soft_topk", **router_options:
     # A plain list (no submodule registration, no state_dict entry) that deepcopy remaps.
     model._moe_router_gates = list(replacements.values())
     model.register_forward_pre_hook(_before_forward, with_kwargs=True)
+    _init_routers_with_the_model(model)
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, CONFIG_KEY, {"gate": gate, **router_options})
@@ -832,7 +969,7 @@ def _checkpoint_router_state(path: str | os.PathLike, **hub_kwargs: Any) -> dict
     return state
 
 
-def from_pretrained(model_class: Any, path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+def from_pretrained(model_class: Any, path: str | os.PathLike, **kwargs: Any) -> Any:
     """Load a model saved (``save_pretrained``) after :func:`replace_routers`, patched again.
 
     ``model_class.from_pretrained`` loads the model with HF's routing (the router weights and
@@ -847,16 +984,19 @@ def from_pretrained(model_class: Any, path: str | os.PathLike, **kwargs: Any) ->
         model_class: A transformers model class (``AutoModelForCausalLM``,
             ``MixtralForCausalLM``, ...).
         path: The saved folder (or a hub id).
-        **kwargs: Passed to ``model_class.from_pretrained``.
+        **kwargs: Passed to ``model_class.from_pretrained``. With
+            ``output_loading_info=True`` the result is ``(model, loading_info)`` as HF's, its
+            ``unexpected_keys`` without the router state read here.
 
     Returns:
-        The patched model.
+        The patched model (and HF's loading info when asked for).
 
     Raises:
         ValueError: If the saved config has no ``moe_router`` settings, or the checkpoint's
             router state does not match what the settings need.
     """
-    model = model_class.from_pretrained(path, **kwargs)
+    loaded = model_class.from_pretrained(path, **kwargs)
+    model, loading_info = loaded if kwargs.get("output_loading_info") else (loaded, None)
     options = getattr(model.config, CONFIG_KEY, None)
     if not isinstance(options, Mapping) or "gate" not in options:
         raise ValueError(
@@ -865,16 +1005,10 @@ def from_pretrained(model_class: Any, path: str | os.PathLike, **kwargs: Any) ->
         )
     options = dict(options)
     replace_routers(model, options.pop("gate"), **options)
-    hf_keys = {
-        f"{module_path}.{theirs}"
-        for module_path, module in model.named_modules()
-        if isinstance(module, RoutedGate)
-        for _, theirs in module.hf_key_names()
-    }
     wanted = {}  # (layer, key in the gate) -> model key
     for key in model.state_dict():
         layer_key = _router_state_key(key)
-        if layer_key is not None and key not in hf_keys:
+        if layer_key is not None:
             wanted[layer_key] = key
     hub_kwargs = {
         name: kwargs[name]
@@ -891,4 +1025,10 @@ def from_pretrained(model_class: Any, path: str | os.PathLike, **kwargs: Any) ->
     model.load_state_dict(
         {wanted[layer_key]: saved[layer_key] for layer_key in wanted}, strict=False
     )
-    return model
+    if loading_info is None:
+        return model
+    unexpected = loading_info["unexpected_keys"]
+    loading_info["unexpected_keys"] = type(unexpected)(
+        key for key in unexpected if _router_state_key(key) not in wanted
+    )
+    return model, loading_info

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 
@@ -125,15 +126,16 @@ BUILDERS = {
     "olmoe": _olmoe,
     "deepseek_v3": _deepseek_v3,
 }
+MODEL_CLASSES = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+}
 ARCHS = [
     pytest.param(name, marks=pytest.mark.skipif(not hasattr(transformers, cls), reason=cls))
-    for name, cls in (
-        ("mixtral", "MixtralForCausalLM"),
-        ("qwen2_moe", "Qwen2MoeForCausalLM"),
-        ("qwen3_moe", "Qwen3MoeForCausalLM"),
-        ("olmoe", "OlmoeForCausalLM"),
-        ("deepseek_v3", "DeepseekV3ForCausalLM"),
-    )
+    for name, cls in MODEL_CLASSES.items()
 ]
 
 
@@ -231,6 +233,11 @@ def test_topk_with_other_scoring_does_not_reproduce(arch):
     with torch.no_grad():
         difference = (patched(input_ids()).logits - reference(input_ids()).logits).abs().max()
     assert difference > 1e-3
+    # Without an expert bias the gate keeps the model's correction bias, unused, for saving.
+    assert patched.state_dict().keys() == reference.state_dict().keys()
+    if arch == "deepseek_v3":
+        key = "model.layers.1.mlp.gate.e_score_correction_bias"
+        torch.testing.assert_close(patched.state_dict()[key], reference.state_dict()[key])
 
 
 def test_router_takes_the_gate_weight_and_deepseek_settings():
@@ -548,6 +555,229 @@ def test_patched_model_deepcopies_and_pickles():
             cwd=Path(__file__).resolve().parents[2],
         )
     assert result.stdout.strip() == "RoutedQwen2MoeTopKRouter"
+
+
+def test_from_pretrained_returns_the_loading_info(tmp_path):
+    model = replace_routers(build("mixtral"), gate="soft_topk", **ANNEAL_AND_BIAS)
+    model.save_pretrained(tmp_path)
+    loaded, info = from_pretrained(
+        transformers.AutoModelForCausalLM, tmp_path, output_loading_info=True
+    )
+    assert any(isinstance(m, RoutedGate) for m in loaded.modules())
+    # The router state read after HF's load is not reported as unexpected.
+    assert info["missing_keys"] == info["unexpected_keys"] == set()
+    assert info["mismatched_keys"] == set()
+
+
+# ------------------------------------------------------- HF's loading and initialisation
+
+
+def routed_class(arch: str, gate: str = "topk", **options):
+    """The HF model class of ``arch``, patched as it is built, so that HF's ``from_pretrained``
+    loads the weights into routers (the class keeps its name: HF looks its loading rules up
+    by name)."""
+    base = getattr(transformers, MODEL_CLASSES[arch])
+
+    def __init__(self, config):
+        base.__init__(self, config)
+        replace_routers(self, gate=gate, **options)
+
+    return type(base.__name__, (base,), {"__init__": __init__})
+
+
+def _saved(model, folder):
+    """Save ``model`` to ``folder``; returns the folder."""
+    model.save_pretrained(folder)
+    return folder
+
+
+def _gates(model):
+    return [m for m in model.modules() if isinstance(m, RoutedGate)]
+
+
+# Settings that give a router every kind of state (bias, schedule, budget, thresholds, tau).
+STATEFUL_OPTIONS = {
+    "bias_anneal": dict(gate="soft_topk", **ANNEAL_AND_BIAS, tau=1.0, tau_final=0.1),
+    "budget": dict(gate="sparse_soft_topk", target_active=2.5),
+    "running_thresholds": dict(gate="balanced_soft_topk"),
+    "window_thresholds": dict(gate="balanced_soft_topk", balance_window=32),
+    "learned_tau": dict(gate="soft_topk", tau=0.7, tau_schedule="learned"),
+}
+
+
+def _check_start_state(router, expected_router, arch):
+    """Every buffer (and a learned tau) of ``router`` as a new router's, and finite."""
+    config = router.config
+    expected = dict(expected_router.named_buffers())
+    got = dict(router.named_buffers())
+    if config.tau_schedule == "learned":
+        expected["log_tau"], got["log_tau"] = expected_router.log_tau, router.log_tau
+    if arch == "deepseek_v3" and router.expert_bias is not None:
+        # HF initialises DeepSeek-V3's correction bias to zeros (the built model's is random).
+        expected["expert_bias.bias_E"] = torch.zeros(config.num_experts)
+    assert set(got) == set(expected)
+    for name, value in got.items():
+        assert value.device.type == "cpu", name
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), name
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    if router.anneal is not None:
+        assert int(router.schedule_step) == 0
+        assert float(router.tau) == config.tau  # the schedule's start, not tau_final
+    if router.budget_controller is not None:
+        assert float(router.budget) == config.k
+
+
+@pytest.mark.parametrize("options", STATEFUL_OPTIONS.values(), ids=STATEFUL_OPTIONS.keys())
+@pytest.mark.parametrize("arch", ARCHS)
+def test_meta_built_model_initialised_by_hf_has_the_router_start_state(arch, options):
+    """HF's path for large models: build on the meta device, ``to_empty``, ``init_weights``
+    (HF's ``_init_weights`` does not know the router's buffers)."""
+    expected = replace_routers(build(arch), **options)
+
+    def initialised_on_meta(patch: bool):
+        with torch.device("meta"):
+            model = type(expected)(copy.deepcopy(expected.config))
+            if patch:
+                replace_routers(model, **options)
+        model.to_empty(device="cpu")  # a DeepSeek-V3 expert bias once failed to leave meta here
+        torch.manual_seed(0)
+        model.init_weights()
+        return model
+
+    model = initialised_on_meta(patch=True)
+    for gate, expected_gate in zip(_gates(model), _gates(expected), strict=True):
+        _check_start_state(gate.router, expected_gate.router, arch)
+        assert gate.weight is gate.router.weight_ED
+    # HF's init draws the weights it draws for the unpatched model (gate weight included): the
+    # routers' start values take nothing from the random generator.
+    patched = dict(model.named_parameters())
+    for name, value in initialised_on_meta(patch=False).named_parameters():
+        torch.testing.assert_close(patched[name], value, rtol=0, atol=0, msg=name)
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids()).logits).all()
+
+
+def _shares_the_router_tensors(gate) -> bool:
+    router = gate.router
+    return (
+        gate.weight is router.weight_ED
+        and gate.e_score_correction_bias is router.expert_bias.bias_E
+        and dict(gate.named_parameters())["weight"] is router.weight_ED
+    )
+
+
+def test_gate_names_the_router_tensors_as_hf_does():
+    """``weight`` / ``e_score_correction_bias`` of a gate are the router's tensors, through
+    assignment (HF's loader assigns them), conversion and ``load_state_dict``."""
+    model = replace_routers(build("deepseek_v3"), gate="soft_topk")
+    gate = model.model.layers[1].mlp.gate
+    assert _shares_the_router_tensors(gate)
+    gate.weight = torch.nn.Parameter(torch.randn(8, HIDDEN))
+    gate.e_score_correction_bias = torch.randn(8).bfloat16()
+    assert _shares_the_router_tensors(gate)
+    assert gate.router.expert_bias.bias_E.dtype == torch.float32
+    model.to(torch.bfloat16)
+    assert _shares_the_router_tensors(gate) and gate.weight.dtype == torch.bfloat16
+    assert gate.e_score_correction_bias.dtype == torch.float32  # the expert bias stays fp32
+
+    state = model.state_dict()  # each shared tensor once, under HF's name
+    assert "model.layers.1.mlp.gate.weight" in state
+    assert not any(key.endswith(("router.weight_ED", "router.expert_bias.bias_E")) for key in state)
+    other = replace_routers(build("deepseek_v3", seed=1), gate="soft_topk").to(torch.bfloat16)
+    other.load_state_dict(state)
+    other_gate = other.model.layers[1].mlp.gate
+    torch.testing.assert_close(other_gate.router.weight_ED, gate.weight, rtol=0, atol=0)
+    torch.testing.assert_close(
+        other_gate.router.expert_bias.bias_E, gate.e_score_correction_bias, rtol=0, atol=0
+    )
+    other.load_state_dict(state, assign=True)  # new tensors, still shared
+    assert _shares_the_router_tensors(other_gate)
+
+
+def test_patched_class_loads_an_hf_checkpoint(tmp_path):
+    """``from_pretrained`` into a class patched before loading: the HF weights land in the
+    routers (topk reproduces the model), and the router state the checkpoint lacks starts
+    from a new router's values."""
+    reference = build("deepseek_v3")
+    reference.save_pretrained(tmp_path)
+    loaded, info = routed_class("deepseek_v3").from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == info["unexpected_keys"] == set()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.eval()(input_ids()).logits, reference(input_ids()).logits, rtol=0, atol=1e-5
+        )
+    gate = loaded.model.layers[1].mlp.gate
+    hf_gate = reference.model.layers[1].mlp.gate
+    assert gate.router.weight_ED is gate.weight
+    torch.testing.assert_close(gate.weight, hf_gate.weight, rtol=0, atol=0)
+    assert gate.router.expert_bias.bias_E is gate.e_score_correction_bias
+    torch.testing.assert_close(gate.e_score_correction_bias, hf_gate.e_score_correction_bias)
+
+    options = STATEFUL_OPTIONS["bias_anneal"]
+    loaded, info = routed_class("mixtral", **options).from_pretrained(
+        _saved(build("mixtral"), tmp_path / "mixtral"), output_loading_info=True
+    )
+    expected = replace_routers(build("mixtral"), **options)
+    assert info["missing_keys"] == {k for k in expected.state_dict() if ".gate.router." in k}
+    for gate, expected_gate in zip(_gates(loaded), _gates(expected), strict=True):
+        _check_start_state(gate.router, expected_gate.router, "mixtral")
+
+
+@pytest.mark.parametrize(
+    ("arch", "state"),
+    [
+        ("mixtral", "bias_anneal"),  # Mixtral renames its blocks on save
+        ("deepseek_v3", "bias_anneal"),  # expert bias = correction bias
+        ("olmoe", "budget"),
+        ("qwen3_moe", "window_thresholds"),
+        ("qwen2_moe", "learned_tau"),
+    ],
+)
+def test_hf_save_and_reload_keeps_every_router_key(arch, state, tmp_path, corpus_blocks):
+    """HF's own ``save_pretrained`` -> ``from_pretrained`` (into a patched class) round trip."""
+    options = STATEFUL_OPTIONS[state]
+    model = replace_routers(build(arch), **options)
+    # The state dict names the parameters and persistent buffers (HF's loader and its save /
+    # reload checks go by those names).
+    names = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}
+    non_persistent = {name for name, _ in model.named_non_persistent_buffers()}
+    assert set(model.state_dict()) == names - non_persistent
+    fresh_state = replace_routers(build(arch), **options).state_dict()
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        loss = _lm_loss(model, corpus_blocks[step * 4 : step * 4 + 4])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        moe_router.step_routers(model)
+    model.eval().save_pretrained(tmp_path / "trained")
+    loaded, info = routed_class(arch, **options).from_pretrained(
+        tmp_path / "trained", output_loading_info=True
+    )
+    assert info["missing_keys"] == info["unexpected_keys"] == set()
+    expected_state, got_state = model.state_dict(), loaded.state_dict()
+    assert set(got_state) == set(expected_state)
+    for key, value in expected_state.items():
+        torch.testing.assert_close(got_state[key], value, rtol=0, atol=0, msg=key)
+    # Trained values, so a key HF reports loaded but that did not reach the router would show.
+    gate_keys = [key for key in expected_state if ".gate." in key]
+    moved = [key for key in gate_keys if not torch.equal(expected_state[key], fresh_state[key])]
+    assert {key for key in gate_keys if key.endswith(".gate.weight")} < set(moved)
+
+    # Loading nothing reports every key of the state dict as missing, no more, no fewer.
+    safetensors.torch.save_file(
+        {"tensor": torch.tensor([1, 2])},
+        tmp_path / "trained" / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    _, info = routed_class(arch, **options).from_pretrained(
+        tmp_path / "trained", output_loading_info=True
+    )
+    assert info["missing_keys"] == set(expected_state)
 
 
 def test_from_pretrained_refuses_an_unpatched_checkpoint(tmp_path):
