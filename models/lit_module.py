@@ -253,8 +253,11 @@ class MoELanguageModel(L.LightningModule):
             optimizer,
             lambda step: warmup_cosine(step, optim.warmup_steps, total_steps, optim.min_lr_ratio),
         )
-        # The routers' per-step state advances after every optimizer step, as in a plain loop.
-        register_optimizer_hooks(optimizer, self.net)
+        # The routers' per-step state advances after every optimizer step, as in a plain loop
+        # (one hook: a previous fit's optimizer no longer steps them).
+        if getattr(self, "_router_hook", None) is not None:
+            self._router_hook.remove()
+        self._router_hook = register_optimizer_hooks(optimizer, self.net)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

@@ -369,9 +369,9 @@ class RouterOptions:
         )
         need(
             self.target_active is None
-            or (_is_number(self.target_active) and 0 < self.target_active < math.inf),
+            or (_is_number(self.target_active) and 1 <= self.target_active < math.inf),
             "target_active",
-            "None or a finite float > 0",
+            "None or a finite float >= 1 (every token computes at least one expert)",
         )
         need(
             _is_number(self.budget_update_rate)
@@ -494,6 +494,12 @@ class RouterConfig(RouterOptions):
             "max_active",
             f"an int with k={self.k} <= max_active <= num_experts={self.num_experts}",
         )
+        if self.target_active is not None:
+            need(
+                self.target_active <= self.max_active,
+                "target_active",
+                f"a float <= max_active={self.max_active} (the slots a token may compute)",
+            )
         need(
             _is_int(self.num_groups)
             and self.num_groups >= 1
@@ -653,10 +659,15 @@ class MoEConfig(MoEOptions):
         check_options_read(self, _LAYER_DEFAULTS)
 
     def capacity(self, num_tokens: int) -> int | None:
-        """Per-expert capacity for a batch of ``num_tokens`` tokens (None when dropless)."""
+        """Per-expert capacity for a batch of ``num_tokens`` tokens (None when dropless):
+        ``ceil(capacity_factor * T * A / E)`` with A the assignments per token, K (the soft
+        budget for support-exact gates), or every usable expert for ``soft_topk_dense``."""
         if self.capacity_factor is None:
             return None
-        return math.ceil(self.capacity_factor * num_tokens * self.k / self.num_experts)
+        per_token = self.k
+        if self.gate == "soft_topk_dense":
+            per_token = self.router_config.topk_groups * (self.num_experts // self.num_groups)
+        return math.ceil(self.capacity_factor * num_tokens * per_token / self.num_experts)
 
 
 _ROUTER_OPTION_NAMES = frozenset(f.name for f in fields(RouterOptions))

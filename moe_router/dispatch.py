@@ -190,7 +190,7 @@ def capacity_keep_mask(
 
     Each expert keeps its ``capacity`` assignments of highest priority; ties (and
     ``priority_TK=None``, the "by position" policy) go to the earlier token, then the earlier
-    slot. Fully vectorised: two stable sorts, no host sync.
+    slot. Fully vectorised: three sorts, no host sync.
 
     Args:
         expert_ids_TK: Selected experts.
@@ -215,7 +215,10 @@ def capacity_keep_mask(
     counts_E1.scatter_add_(0, key_P, torch.ones_like(key_P))
     starts_E1 = counts_E1.cumsum(0) - counts_E1
     rank_sorted_P = torch.arange(num_pairs, device=key_P.device) - starts_E1[key_sorted_P]
-    rank_P = torch.empty_like(rank_sorted_P).scatter_(0, order_P, rank_sorted_P)
+    # Back to pair order by a gather through the inverse permutation: inductor scheduled the
+    # equivalent scatter after the comparison that reads it (torch 2.13, CPU), so a compiled
+    # layer kept every assignment.
+    rank_P = rank_sorted_P[order_P.argsort()]
     return valid_TK & (rank_P.view_as(valid_TK) < capacity)
 
 

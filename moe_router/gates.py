@@ -171,10 +171,12 @@ def _support(
         counts the experts in the support beyond the cap and their p mass.
     """
     top = selection_TE.topk(config.max_active, dim=-1)
-    expert_ids_TK, valid_TK = top.indices, top.values > 0
+    # A NaN row (a NaN token) fills its slots with NaN weights, as the fixed-K gates give it a
+    # NaN output; it must not pass for a token without experts.
+    expert_ids_TK, valid_TK = top.indices, (top.values > 0) | top.values.isnan()
     weights_TK = torch.where(valid_TK, p_TE.gather(-1, expert_ids_TK), 0.0)
     with torch.no_grad():
-        in_support_TE = selection_TE > 0
+        in_support_TE = (selection_TE > 0) | selection_TE.isnan()
         overflow_T = in_support_TE.sum(-1).float() - valid_TK.sum(-1).float()
         support_mass_T = torch.where(in_support_TE, p_TE, 0.0).sum(-1)
         overflow_mass_T = (support_mass_T - weights_TK.sum(-1)).clamp_min(0.0)
@@ -332,6 +334,12 @@ def balance_thresholds(
         ``mu_E`` in logit units, fp32, with zero mean (only differences matter).
     """
     num_tokens, num_experts = logits_TE.shape
+    if num_tokens == 0:  # nothing to balance: the warm start, or zeros
+        return logits_TE.new_zeros(num_experts) if mu_E is None else mu_E.float().clone()
+    # A token with a NaN or +inf logit takes no part in the column solve, so it reaches its own
+    # output only (-inf marks an expert the token may not use and is fine).
+    finite_T = ~(logits_TE.isnan() | (logits_TE == math.inf)).any(-1)
+    token_mask_T = finite_T if token_mask_T is None else token_mask_T & finite_T
     method = config.method
     budget = float(config.k) if k is None else k
     k = config.k  # the integer K of the hard initial guesses

@@ -137,14 +137,14 @@ class BudgetController(RouterState):
     @torch.no_grad()
     def accumulate(self, routing: Routing, token_mask_T: Tensor | None) -> None:
         """Add the batch's support: dispatched experts plus overflow, per real token (with an
-        expert bias this is the biased support, the compute the budget is about)."""
+        expert bias this is the biased support, the compute the budget is about); padding and
+        NaN tokens are left out."""
         support_T = routing.valid_TK.sum(-1).float() + routing.overflow_T
-        if token_mask_T is None:
-            self.pending_support[0] += support_T.sum()
-            self.pending_support[1] += support_T.numel()
-        else:
-            self.pending_support[0] += torch.where(token_mask_T, support_T, 0.0).sum()
-            self.pending_support[1] += token_mask_T.sum()
+        counted_T = ~routing.weights_TK.isnan().any(-1)  # a NaN token's support says nothing
+        if token_mask_T is not None:
+            counted_T = counted_T & token_mask_T
+        self.pending_support[0] += torch.where(counted_T, support_T, 0.0).sum()
+        self.pending_support[1] += counted_T.sum()
 
     @torch.no_grad()
     def step(self) -> None:
@@ -154,7 +154,8 @@ class BudgetController(RouterState):
         support_sum, num_tokens = all_reduce_sum(self.pending_support.double()).unbind()
         mean_support = support_sum / num_tokens.clamp_min(1.0)
         error = (config.target_active - mean_support) / config.target_active
-        log_step = torch.where(num_tokens > 0, config.budget_update_rate * error, 0.0)
+        moved = (num_tokens > 0) & error.isfinite()  # a non-finite support moves nothing
+        log_step = torch.where(moved, config.budget_update_rate * error, 0.0)
         usable = config.topk_groups * (config.num_experts // config.num_groups)
         new_budget = (self.budget.double().log() + log_step).exp()
         self.budget.copy_(new_budget.clamp(1e-3, usable - 1e-3).float())
@@ -195,6 +196,8 @@ class BalancedThresholds(RouterState):
             mu_E = balance_thresholds(
                 logits_TE, self.config, tau, self.warm_mu_E, token_mask_T, k=k
             )
+            # Never a non-finite threshold (e.g. a non-finite budget): keep the warm start.
+            mu_E = torch.where(mu_E.isfinite(), mu_E, self.warm_mu_E)
             if record:
                 self.warm_mu_E.copy_(mu_E)
                 self._record(mu_E, logits_TE, token_mask_T, tau, k)
@@ -267,6 +270,7 @@ class WindowThresholds(BalancedThresholds):
         mu_E = balance_thresholds(
             self.window_logits_WE, config, tau, self.mu_E, self.window_mask_W, k=k
         )
+        mu_E = torch.where(mu_E.isfinite(), mu_E, self.mu_E)
         filled = self.window_mask_W.any().float()
         totals_E1 = all_reduce_sum(torch.cat([mu_E * filled, filled.reshape(1)]))
         mean_mu_E = totals_E1[:-1] / totals_E1[-1].clamp_min(1.0)

@@ -33,8 +33,23 @@ __all__ = ["register_optimizer_hooks", "routers", "step_routers"]
 
 
 def routers(model: nn.Module) -> list[Router]:
-    """Every :class:`Router` inside ``model`` (the model itself included), in module order."""
+    """Every :class:`Router` inside ``model`` (the model itself included), in module order.
+
+    Raises:
+        ValueError: If ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     return [module for module in model.modules() if isinstance(module, Router)]
+
+
+# id(router) -> the handle of the optimizer hook that steps it (while registered).
+_HOOKS: dict[int, RemovableHandle] = {}
+
+
+def _is_registered(handle: RemovableHandle) -> bool:
+    hooks = handle.hooks_dict_ref()
+    return hooks is not None and handle.id in hooks
 
 
 def step_routers(model: nn.Module) -> int:
@@ -69,14 +84,25 @@ def register_optimizer_hooks(optimizer: Optimizer, model: nn.Module) -> Removabl
         The hook's handle; ``handle.remove()`` unregisters it.
 
     Raises:
-        ValueError: If ``model`` holds no router.
+        ValueError: If ``model`` holds no router, or a router of it is already stepped by a
+            registered hook (it would step twice per optimizer step; ``remove()`` the first
+            handle to register again).
     """
-    if not routers(model):
+    found = routers(model)
+    if not found:
         raise ValueError(
             f"model={type(model).__name__} holds no moe_router Router: nothing to step"
+        )
+    if any(_is_registered(_HOOKS[id(r)]) for r in found if id(r) in _HOOKS):
+        raise ValueError(
+            f"model={type(model).__name__} already has routers stepped by an optimizer hook: "
+            "a second hook would step them twice per optimizer step (remove the first handle)"
         )
 
     def hook(_optimizer: Optimizer, _args: tuple, _kwargs: dict) -> None:
         step_routers(model)
 
-    return optimizer.register_step_post_hook(hook)
+    handle = optimizer.register_step_post_hook(hook)
+    for router in found:
+        _HOOKS[id(router)] = handle
+    return handle

@@ -170,3 +170,29 @@ def test_a_config_with_more_arguments_is_refused():
         Router(config, tau=0.5)
     with pytest.raises(ValueError, match="config must be a MoEConfig, got RouterConfig"):
         MoELayer(config=config)
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (0.5, r"target_active=0.5 is invalid: None or a finite float >= 1"),
+        (4.5, r"target_active=4.5 is invalid: a float <= max_active=4"),
+    ],
+)
+def test_a_budget_target_outside_what_a_token_can_compute_is_refused(target, message):
+    with pytest.raises(ValueError, match=message):
+        RouterConfig(16, 8, 2, gate="sparse_soft_topk", target_active=target, max_active=4)
+
+
+def test_soft_topk_dense_sizes_its_capacity_from_every_expert_it_dispatches():
+    dense = MoEConfig(16, 32, 8, 2, gate="soft_topk_dense", capacity_factor=1.0)
+    assert dense.capacity(64) == 64  # 64 tokens x 8 slots / 8 experts
+    limited = MoEConfig(
+        16, 32, 8, 2, gate="soft_topk_dense", capacity_factor=1.0, num_groups=4, topk_groups=2
+    )
+    assert limited.capacity(64) == 32  # 4 usable experts per token
+    assert MoEConfig(16, 32, 8, 2, gate="topk", capacity_factor=1.0).capacity(64) == 16
+    torch.manual_seed(0)
+    layer = MoELayer(dense)
+    _, routing = layer(torch.randn(64, 16), return_routing=True)
+    assert routing.num_dropped == 0  # equal capacity for all: nothing dropped

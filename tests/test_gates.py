@@ -406,3 +406,81 @@ def test_router_math_is_fp32_under_bf16_autocast(gate):
     assert y.dtype == torch.bfloat16
     assert routing.logits_TE.dtype == torch.float32 and routing.weights_TK.dtype == torch.float32
     assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("method", ["sigmoid", "sparse"])
+@pytest.mark.parametrize("target", ["load", "mass"])
+def test_balanced_weights_move_continuously_where_the_solve_is_continuous(method, target):
+    """At evaluation (fixed running thresholds) a token's weights are a continuous function of
+    its input for every variant; in training only the non-sparse row solve is. The support-
+    exact training solve counts supports (integers), so its thresholds can jump: measured in
+    experiments/balanced_sensitivity.py, documented in docs/results.md."""
+    torch.manual_seed(0)
+    router = Router(16, 8, 2, gate="balanced_soft_topk", method=method, balance_target=target)
+    router.weight_ED.data.mul_(25)  # std 0.5
+    router(torch.randn(256, 16))
+    router.step()
+    modes = ["eval"] if method == "sparse" else ["train", "eval"]
+    x = torch.randn(256, 16)
+    for mode in modes:
+        router.train(mode == "train")
+        with torch.no_grad():
+            a, b = router(x), router(x + 1e-6 * torch.randn_like(x))
+        dense = [torch.zeros(256, 8).scatter_add(1, r.expert_ids_TK, r.weights_TK) for r in (a, b)]
+        assert (dense[0] - dense[1]).abs().max() < 1e-4, mode
+
+
+@pytest.mark.parametrize("gate", ["topk", "soft_topk", "soft_topk_dense", "sparse_soft_topk"])
+def test_a_nan_token_gets_a_nan_output_from_every_gate(gate):
+    """The same for every gate: a NaN token's weights are NaN (never a silent zero output as
+    if it were padding), and the other tokens are untouched."""
+    torch.manual_seed(0)
+    router = Router(16, 8, 2, gate=gate)
+    x = torch.randn(8, 16)
+    clean = router(x)
+    x[3] = float("nan")
+    routing = router(x)
+    assert routing.weights_TK[3].isnan().any()
+    others = torch.arange(8) != 3
+    torch.testing.assert_close(routing.weights_TK[others], clean.weights_TK[others])
+
+
+@pytest.mark.parametrize("method", ["sigmoid", "sparse"])
+@pytest.mark.parametrize("target", ["load", "mass"])
+@pytest.mark.parametrize("window", [None, 32])
+def test_a_non_finite_token_reaches_only_its_own_balanced_output(method, target, window):
+    torch.manual_seed(0)
+    router = Router(
+        16,
+        8,
+        2,
+        gate="balanced_soft_topk",
+        method=method,
+        balance_target=target,
+        balance_window=window,
+    )
+    x = torch.randn(64, 16)
+    x[3], x[5] = float("nan"), float("inf")
+    routing = router(x)
+    router.step()
+    others = torch.ones(64, dtype=torch.bool)
+    others[[3, 5]] = False
+    assert routing.weights_TK[others].isfinite().all()
+    assert routing.weights_TK[3].isnan().any()
+    for name, buffer in router.named_buffers():
+        if buffer.is_floating_point():
+            assert buffer.isfinite().all(), name
+    assert router(torch.randn(64, 16)).weights_TK.isfinite().all()
+    router.eval()
+    assert router(torch.randn(64, 16)).weights_TK.isfinite().all()
+
+
+@pytest.mark.parametrize("method", ["sigmoid", "sparse"])
+@pytest.mark.parametrize("target", ["load", "mass"])
+def test_balanced_gates_route_an_empty_batch(method, target):
+    router = Router(16, 8, 2, gate="balanced_soft_topk", method=method, balance_target=target)
+    routing = router(torch.randn(0, 16))
+    assert routing.weights_TK.shape == (0, router.config.slots)
+    assert routing.tokens_per_expert_E.sum() == 0
+    router.step()
+    assert router.balance_mu_E.isfinite().all()

@@ -361,3 +361,24 @@ def test_layer_compiles_with_inductor_forward_and_backward(
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for got, expected in zip(gradients(layer, x, y), gradients(layer, x, y_ref), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drop_policy", ["score", "position"])
+def test_inductor_keeps_the_capacity_drops(drop_policy):
+    """A compiled layer drops what the eager one drops, in training and under no_grad (the
+    inverse permutation of capacity_keep_mask was once a scatter that inductor scheduled after
+    its reader, so every assignment was kept)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = MoELayer(16, 8, 8, 2, gate="topk", capacity_factor=1.0, drop_policy=drop_policy)
+    x = torch.randn(24, 16)
+    compiled = torch.compile(layer)
+    for mode in ("train", "eval"):
+        layer.train(mode == "train")
+        with torch.set_grad_enabled(mode == "train"):
+            y, routing = layer(x, return_routing=True)
+            y_compiled, routing_compiled = compiled(x, return_routing=True)
+        assert routing.num_dropped > 0
+        assert torch.equal(routing_compiled.dropped_TK, routing.dropped_TK), mode
+        torch.testing.assert_close(y_compiled, y, rtol=1e-5, atol=1e-6)

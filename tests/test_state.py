@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from moe_router import Router, step_routers
+from moe_router import Router, register_optimizer_hooks, step_routers
 from moe_router.router import UNSTEPPED_WARN_AFTER
 from moe_router.state import RouterState
 
@@ -139,3 +139,28 @@ def test_a_component_follows_device_moves_but_not_casts():
     assert counter.total.dtype == torch.float32 and counter.total.is_meta
     counter = Counter().half()
     assert counter.total.item() == 1.0 + 2**-20
+
+
+def test_a_compiled_stateful_router_never_stepped_warns():
+    torch._dynamo.reset()
+    router = make(STATEFUL["balanced"])
+    optimizer = torch.optim.SGD(router.parameters(), lr=0.01)
+    compiled = torch.compile(router, backend="aot_eager")
+    with pytest.warns(UserWarning, match="compiled training forwards over 64 optimizer steps"):
+        for _ in range(UNSTEPPED_WARN_AFTER):
+            compiled(torch.randn(32, 16)).weights_TK.sum().backward()
+            optimizer.step()
+
+
+def test_a_compiled_router_stepped_by_the_hook_does_not_warn():
+    torch._dynamo.reset()
+    router = make(STATEFUL["budget"])
+    optimizer = torch.optim.SGD(router.parameters(), lr=0.01)
+    handle = register_optimizer_hooks(optimizer, router)
+    compiled = torch.compile(router, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*without a step")
+        for _ in range(UNSTEPPED_WARN_AFTER + 2):
+            compiled(torch.randn(32, 16)).weights_TK.sum().backward()
+            optimizer.step()
+    handle.remove()

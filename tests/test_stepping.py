@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import moe_router
 from moe_router import (
     MoEConfig,
     MoELayer,
@@ -111,3 +112,23 @@ def test_modules_take_their_config():
         Router(config, 4, 1)
     with pytest.raises(ValueError, match="takes no further arguments"):
         MoELayer(layer_config, tau=0.5)
+
+
+def test_a_second_hook_for_the_same_routers_is_refused():
+    layer = MoELayer(8, 16, 4, 2, gate="soft_topk", tau_schedule="anneal", anneal_steps=10)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    handle = moe_router.register_optimizer_hooks(optimizer, layer)
+    with pytest.raises(ValueError, match="already has routers stepped by an optimizer hook"):
+        moe_router.register_optimizer_hooks(optimizer, layer)
+    with pytest.raises(ValueError, match="already has routers stepped"):
+        moe_router.register_optimizer_hooks(torch.optim.SGD(layer.parameters(), lr=0.1), layer)
+    layer(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    assert int(layer.router.schedule_step) == 1  # once per optimizer step
+    handle.remove()
+    moe_router.register_optimizer_hooks(optimizer, layer).remove()  # free again
+
+
+def test_stepping_something_that_is_not_a_module_is_a_clear_error():
+    with pytest.raises(ValueError, match="model must be an nn.Module, got str"):
+        moe_router.step_routers("str")
