@@ -235,7 +235,9 @@ class ExpertBias(RouterState):
         self.update_rate = update_rate
         self.register_buffer("bias_E", torch.zeros(num_experts, dtype=torch.float32))
         # Loads of the training forwards since the last step.
-        self.register_buffer("pending_load_E", torch.zeros(num_experts), persistent=False)
+        self.register_buffer(
+            "pending_load_E", torch.zeros(num_experts, dtype=torch.float32), persistent=False
+        )
 
     @torch.no_grad()
     def accumulate(self, routing: Routing, token_mask_T: Tensor | None) -> None:

@@ -221,8 +221,9 @@ def _soft_topk_dense_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selecti
     p_TE = soft_topk(logits_TE, k, tau=tau, method=config.soft_method)
     expert_ids_TK = torch.arange(config.num_experts, device=logits_TE.device)
     expert_ids_TK = expert_ids_TK.expand(logits_TE.shape[0], -1)
-    # Experts outside the token's groups (-inf) get no compute.
-    valid_TK = logits_TE > float("-inf")
+    # Experts outside the token's groups (-inf) get no compute; a NaN token keeps its (NaN)
+    # slots, so it is visible rather than an empty routing.
+    valid_TK = logits_TE != float("-inf")
     return _finish(expert_ids_TK, p_TE, p_TE, valid_TK, config)
 
 
@@ -547,6 +548,8 @@ def run_gate(
     Returns:
         A :class:`Selection` with K = ``config.slots``.
     """
+    if not isinstance(config, RouterConfig):
+        raise ValueError(f"config must be a RouterConfig, got {type(config).__name__}")
     gate = GATE_FUNCTIONS[config.gate]
     return gate(
         logits_TE,

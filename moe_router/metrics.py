@@ -73,7 +73,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from moe_router.routing import Routing
+from moe_router.routing import Routing, require
 
 __all__ = [
     "LoadBalanceMetrics",
@@ -99,7 +99,9 @@ __all__ = [
 def _as_counts(counts_E: Tensor) -> Tensor:
     if counts_E.ndim == 0:
         raise ValueError(f"counts_E must have an expert dim, got a 0-d tensor {counts_E}")
-    return counts_E.to(torch.float64)
+    counts_E = counts_E.to(torch.float64)
+    require((counts_E >= 0).all(), "counts_E must be counts >= 0 (assignments per expert)")
+    return counts_E
 
 
 def _max_violation_f64(counts_E: Tensor) -> Tensor:

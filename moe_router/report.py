@@ -105,7 +105,8 @@ def _check_names(metrics_by_layer: Mapping[str, MetricsOrValues], argument: str)
 
 
 def _table_cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """One markdown table cell: pipes escaped, line breaks as spaces (a newline ends a row)."""
+    return " ".join(text.replace("|", "\\|").splitlines())
 
 
 def load_balance_table(

@@ -311,6 +311,9 @@ class Router(nn.Module):
 
 def _check_inputs(hidden_states: Tensor, padding_mask: Tensor | None, d_model: int) -> tuple:
     """The leading shape of ``hidden_states``, after checking it and the padding mask."""
+    if not isinstance(hidden_states, Tensor) or not hidden_states.is_floating_point():
+        got = getattr(hidden_states, "dtype", type(hidden_states).__name__)
+        raise ValueError(f"hidden_states must be a float tensor [..., D], got {got}")
     if hidden_states.shape[-1] != d_model:
         raise ValueError(
             f"hidden_states must end in d_model={d_model}, got shape {tuple(hidden_states.shape)}"

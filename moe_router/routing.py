@@ -11,6 +11,25 @@ import torch
 from torch import Tensor
 
 
+def require(condition: Tensor, message: str) -> None:
+    """A check of tensor *values* that never makes a GPU wait: a ``ValueError`` on the CPU
+    (where reading the result costs nothing), a device-side assert elsewhere and under
+    ``torch.compile`` (no host sync, no graph break).
+
+    Args:
+        condition: A bool scalar tensor.
+        message: The error, naming the argument and what is allowed.
+
+    Raises:
+        ValueError: If ``condition`` is False on the CPU.
+    """
+    if condition.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(condition):
+            raise ValueError(message)
+    else:
+        torch._assert_async(condition, message)
+
+
 @dataclass
 class Routing:
     """What a router decided for a batch of tokens.
@@ -65,6 +84,11 @@ class Routing:
             self.valid_TK = torch.ones_like(self.expert_ids_TK, dtype=torch.bool)
         if self.tokens_per_expert_E is None:
             num_experts = self.scores_TE.shape[-1]
+            ids_TK = self.expert_ids_TK
+            require(
+                ((ids_TK >= 0) & (ids_TK < num_experts)).all(),
+                f"expert_ids_TK must lie in [0, {num_experts}) (scores_TE has E = {num_experts})",
+            )
             counts_E = torch.zeros(num_experts, dtype=torch.float32, device=self.scores_TE.device)
             self.tokens_per_expert_E = counts_E.index_add_(
                 0, self.expert_ids_TK.reshape(-1), self.valid_TK.reshape(-1).float()

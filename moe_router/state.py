@@ -130,9 +130,11 @@ class BudgetController(RouterState):
     def __init__(self, config: RouterConfig) -> None:
         super().__init__()
         self.config = config
-        self.register_buffer("budget", torch.tensor(float(config.k)))
+        self.register_buffer("budget", torch.tensor(float(config.k), dtype=torch.float32))
         # [sum of supports, real tokens] since the last step.
-        self.register_buffer("pending_support", torch.zeros(2), persistent=False)
+        self.register_buffer(
+            "pending_support", torch.zeros(2, dtype=torch.float32), persistent=False
+        )
 
     @torch.no_grad()
     def accumulate(self, routing: Routing, token_mask_T: Tensor | None) -> None:
@@ -183,8 +185,8 @@ class BalancedThresholds(RouterState):
         super().__init__()
         self.config = config
         num_experts = config.num_experts
-        self.register_buffer("mu_E", torch.zeros(num_experts))
-        self.register_buffer("warm_mu_E", torch.zeros(num_experts))
+        self.register_buffer("mu_E", torch.zeros(num_experts, dtype=torch.float32))
+        self.register_buffer("warm_mu_E", torch.zeros(num_experts, dtype=torch.float32))
 
     def batch_mu(
         self, gate_logits_TE: Tensor, token_mask_T: Tensor | None, tau: float | Tensor, k
@@ -214,7 +216,11 @@ class RunningThresholds(BalancedThresholds):
     def __init__(self, config: RouterConfig) -> None:
         super().__init__(config)
         # [sum of batch solutions, number of batches] since the last step.
-        self.register_buffer("pending_mu_E1", torch.zeros(config.num_experts + 1), persistent=False)
+        self.register_buffer(
+            "pending_mu_E1",
+            torch.zeros(config.num_experts + 1, dtype=torch.float32),
+            persistent=False,
+        )
 
     def _record(self, mu_E, gate_logits_TE, token_mask_T, tau, k) -> None:
         self.pending_mu_E1[:-1] += mu_E
@@ -239,21 +245,29 @@ class WindowThresholds(BalancedThresholds):
     def __init__(self, config: RouterConfig) -> None:
         super().__init__(config)
         window, num_experts = config.balance_window, config.num_experts
-        self.register_buffer("window_logits_WE", torch.zeros(window, num_experts))
+        self.register_buffer(
+            "window_logits_WE", torch.zeros(window, num_experts, dtype=torch.float32)
+        )
         self.register_buffer("window_mask_W", torch.zeros(window, dtype=torch.bool))
         self.register_buffer("window_pos", torch.zeros((), dtype=torch.long))
-        self.register_buffer("solve_tau", torch.tensor(float(config.tau)), persistent=False)
-        self.register_buffer("solve_k", torch.tensor(float(config.k)), persistent=False)
+        self.register_buffer(
+            "solve_tau", torch.tensor(float(config.tau), dtype=torch.float32), persistent=False
+        )
+        self.register_buffer(
+            "solve_k", torch.tensor(float(config.k), dtype=torch.float32), persistent=False
+        )
 
     def _record(self, mu_E, gate_logits_TE, token_mask_T, tau, k) -> None:
         """Write the batch's logits into the window (its last ``balance_window`` tokens when
-        the batch is larger), padding marked unused."""
+        the batch is larger), padding and non-finite tokens marked unused (stored as 0)."""
         window = self.window_logits_WE.shape[0]
         keep = min(window, gate_logits_TE.shape[0])  # static: shapes only
         logits_TE = gate_logits_TE[-keep:].float()
-        mask_T = torch.ones(keep, dtype=torch.bool, device=logits_TE.device)
+        # A token with a NaN or +inf logit is kept out (-inf marks an expert it may not use).
+        mask_T = ~(logits_TE.isnan() | (logits_TE == float("inf"))).any(-1)
         if token_mask_T is not None:
-            mask_T = token_mask_T[-keep:]
+            mask_T = mask_T & token_mask_T[-keep:]
+        logits_TE = torch.where(mask_T.unsqueeze(-1), logits_TE, 0.0)
         index_T = (self.window_pos + torch.arange(keep, device=logits_TE.device)) % window
         self.window_logits_WE.index_copy_(0, index_T, logits_TE)
         self.window_mask_W.index_copy_(0, index_T, mask_T)

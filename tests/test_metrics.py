@@ -846,3 +846,12 @@ def test_ddp_reduction_equals_single_process(tmp_path):
         assert set(result["all"]) == set(expected)
         for key, value in expected.items():
             torch.testing.assert_close(result["all"][key], value, msg=key)
+
+
+def test_out_of_range_ids_and_negative_counts_are_clear_errors():
+    with pytest.raises(ValueError, match=r"expert_ids_TK must lie in \[0, 8\)"):
+        LoadBalanceMetrics(8).update(
+            Routing(torch.tensor([[9, 1]]), torch.ones(1, 2), torch.rand(1, 8), torch.rand(1, 8))
+        )
+    with pytest.raises(ValueError, match="counts_E must be counts >= 0"):
+        max_violation(torch.tensor([1.0, -2.0, 3.0]))

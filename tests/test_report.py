@@ -245,3 +245,10 @@ def test_unselected_score_mass_is_labelled_for_every_gate():
     header = load_balance_table({"topk / layer0": layer_values()}).splitlines()[0]
     assert "Unselected score mass" in header and "Soft mass" not in header
     assert "softmax for topk" in UNSELECTED_MASS_NOTE
+
+
+def test_a_layer_name_with_a_line_break_stays_one_table_row():
+    values = {key: 0.0 for key, _ in TABLE_COLUMNS}
+    table = load_balance_table({"layer\n0|a": values})
+    assert len(table.splitlines()) == 3
+    assert "| layer 0\\|a |" in table

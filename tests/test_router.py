@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from moe_router.gates import run_gate
 from moe_router.ops import soft_topk
 from moe_router.router import GATES, Router, RouterConfig, select_experts
 
@@ -487,3 +488,11 @@ def test_bad_inputs_raise():
         router(torch.randn(4, 15))
     with pytest.raises(ValueError, match="padding_mask"):
         router(torch.randn(2, 3, 16), padding_mask=torch.zeros(6, dtype=torch.bool))
+
+
+def test_integer_hidden_states_and_a_dict_config_are_clear_errors():
+    router = Router(16, 8, 2, gate="topk")
+    with pytest.raises(ValueError, match="hidden_states must be a float tensor"):
+        router(torch.randint(0, 5, (4, 16)))
+    with pytest.raises(ValueError, match="config must be a RouterConfig, got dict"):
+        run_gate(torch.randn(4, 8), {"k": 2})
