@@ -16,7 +16,7 @@ Baselines, all with the same expert weights and the same number of active parame
 Everything is timed round-robin (one fwd+bwd of each path per round, medians), one thread by
 default; the load of the machine (``uptime``) before and after goes into the results.
 
-Targets (issue 14), for ``topk`` and ``soft_topk``: <= 1.2x the dense floor and <= 1.0x the
+Targets, for ``topk`` and ``soft_topk``: <= 1.2x the dense floor and <= 1.0x the
 fastest HF block, at E=64, K=8, F=128 and E=8, K=2, F=512 (T=8192, D=256, 1 thread).
 
 Usage::

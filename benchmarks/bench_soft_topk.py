@@ -6,7 +6,7 @@ moe_router/ops/csrc) and through the readable PyTorch path (backend="torch").
 Measured in the same run on the same inputs, round-robin (one call of each contender per
 round, medians over the rounds):
   hard  - the hard router path: softmax -> topk -> gather, forward + backward;
-  seed  - seed 000's implementation (64-step bisection, vmap-of-grad backward),
+  seed  - the original implementation (64-step bisection, vmap-of-grad backward),
           reproduced in benchmarks/seed_topk.py;
   peers - torchsort, entmax budget_bisect, LapSum, difftopk (benchmarks/_peers.py says which
           function each computes and how its temperature maps to ours). A peer that is not
@@ -17,7 +17,7 @@ Accuracy columns (fp32, the timed inputs): max |sum p - k| for everything that r
 for peers computing one of our functions max |p - ours| and max |grad - ours| (same upstream
 gradient), at tau = --tau.
 
-Goals (issue 14): every threshold method <= 1.0x hard at 16384x64 k=8 and 4096x256 k=8,
+Goals: every threshold method <= 1.0x hard at 16384x64 k=8 and 4096x256 k=8,
 <= 1.5x at 16384x8 k=2; >= 4x faster than the fastest peer computing the same function.
 
 Prints the tables and writes benchmarks/results/soft_topk_cpu.{md,json} (all thread counts).
@@ -102,7 +102,7 @@ def contenders_for(num_rows, num_entries, k, tau, peers, repeats) -> dict[str, C
     few = max(3, repeats // 3)
     out = {
         "hard (softmax+topk+gather)": Contender("baseline", lambda a: hard_path(a, k), repeats),
-        "seed 000 (bisection, vmap grad)": Contender(
+        "bisection baseline (vmap grad)": Contender(
             "baseline", lambda a: seed_soft_topk(a, k), few
         ),
     }
@@ -259,7 +259,7 @@ def markdown(payload: dict, peers: list[Peer]) -> str:
         for entry in run["shapes"]:
             by_label = {r["label"]: r for r in entry["rows"]}
             hard = by_label["hard (softmax+topk+gather)"]["ms"]
-            seed = by_label["seed 000 (bisection, vmap grad)"]["ms"]
+            seed = by_label["bisection baseline (vmap grad)"]["ms"]
             acc = payload["accuracy"][entry["key"]]
             table_rows = []
             for r in entry["rows"]:

@@ -1,10 +1,10 @@
-"""Fused Triton soft top-k against the PyTorch path, the seed implementation and softmax + topk.
+"""Fused Triton soft top-k against the PyTorch path, the original implementation and softmax + topk.
 
 For each shape (R rows x N entries) it times, with ``triton.testing.do_bench`` medians:
 
 - forward and backward of the Triton kernels (``moe_router.ops.threshold_triton``),
 - forward and backward (autograd) of the PyTorch path ``moe_router.soft_topk``,
-- forward and backward of the seed implementation (``benchmarks/seed_topk.py``, sigmoid only),
+- forward and backward of the original implementation (``benchmarks/seed_topk.py``, sigmoid only),
 - ``torch.softmax`` + ``torch.topk`` (what a hard top-k router computes) and its backward,
 
 and reports the Triton kernels' achieved memory bandwidth (bytes they must move / time) and
@@ -83,7 +83,7 @@ def parse_args(argv=None):
         help="score dtype (default float32)",
     )
     parser.add_argument("--skip-torch", action="store_true", help="skip the PyTorch path")
-    parser.add_argument("--skip-seed", action="store_true", help="skip the seed implementation")
+    parser.add_argument("--skip-seed", action="store_true", help="skip the original implementation")
     parser.add_argument(
         "--out", type=Path, default=RESULTS, help="output folder for soft_topk_gpu.{md,json}"
     )
@@ -343,8 +343,8 @@ def _markdown(results: list[Row], args, torch, device: str) -> str:
         lines += ["", "Notes:", *notes]
     lines += [
         "",
-        "Targets (issue 3, H100, R = 10^6, N = 64): forward <= 0.25 ms, backward <= 0.35 ms, "
-        "within 1.5x of softmax + topk, >= 10x faster than the seed implementation.",
+        "Targets (H100, R = 10^6, N = 64): forward <= 0.25 ms, backward <= 0.35 ms, "
+        "within 1.5x of softmax + topk, >= 10x faster than the original implementation.",
         "",
     ]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The seed implementation (seed 000, "Differentiable TopK operator"), reproduced as a baseline.
+"""The original implementation of the differentiable top-k operator, reproduced as a baseline.
 
 Benchmarks only: sigmoid soft top-k with lambda found by 64 bisection steps with masked
 (boolean-index) assignment, and a backward that evaluates sigmoid' through vmap(vmap(grad)).

@@ -1,7 +1,7 @@
 """Launch-tile sweep of the fused Triton soft top-k kernels: (ROWS, num_warps) per row width.
 
-The Triton forward misses its goal (10^6 x 64, k = 2 in <= 0.25 ms on an H100-class GPU; it
-took 0.83-2.2 ms on an H200, results/gpu/README.md) and does not reach the memory bound. Its
+The Triton forward misses its goal (10^6 x 64, k = 2 in <= 0.25 ms on an H100-class GPU;
+docs/results.md, Triton kernels on an H200) and does not reach the memory bound. Its
 tile, _TILE_ELEMENTS elements of rows at 4 or 8 warps (threshold_triton._launch_config), was
 chosen without a GPU. This script times the forward and the backward for every
 (ROWS, num_warps) in the grid, each against the default tile measured in the same run, next to a

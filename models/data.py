@@ -387,7 +387,7 @@ class ByteCorpusDataModule(L.LightningDataModule):
                 raw = datasets.load_dataset(
                     self.hub_dataset, self.hub_config, cache_dir=self.cache_dir
                 )
-            except Exception as err:  # noqa: BLE001 - re-raised with the setting to fix
+            except Exception as err:  # re-raised with the setting to fix
                 offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
                 hint = " (HF_HUB_OFFLINE is set: it must be cached already)" if offline else ""
                 raise ValueError(

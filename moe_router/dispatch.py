@@ -278,10 +278,9 @@ class _GatherSlices(torch.autograd.Function):
     The composition (one ``index_select``, then ``split``) has a backward that concatenates
     the E slices' gradients into a fresh [P, D] tensor and then scatters it; here each slice's
     gradient is scattered straight into the [T, D] input gradient. The forward gathers each
-    slice on its own: one [P, D] block (64 MiB at T = 8192, K = 8, D = 256) is above glibc's
-    largest mmap threshold (32 MiB), so every call would map it fresh and page-fault through
-    it (measured 68 ms for that gather against 10 ms into reused memory, 1 thread), where the
-    per-expert slices come from the allocator's reused heap.
+    slice on its own: one [P, D] block at layer sizes is above glibc's largest mmap threshold
+    (32 MiB), so every call would map it fresh and page-fault through it, where the
+    per-expert slices come from the allocator's reused heap (timings: docs/results.md).
     """
 
     @staticmethod

@@ -188,10 +188,11 @@ def run_experts_per_slice(
     on CPU; one sync on an accelerator). Working one expert at a time keeps every
     intermediate at [pairs of one expert, ...], memory the allocator reuses, where the
     grouped path materialises [P, 2F] and [P, D] products that are fresh, page-faulted
-    memory on every call; measured faster on CPU at every shape of the layer benchmark.
+    memory on every call; faster on CPU at every shape of the layer benchmark
+    (docs/results.md).
     The input rows go through one ``_GatherSlices``: per-expert gathers whose gradients
     land in one [T, D] tensor, where autograd's per-expert gathers would zero and sum E
-    full [T, D] gradients (at E = 64 that was a third of the layer's time). Pairs without
+    full [T, D] gradients (a large share of the layer's time at E = 64). Pairs without
     compute (key E) form the last split and are never touched.
 
     Args:
@@ -209,8 +210,8 @@ def run_experts_per_slice(
     y_TD = torch.zeros(x_TD.shape, device=x_TD.device, dtype=dtype)
     # One [D, 2F] matmul per expert for gate and up is faster than two [D, F] ones, but
     # needs the [E, D, 2F] concatenation (a copy of those weights and of their gradients
-    # per step): worth it while that copy is no bigger than the pairs' activations
-    # (measured: fused faster at E=64, K=8, F=128; split at E=128, K=2, F=512).
+    # per step): worth it while that copy is no bigger than the pairs' activations (the
+    # rule the layer benchmark's shapes bear out, docs/results.md).
     fuse = num_experts * x_TD.shape[-1] <= token_P.shape[0]
     w2_EFD = w2_EFD.to(x_TD.dtype)
     if fuse:

@@ -186,7 +186,7 @@ def _support(
 # -------------------------------------------------------------------------------------- gates
 
 
-def _topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:  # noqa: ARG001
+def _topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:
     if config.score_func == "softmax":
         scores_TE = logits_TE.softmax(-1)
     else:
@@ -203,13 +203,13 @@ def _topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:  # noqa
     return _finish(expert_ids_TK, weights_TK, scores_TE, valid_TK, config)
 
 
-def _soft_topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:  # noqa: ARG001
+def _soft_topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:
     p_TE = soft_topk(logits_TE, k, tau=tau, method=config.soft_method)
     expert_ids_TK, weights_TK, valid_TK = _largest_p(logits_TE, p_TE, config, bias_E)
     return _finish(expert_ids_TK, weights_TK, p_TE, valid_TK, config)
 
 
-def _straight_through_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:  # noqa: ARG001
+def _straight_through_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:
     p_TE = soft_topk(logits_TE, k, tau=tau, method=config.soft_method)
     expert_ids_TK, weights_TK, valid_TK = _largest_p(logits_TE, p_TE, config, bias_E)
     # Value 1 per selected expert, gradient of the soft p (p_hard + p - sg(p)).
@@ -217,7 +217,7 @@ def _straight_through_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Select
     return _finish(expert_ids_TK, weights_TK, p_TE, valid_TK, config)
 
 
-def _soft_topk_dense_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:  # noqa: ARG001
+def _soft_topk_dense_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:
     p_TE = soft_topk(logits_TE, k, tau=tau, method=config.soft_method)
     expert_ids_TK = torch.arange(config.num_experts, device=logits_TE.device)
     expert_ids_TK = expert_ids_TK.expand(logits_TE.shape[0], -1)
@@ -227,7 +227,7 @@ def _soft_topk_dense_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selecti
     return _finish(expert_ids_TK, p_TE, p_TE, valid_TK, config)
 
 
-def _sparse_soft_topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:  # noqa: ARG001
+def _sparse_soft_topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:
     # The expert bias shifts each expert's threshold inside the solve, as the balanced gate's
     # mu does: p = clip((x + b - lambda) / tau, 0, 1). Support and weights then come from the
     # same p, so every computed expert carries weight and every expert with p > 0 is computed
@@ -241,7 +241,7 @@ def _sparse_soft_topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Select
     return _finish(expert_ids_TK, weights_TK, p_TE, valid_TK, config, overflow_T, overflow_mass_T)
 
 
-def _balanced_soft_topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:  # noqa: ARG001
+def _balanced_soft_topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:
     if mu_E is None:
         mu_E = balance_thresholds(logits_TE.detach(), config, tau, k=k)
     # The gradient goes through the row solve with the per-expert thresholds held fixed.
@@ -312,8 +312,8 @@ def balance_thresholds(
     - ``balance_target="load"``: ``T_real K / E`` dispatched assignments per expert (support
       sizes shared equally for support-exact gates, whose rows take two Newton steps per
       alternation), each expert moved to its quantile of dispatch margins
-      (:func:`_balance_load`). Solving those rows exactly instead was measured worse on the
-      quickstart sparse run (validation loss 2.82 / 2.83 against 2.74 / 2.73, seeds 0 / 1).
+      (:func:`_balance_load`). Solving those rows exactly instead trained worse on the
+      quickstart sparse run (docs/results.md, the balanced gate).
 
     Without a warm start the columns start from the hard quantile (the ``T_real K / E``-th
     largest of each column), which is the exact answer as tau -> 0.

@@ -297,7 +297,7 @@ def test_topk_layer_compiles_without_graph_breaks():
     torch.testing.assert_close(compiled(x, padding_mask=padding), layer(x, padding_mask=padding))
 
 
-# ------------------------------------------------------------ nothing silent (issue 12)
+# ------------------------------------------------------------ nothing silent
 
 
 def test_nan_in_a_padding_token_reaches_nothing():

@@ -60,7 +60,7 @@ def test_python_snippets_run(path, tmp_path, monkeypatch):
     namespace: dict = {"__name__": "__readme__"}
     for index, snippet in enumerate(blocks(path, "python")):
         code = compile(snippet, f"{path.name}[python block {index}]", "exec")
-        exec(code, namespace)  # noqa: S102 - the documentation's own code
+        exec(code, namespace)  # the documentation's own code
 
 
 def _train_commands():

@@ -184,7 +184,7 @@ def test_topk_gives_no_gradient_to_unselected_logits(score_func, renormalize):
 @pytest.mark.parametrize("method", ["sigmoid", "laplace"])
 def test_renormalisation_jacobian_has_the_off_diagonal_term(method):
     # w = q / sum(q) over the selected q = p[ids]; dL/dq_j = (c_j - sum_i c_i w_i) / sum(q)
-    # (seed 004). Chain it through soft_topk's own Jacobian and compare with the gate.
+    # Chain it through soft_topk's own Jacobian and compare with the gate.
     logits = torch.randn(6, 8, requires_grad=True)
     coeff = torch.randn(6, 2)
     ids, weights, _, _ = select_experts(

@@ -962,7 +962,7 @@ def _checkpoint_router_state(path: str | os.PathLike, **hub_kwargs: Any) -> dict
     state = {}
     for file_name in file_names:
         with safe_open(cached_file(path, file_name, **hub_kwargs), framework="pt") as file:
-            for key in file.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__
+            for key in file.keys():  # safe_open has keys(), no __iter__
                 layer_key = _router_state_key(key)
                 if layer_key is not None:
                     state[layer_key] = file.get_tensor(key)

@@ -15,13 +15,13 @@ that one. The reference methods ("iterative", "grad", `reference.py`) are plain 
 differentiated by autograd.
 
 First call: with the C++ build cached, the first call of soft_topk costs about what any small
-op's first call does (20-40 ms measured, mostly loading the kernels' library and asking the
-compiler for its version, which is part of the cache key). It imports no torch._dynamo (the op
-is registered through torch.library.Library for that reason: the custom_op decorator imports
-it on the first call, 2-5 s) and runs no compiler or ninja. What remains is a cold cache (one
-build of 10-30 s per source, torch, compiler and machine, shared by every checkout and virtual
+op's first call does (mostly loading the kernels' library and asking the compiler for its
+version, which is part of the cache key). It imports no torch._dynamo (the op is registered
+through torch.library.Library for that reason: the custom_op decorator imports it on the
+first call, which takes seconds) and runs no compiler or ninja. What remains is a cold cache
+(one build per source, torch, compiler and machine, shared by every checkout and virtual
 environment; see threshold_cpp.py) and the imports: torch itself, and `import moe_router`,
-which also imports torchmetrics for moe_router.metrics (2-3 s of the 3-5 s measured).
+which also imports torchmetrics for moe_router.metrics.
 
 Shape legend: R rows (all dims but `dim`, flattened), N entries per row.
 """

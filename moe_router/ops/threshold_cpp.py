@@ -9,7 +9,7 @@ they share. Each source registers its own ops in the torch.ops.moe_router_cpu na
 through the PyTorch path of `threshold_torch.py` (which they are tested against) otherwise.
 
 The extension is compiled once with torch.utils.cpp_extension (a C++ compiler and ninja are
-needed; the build takes about 10-30 s) into one file of a cache folder: $MOE_ROUTER_CACHE, else
+needed; a one-time build, cached) into one file of a cache folder: $MOE_ROUTER_CACHE, else
 $XDG_CACHE_HOME/moe_router, else ~/.cache/moe_router. Its name hashes everything the binary
 depends on: the sources and headers, the torch build, the Python ABI, the compiler (its
 --version), the flags and the CPU's instruction-set flags (-march=native). It does not depend
@@ -201,7 +201,7 @@ def available() -> bool:
         return False
     try:
         build()
-    except Exception as error:  # noqa: BLE001 - any build failure means: use the torch path
+    except Exception as error:  # any build failure means: use the torch path
         lines = str(error).strip().splitlines() or [repr(error)]
         cause = next((line for line in lines if "error" in line.lower()), lines[-1])
         warnings.warn(

@@ -84,7 +84,7 @@ def stress_rows(num_entries: int, dtype: torch.dtype, seed: int = 0) -> torch.Te
 
 def scale_cases() -> list[tuple[str, torch.Tensor, float, float]]:
     """(name, fp32 row, k, tau): rows whose scale, spread or temperature would lose the
-    threshold in a frame far from it (the row max, or z = x / tau), issue 12 item 6."""
+    threshold in a frame far from it (the row max, or z = x / tau)."""
     gen = torch.Generator().manual_seed(21)
     noise = torch.randn(12, generator=gen)
     rows = [

@@ -268,7 +268,7 @@ def test_reference_methods_accept_integer_per_row_k(method):
 def test_backward_matches_explicit_jacobian(method, backend):
     """The one-pass formula v*g - v*(v.g)/sum v against the explicit Jacobian
     diag(v) - v v^T / sum v
-    (seed 004: the off-diagonal term), built row by row in the slowest way."""
+    (the off-diagonal term), built row by row in the slowest way."""
     torch.manual_seed(13)
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
     g = torch.randn(4, 7, dtype=torch.float64)
@@ -340,7 +340,7 @@ def test_nan_propagates_to_its_row_only(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_validates_and_masks_alike(method):
-    """The reference methods follow the threshold family's contract (issue 12 item 7: a
+    """The reference methods follow the threshold family's contract (a
     negative tensor tau selected the bottom k, tau = 0 gave NaN, a tensor k = n summed to
     n - 1 (iterative) or 1.5e-4 (grad), k = n + 1, NaN or inf raised IndexError, grad put
     p = 1 on -inf entries)."""
@@ -430,7 +430,7 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 @pytest.mark.parametrize("shape", [(3, 0), (0, 0), (2, 0, 3), (0, 4)])
 def test_empty_scores_with_tensor_k(shape, method):
     """An empty score tensor gives an empty result (and gradient), whatever k is: a tensor k
-    with no entries per row used to fail in a reshape (issue 12 item 9)."""
+    with no entries per row used to fail in a reshape."""
     backends = CPU_BACKENDS if method in THRESHOLD_METHODS else ["auto"]
     for backend in backends:
         x = torch.empty(shape, requires_grad=True)
