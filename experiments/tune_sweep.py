@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.compare import find_summary  # noqa: E402
+from experiments.compare import TRAIN_SCRIPT, find_summary, run_metrics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tuning"
 TRIALS_FILE = "trials.jsonl"
@@ -50,7 +50,7 @@ def run_trial(name: str, config: str, seed: int, overrides: list[str], out: Path
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "models.cli", "fit",
+        sys.executable, str(TRAIN_SCRIPT), "fit",
         "--config", config,
         "--seed_everything", str(seed),
         "--trainer.default_root_dir", str(run_dir),
@@ -66,6 +66,7 @@ def run_trial(name: str, config: str, seed: int, overrides: list[str], out: Path
         tail = "\n".join((run_dir / "train.log").read_text().splitlines()[-20:])
         raise RuntimeError(f"trial {name} failed (exit {code}):\n{tail}")
     layers = summary["final_val"]["layers"]
+    metrics = run_metrics(summary)
     return {
         "name": name,
         "config": config,
@@ -73,12 +74,11 @@ def run_trial(name: str, config: str, seed: int, overrides: list[str], out: Path
         "seed": seed,
         "gate": summary["gate"],
         "steps": summary["global_step"],
-        "val_loss": summary["final_val"]["loss"],
-        "max_vio_worst": max(v["max_vio_global"] for v in layers.values()),
+        "val_loss": metrics["loss"],
+        "max_vio_worst": metrics["max_vio_worst"],
         "max_vio_layers": [v["max_vio_global"] for v in layers.values()],
-        "dead_experts": sum(
-            round(v["dead_expert_fraction"] * len(v["tokens_per_expert"])) for v in layers.values()
-        ),
+        "max_vio_batch_worst": metrics["max_vio_batch_worst"],
+        "dead_experts": metrics["dead_experts"],
         "active_per_token": [v["active_experts_per_token"] for v in layers.values()],
         "tokens_per_s": summary["tokens_per_s"],
         "wall_s": wall_s,

@@ -1,6 +1,8 @@
-"""The command line of ``train.py``: LightningCLI for one run, ``compare`` for several.
+"""The command line of one run: LightningCLI's ``fit`` and ``validate``.
 
-``python -m models.cli ...`` is the same as ``python train.py ...``.
+``python -m models.cli fit ...`` is ``python train.py fit ...``; ``train.py`` adds the
+commands that drive several runs (``compare``, ``frontier``: the ``experiments`` package) through
+``cli_main``'s ``commands``, so this module never imports them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import signal
 import sys
 import warnings
 import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,10 +29,8 @@ from models.lit_module import MoELanguageModel
 STEP_PROGRESS_BAR = "models.callbacks.StepProgressBar"
 TEXT_PROGRESS = "models.callbacks.TextProgress"
 MODEL_SUMMARY = "models.callbacks.MoEModelSummary"
-COMPARE_HELP = (
-    "Run every config for every seed (one fit each), then write report.md and report.png "
-    "(see train.py compare --help)."
-)
+# A command beside fit / validate: (one line for --help, the function of its arguments).
+Command = tuple[str, Callable[[list[str]], None]]
 
 # Lightning's log lines that advertise products or restate what the config says.
 _NOISE_PREFIXES = (
@@ -163,19 +164,23 @@ class MoECLI(LightningCLI):
       names another progress bar; ``MoEModelSummary`` instead of Lightning's model summary.
     - Without ``trainer.logger`` in the config, logs go to CSV (``<root>/csv``) and TensorBoard
       (``<root>/tb``) under ``trainer.default_root_dir``.
-    - ``model.model.moe.anneal_steps`` left unset takes ``trainer.max_steps``.
+    - ``model.model.moe.anneal_steps`` left unset takes ``trainer.max_steps`` under
+      ``tau_schedule: anneal`` (no other schedule reads it, so it stays unset there).
     - ``fit`` needs ``trainer.max_steps`` > 0 (the training stream is endless) and ends with a
       validation pass at the last step, whose table it prints, then where its checkpoints,
       logs and summary went. A non-finite final validation loss exits with an error; a run
       stopped by SIGINT / SIGTERM saves ``last.ckpt`` and exits with 128 + the signal number.
     - ``--ckpt_path`` never changes the config: a checkpoint made with another model or
       optimiser config is refused, naming each differing field.
-    - Subcommands ``fit`` and ``validate`` (``compare`` is ``models.compare``, listed in
-      ``--help``).
+    - Subcommands ``fit`` and ``validate``; ``listed_commands`` (name -> help) are shown in
+      ``--help`` beside them (``cli_main`` runs those before this parser sees the arguments).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, listed_commands: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> None:
         quiet_known_noise()
+        self.listed_commands = dict(listed_commands or {})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", _ConciseParser)
         super().__init__(MoELanguageModel, ByteCorpusDataModule, *args, **kwargs)
@@ -195,9 +200,10 @@ class MoECLI(LightningCLI):
 
     def _add_subcommands(self, parser, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
-        # `compare` is dispatched by cli_main before this parser runs; listed for --help.
-        compare = ArgumentParser(description=COMPARE_HELP)
-        parser._subcommands_action.add_subcommand("compare", compare, help=COMPARE_HELP)
+        # Dispatched by cli_main before this parser runs; listed for --help only.
+        for name, help_text in self.listed_commands.items():
+            command = ArgumentParser(description=help_text)
+            parser._subcommands_action.add_subcommand(name, command, help=help_text)
 
     def add_arguments_to_parser(self, parser) -> None:
         """Links the values that the data decides into the model config."""
@@ -241,11 +247,14 @@ class MoECLI(LightningCLI):
         trainer.callbacks = callbacks
         moe = config.model.model.moe
         if (
-            getattr(moe, "anneal_steps", None) is None
+            getattr(moe, "tau_schedule", None) == "anneal"
+            and getattr(moe, "anneal_steps", None) is None
             and trainer.max_steps
             and trainer.max_steps > 0
         ):
-            # The temperature schedule spans the run unless the config says otherwise.
+            # The annealing spans the run unless the config says otherwise. Only for `anneal`:
+            # under another schedule the option is unread, and a value there would tie a
+            # checkpoint to its run's max_steps (a resume with more steps would be refused).
             moe.anneal_steps = trainer.max_steps
         if self.subcommand == "fit" and (trainer.max_steps is None or trainer.max_steps <= 0):
             raise ValueError(
@@ -329,34 +338,36 @@ class MoECLI(LightningCLI):
             print("Outputs:\n" + "\n".join(lines), flush=True)
 
 
-def cli_main(args: list[str] | None = None) -> None:
-    """Entry point: ``compare`` goes to ``models.compare``, ``frontier`` to ``models.frontier``,
-    everything else to ``MoECLI``.
+def cli_main(args: list[str] | None = None, commands: Mapping[str, Command] | None = None) -> None:
+    """Entry point: a command of ``commands`` goes to its function, everything else to
+    ``MoECLI`` (which lists ``commands`` in ``--help``).
 
     Args:
         args: Command-line arguments without the program name; None for ``sys.argv[1:]``.
+        commands: Commands beside ``fit`` / ``validate``: name -> (help line, function of the
+            arguments after the name).
     """
+    commands = dict(commands or {})
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "compare":
-        from models.compare import compare_main
-
-        compare_main(argv[1:])
+    if argv and argv[0] in commands:
+        _, run = commands[argv[0]]
+        run(argv[1:])
         return
-    if argv and argv[0] == "frontier":
-        from models.frontier import frontier_main
-
-        frontier_main(argv[1:])
-        return
+    listed = {name: help_text for name, (help_text, _) in commands.items()}
     # args=None lets LightningCLI read sys.argv itself (it warns when given both).
-    MoECLI(args=args)
+    MoECLI(args=args, listed_commands=listed)
 
 
-def main() -> None:
-    """Console entry point (``train.py``, ``moe-router``): :func:`cli_main` with a bad setting
-    reported as one ``error:`` line and exit code 2 instead of a traceback
-    (``MOE_ROUTER_TRACEBACK=1`` shows the traceback)."""
+def main(commands: Mapping[str, Command] | None = None) -> None:
+    """Console entry point (``train.py``): :func:`cli_main` with a bad setting reported as one
+    ``error:`` line and exit code 2 instead of a traceback (``MOE_ROUTER_TRACEBACK=1`` shows
+    the traceback).
+
+    Args:
+        commands: As for :func:`cli_main`.
+    """
     try:
-        cli_main()
+        cli_main(commands=commands)
     except ValueError as err:
         if os.environ.get("MOE_ROUTER_TRACEBACK") == "1":
             raise

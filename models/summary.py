@@ -4,7 +4,7 @@
 the run's logs after every validation and at the end of training, prints the final table of
 validation loss and per-layer load balance, and at the end of ``fit`` writes the validation
 load heatmap (``load_balance.png`` / ``.md`` / ``.json``, as ``train.py compare`` draws it).
-``models.compare`` reads these files.
+``experiments.compare`` and ``experiments.frontier`` read these files.
 """
 
 from __future__ import annotations

@@ -79,12 +79,12 @@ def test_train_commands_parse(args, monkeypatch, tmp_path):
 
     command = args[0]
     if command == "compare":
-        from models.compare import build_parser
+        from experiments.compare import build_parser
 
         build_parser().parse_args(args[1:])
         return
     if command == "frontier":
-        from models.frontier import build_parser, load_spec
+        from experiments.frontier import build_parser, load_spec
 
         load_spec(build_parser().parse_args(args[1:]).spec)  # the spec must exist and be valid
         return

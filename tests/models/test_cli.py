@@ -18,10 +18,10 @@ from models.lit_module import MoELanguageModel
 
 REPO = Path(__file__).resolve().parents[2]
 # Every fit config (the frontier's families included); configs/frontier.yaml is the frontier's
-# spec, not a fit config (tests/models/test_frontier.py loads it).
+# spec, not a fit config (tests/experiments/test_frontier.py loads it).
 CONFIGS = sorted(
     path
-    for pattern in ("*.yaml", "frontier/*.yaml")
+    for pattern in ("*.yaml", "frontier/*.yaml", "main/*.yaml")
     for path in (REPO / "configs").glob(pattern)
     if path != REPO / "configs" / "frontier.yaml"
 )
@@ -71,6 +71,26 @@ def test_compare_configs_differ_only_in_the_gate():
     for name in ("soft_topk", "sparse_soft_topk"):
         other, gate, _, lr = settings(name)
         assert other == base and gate == name != base_gate and 0 < lr
+
+
+def test_main_configs_differ_only_in_the_router():
+    """The main job's two configs: the same model, data, budget and optimiser (one shared lr);
+    only the gate and its `moe` options differ."""
+    import yaml
+
+    def without_router(name):
+        config = yaml.safe_load((REPO / "configs" / "main" / f"{name}.yaml").read_text())
+        config["trainer"].pop("default_root_dir")
+        model = config["model"]["model"]
+        return config, model.pop("gate"), model.pop("moe")
+
+    topk, topk_gate, topk_moe = without_router("topk")
+    balanced, balanced_gate, balanced_moe = without_router("balanced")
+    assert topk == balanced
+    assert (topk_gate, balanced_gate) == ("topk", "balanced_soft_topk")
+    assert topk_moe["aux_loss_coef"] > 0 and "aux_loss_coef" not in balanced_moe
+    trainer = topk["trainer"]
+    assert trainer["max_steps"] % trainer["val_check_interval"] == 0  # MaxVio_batch at the end
 
 
 def test_fit_prints_the_table_and_validate_reproduces_it(corpus_dir, tmp_path, capsys):
@@ -143,14 +163,38 @@ def test_empty_corpus_stops_before_training(tmp_path, capsys):
     assert not list(tmp_path.glob("run/**/*.ckpt"))
 
 
-def test_help_lists_fit_validate_and_compare_only(capsys):
+def test_help_lists_fit_validate_and_the_commands_given(capsys):
+    def never(argv):
+        raise AssertionError("a listed command runs only when named")
+
+    commands = {"compare": ("Run every config for every seed.", never)}
     with pytest.raises(SystemExit) as exit_:
-        cli_main(["--help"])
+        cli_main(["--help"], commands)
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "{fit,validate,compare}" in out
-    assert "Run every config for every seed" in out
+    assert "Run every config for every seed." in out
     assert "predict" not in out and " test " not in out
+    ran = []
+    cli_main(["compare", "--x", "1"], {"compare": ("help", ran.append)})
+    assert ran == [["--x", "1"]]
+
+
+def test_train_py_lists_its_drivers_and_the_cli_imports_none(capsys):
+    """The drivers import the CLI, never the other way round (no import cycle)."""
+    import subprocess
+    import sys
+
+    from train import COMMANDS
+
+    with pytest.raises(SystemExit):
+        cli_main(["--help"], COMMANDS)
+    assert "{fit,validate,compare,frontier}" in capsys.readouterr().out
+    code = "import sys, models.cli; print(sorted(m for m in sys.modules if m.startswith('exp')))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "[]"
 
 
 def test_fit_output_is_quiet_and_says_where_things_went(corpus_dir, tmp_path, capfd, caplog):
@@ -222,6 +266,32 @@ def test_resume_refuses_a_config_that_differs_from_the_checkpoint(corpus_dir, tm
     assert "\n" not in message
     with pytest.raises(ValueError, match="model.num_experts: checkpoint 4, given 8"):
         cli_main(["validate", *resume, "--model.model.num_experts", "8"])
+
+
+@pytest.mark.parametrize(
+    ("moe", "expected"),
+    [({"z_loss_coef": 0.001}, None), ({"tau_schedule": "anneal", "tau_final": 0.5}, 6)],
+    ids=["fixed", "anneal"],
+)
+def test_anneal_steps_takes_max_steps_only_for_the_anneal_schedule(
+    corpus_dir, tmp_path, moe, expected
+):
+    config = tiny_config(tmp_path, corpus_dir, moe=moe)
+    cli = MoECLI(args=["--config", str(config)], run=False)
+    assert cli.model.model_config.moe.anneal_steps == expected
+
+
+def test_resume_with_more_steps_under_a_fixed_tau(corpus_dir, tmp_path):
+    """max_steps is no part of a fixed-temperature model config, so a resume may extend the run
+    (anneal_steps, read only by `anneal`, stays unset rather than taking the first max_steps)."""
+    config = tiny_config(tmp_path, corpus_dir, max_steps=3)
+    cli_main(["fit", "--config", str(config)])
+    checkpoint = next((tmp_path / "run").glob("csv/version_0/checkpoints/last.ckpt"))
+    cli_main(["fit", "--config", str(config), "--ckpt_path", str(checkpoint),
+              "--trainer.max_steps", "6"])  # fmt: skip
+    summary = json.loads(next((tmp_path / "run").glob("csv/version_1/summary.json")).read_text())
+    assert summary["finished"] and summary["global_step"] == 6
+    assert summary["moe"]["anneal_steps"] is None
 
 
 def test_a_checkpoint_from_before_a_new_option_resumes_at_the_options_default():

@@ -9,9 +9,10 @@ import pytest
 import yaml
 from models_testing import tiny_config
 
-from models.cli import cli_main
-from models.frontier import COLUMNS, collect, load_spec, write_report
+from experiments.frontier import COLUMNS, collect, frontier_main, load_spec, write_report
+from models.cli import main
 from models.summary import SUMMARY_FILE
+from train import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -160,10 +161,7 @@ def test_report_pairs_by_seed_at_the_same_active_count(tmp_path):
     assert "| " + " | ".join(COLUMNS) + " |" in text
     sparse_row = "| 4 | sparse | 2 | 2.00 ± 0.00 | 3.0 ± 0.0 | 2 | 2.0750 ± 0.2475 | "
     assert sparse_row + "-0.0250 ± 0.1061 | 1/2 |" in text
-    assert (
-        "| 4 | soft | 2 | 2.00 ± 0.00 | 3.0 ± 0.0 | 1 | 2.1000 ± 0.0000 | -0.1000 ± 0.0000 | 1/1 |"
-        in text
-    )
+    assert "| 4 | soft | 2 | 2.00 | 3.0 | 1 | 2.1000 | -0.1000 | 1/1 |" in text
     assert "| 8 | topk | 4 | n/a |" in text
     payload = json.loads((tmp_path / "results" / "report.json").read_text())
     assert payload["columns"] == list(COLUMNS) and len(payload["points"]) == 9
@@ -195,9 +193,9 @@ def test_frontier_smoke_run(corpus_dir, tmp_path, capsys):
         )
     )
     results = tmp_path / "results"
-    args = ["frontier", "--spec", str(spec), "--out", str(tmp_path / "runs")]
+    args = ["--spec", str(spec), "--out", str(tmp_path / "runs")]
     args += ["--results", str(results), "--jobs", "2", "--trainer.max_steps", "3"]
-    cli_main(args)
+    frontier_main(args)
     printed = capsys.readouterr().out
     assert "[frontier] E4/sparse-2 seed 0 (2/2): step 3/3, validation loss" in printed
     header = "| " + " | ".join(COLUMNS) + " |"
@@ -211,20 +209,20 @@ def test_frontier_smoke_run(corpus_dir, tmp_path, capsys):
     summary_path = next((tmp_path / "runs").glob(f"E4/sparse-2/seed0/**/{SUMMARY_FILE}"))
     summary = json.loads(summary_path.read_text())
     assert summary["num_experts"] == 4 and summary["moe"]["target_active"] == 2.0
-    cli_main(args)  # finished runs are reused
+    frontier_main(args)  # finished runs are reused
     assert capsys.readouterr().out.count("done already") == 2
     with pytest.raises(ValueError, match="set per point"):
-        cli_main([*args, "--model.model.k", "1"])
+        frontier_main([*args, "--model.model.k", "1"])
     with pytest.raises(ValueError, match="matches none of the spec's points"):
-        cli_main([*args, "--points", "E9/*"])
-    cli_main([*args, "--points", "E4/topk-*"])  # a subset runs; the report covers the spec
+        frontier_main([*args, "--points", "E9/*"])
+    frontier_main([*args, "--points", "E4/topk-*"])  # a subset runs; the report covers the spec
     assert capsys.readouterr().out.count("done already") == 1
 
 
 def test_a_failed_run_does_not_cancel_the_others(tmp_path, monkeypatch, capsys):
     """Every run is tried; the report covers the finished ones; the failures are raised last."""
-    import models.compare as compare
-    import models.frontier as frontier
+    import experiments.compare as compare
+    import experiments.frontier as frontier
 
     spec_path = _spec(tmp_path, seeds=[0])
     monkeypatch.setattr(compare, "effective_config", lambda *args: {"same": 1})
@@ -246,3 +244,28 @@ def test_a_failed_run_does_not_cancel_the_others(tmp_path, monkeypatch, capsys):
         frontier.frontier_main([*args, "--jobs", "2"])
     assert len(ran) == 9  # every point of seed 0 was tried
     assert (results / "report.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("3\n", "a frontier spec is a mapping with panels and routers, got 3"),
+        ("panels: [E8\n", "is not valid YAML (line 2, column 1): expected ',' or ']'"),
+        ("", "a frontier spec is a mapping with panels and routers, got None"),
+        ("panels: 3\n", "panels=3 is invalid: a list of mappings"),
+        ("panels: [3]\n", "panels[0]=3 is invalid"),
+        ("routers: {a: 1}\n", "routers={'a': 1} is invalid: a list of mappings"),
+    ],
+    ids=["int", "bad_yaml", "empty", "panels_int", "panel_int", "routers_mapping"],
+)
+def test_a_malformed_spec_is_one_error_line_naming_the_file(
+    tmp_path, monkeypatch, capsys, text, expected
+):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    monkeypatch.setattr("sys.argv", ["train.py", "frontier", "--spec", str(spec)])
+    with pytest.raises(SystemExit) as exit_:
+        main(COMMANDS)
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {spec}") and expected in line

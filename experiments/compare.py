@@ -9,9 +9,16 @@ again, so re-running the same command resumes an interrupted comparison; a run m
 another effective config is refused up front (naming each differing setting), never reused
 or mixed into the report. ``--report_only`` rebuilds the report from the finished runs.
 
+Each run is the checkout's own ``train.py`` (``TRAIN_SCRIPT``), so compare works from any
+working directory; relative config paths are read from the working directory, as given. Runs
+use one CPU thread unless ``--threads`` or ``OMP_NUM_THREADS`` says otherwise.
+
 The report gives, per config (mean ± std over seeds): validation loss and perplexity at the
-last step, training throughput (tokens/s, measured in the same session, validation excluded),
-and per MoE layer the load balance over the whole validation set: MaxVio, CV, dead experts.
+last step, MaxVio over the training batches of the last validation interval (MaxVio_batch) and
+over the whole validation set (MaxVio_global), active experts per token, training throughput
+(tokens/s, measured in the same session, validation excluded), CV and dead experts; then the
+paired differences against the first config and the same metrics per MoE layer. compare prints
+the first table; ``report.md`` holds all three.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,17 +44,36 @@ import yaml
 from models.config import config_differences
 from models.summary import SUMMARY_FILE
 
+# The checkout's train.py: a child run finds the checkout's packages from any working directory.
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
 RUN_CONFIG_FILE = "run_config.yaml"
 # Arguments compare sets itself for every run (an override would break where it finds the run).
 OWN_ARGUMENTS = ("--trainer.default_root_dir", "--seed_everything", "--ckpt_path")
 PROGRESS_PREFIX = "[progress]"
 
+# (key in the summary's final_val, column): "train_layers" are the training batches of the last
+# validation interval, "layers" the whole validation set.
 LAYER_KEYS = (
-    ("max_vio_global", "MaxVio (val set)"),
-    ("load_cv", "CV"),
-    ("dead_expert_fraction", "dead experts"),
-    ("active_experts_per_token", "active / token"),
+    (("train_layers", "max_vio_batch_mean"), "MaxVio_batch (train)"),
+    (("layers", "max_vio_global"), "MaxVio_global (val)"),
+    (("layers", "load_cv"), "CV"),
+    (("layers", "dead_expert_fraction"), "dead experts"),
+    (("layers", "active_experts_per_token"), "active / token"),
 )
+LEGEND = (
+    "Mean ± std over seeds (the value alone for one seed), at the last training step. MaxVio = "
+    "(max load − mean load) / mean load: MaxVio_batch per training batch, averaged over the "
+    "batches since the previous validation (where batch-level gates act; n/a when the last "
+    "validation was not at the last step), MaxVio_global over the whole validation set (each "
+    "token routed on its own); worst layer. active = experts computed per token (validation, "
+    "mean of layers); CV = std / mean of the per-expert validation load; dead = experts that got "
+    "no validation token."
+)
+SUMMARY_COLUMNS = (
+    "config", "gate", "seeds", "val loss", "perplexity", "MaxVio_batch (train)",
+    "MaxVio_global (val)", "active experts / token", "train tokens/s", "CV (mean of layers)",
+    "dead experts (all layers)",
+)  # fmt: skip
 
 
 @dataclass
@@ -67,14 +94,18 @@ class ConfigResult:
         return self.summaries[0]["gate"] if self.summaries else "?"
 
     def values(self, key: str) -> list[float]:
-        """A top-level scalar of every run (``final_val.loss`` for ``"loss"``)."""
-        if key == "loss":
-            return [s["final_val"]["loss"] for s in self.summaries]
-        return [s[key] for s in self.summaries if s.get(key) is not None]
+        """One number of ``run_metrics`` over the runs that have it."""
+        values = (run_metrics(summary)[key] for summary in self.summaries)
+        return [value for value in values if value is not None]
 
-    def layer_values(self, layer: str, key: str) -> list[float]:
-        """One validation metric of one layer, over the runs."""
-        return [s["final_val"]["layers"][layer][key] for s in self.summaries]
+    def layer_values(self, layer: str, key: tuple[str, str]) -> list[float]:
+        """One metric of one layer (``(part of final_val, name)``), over the runs that have it."""
+        part, name = key
+        return [
+            s["final_val"][part][layer][name]
+            for s in self.summaries
+            if name in (s["final_val"].get(part) or {}).get(layer, {})
+        ]
 
     @property
     def layers(self) -> list[str]:
@@ -90,18 +121,75 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), std
 
 
-def _fmt(values: list[float], digits: int = 4) -> str:
+def format_mean_std(values: list[float], digits: int = 4) -> str:
+    """``mean ± std`` with ``digits`` decimals; the value alone for one value (a spread of one
+    seed is no spread), ``n/a`` for none."""
     mean, std = mean_std(values)
     if math.isnan(mean):
         return "n/a"
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def run_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of one finished run that the reports show (worst or mean over MoE layers).
+
+    ``max_vio_batch_worst`` is None for a run without training batches since its last
+    validation (or from before they were recorded).
+    """
+    final = summary["final_val"]
+    layers = final["layers"].values()
+    train = [v["max_vio_batch_mean"] for v in (final.get("train_layers") or {}).values()]
+    return {
+        "seed": summary["seed"],
+        "loss": final["loss"],
+        "perplexity": math.exp(final["loss"]),
+        "tokens_per_s": summary.get("tokens_per_s"),
+        "max_vio_batch_worst": max(train) if train else None,
+        "max_vio_worst": max(v["max_vio_global"] for v in layers),
+        "active_mean": statistics.fmean(v["active_experts_per_token"] for v in layers),
+        "cv_mean": statistics.fmean(v["load_cv"] for v in layers),
+        "dead_experts": sum(
+            round(v["dead_expert_fraction"] * len(v["tokens_per_expert"])) for v in layers
+        ),
+    }
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """One ``summary.json``.
+
+    Raises:
+        ValueError: Naming the file, if it is not a JSON object or has a ``final_val`` without
+            per-layer metrics (a corrupted or hand-edited file).
+    """
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a readable run summary ({error})") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path} is not a run summary (a JSON object)")
+    final = summary.get("final_val")
+    if final is not None and not (
+        isinstance(final, dict) and isinstance(final.get("layers"), dict)
+    ):
+        raise ValueError(f"{path} has a final_val without per-layer metrics")
+    return summary
+
+
 def find_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The newest finished ``summary.json`` under ``run_dir`` (None if there is none)."""
+    """The newest finished ``summary.json`` under ``run_dir`` (None if there is none).
+
+    Raises:
+        ValueError: Naming the file, for a summary that cannot be read (``read_summary``).
+    """
     finished = []
     for path in run_dir.glob(f"**/{SUMMARY_FILE}"):
-        summary = json.loads(path.read_text())
+        try:
+            summary = read_summary(path)
+        except ValueError as error:
+            # Deleting only the file would resume from the last checkpoint, without throughput.
+            raise ValueError(f"{error}: delete {run_dir} to run it again") from None
         if summary.get("finished") and (summary.get("final_val") or {}).get("loss") is not None:
             finished.append((path.stat().st_mtime, summary))
     return max(finished, key=lambda item: item[0])[1] if finished else None
@@ -285,8 +373,7 @@ def run_one(
     resume = ["--ckpt_path", str(checkpoint)] if checkpoint is not None else []
     command = [
         sys.executable,
-        "-m",
-        "models.cli",
+        str(TRAIN_SCRIPT),
         *fit_arguments(config, seed, run_dir, overrides),
         *resume,
     ]
@@ -328,39 +415,37 @@ def collect(out: Path, configs: list[Path], seeds: list[int]) -> list[ConfigResu
     return results
 
 
-def report_markdown(results: list[ConfigResult], *, title: str, notes: list[str]) -> str:
-    """The comparison as markdown: overall table, per-layer table, paired differences."""
-    lines = [f"# {title}", ""]
-    lines += [f"- {note}" for note in notes]
-    lines += [
-        "",
-        "Mean ± std over seeds. Validation metrics are at the last training step, over the "
-        "whole validation set; MaxVio = (max load − mean load) / mean load, CV = std / mean "
-        "of the per-expert load, dead = experts that got no token of the validation set.",
-        "",
-        "| config | gate | seeds | val loss | perplexity | train tokens/s | "
-        "MaxVio (val, worst layer) | CV (mean of layers) | dead experts (all layers) |",
-        "|:--|:--|--:|--:|--:|--:|--:|--:|--:|",
+def summary_table(results: list[ConfigResult]) -> list[str]:
+    """The overall table (``SUMMARY_COLUMNS``), one row per config, as markdown lines."""
+    lines = [
+        "| " + " | ".join(SUMMARY_COLUMNS) + " |",
+        "|:--|:--|" + "--:|" * (len(SUMMARY_COLUMNS) - 2),
     ]
     for result in results:
         if not result.summaries:
-            lines.append(f"| {result.name} | ? | 0 | n/a | n/a | n/a | n/a | n/a | n/a |")
-            continue
-        losses = result.values("loss")
-        worst_vio, mean_cv, dead = [], [], []
-        for summary in result.summaries:
-            layers = summary["final_val"]["layers"].values()
-            worst_vio.append(max(v["max_vio_global"] for v in layers))
-            mean_cv.append(statistics.fmean(v["load_cv"] for v in layers))
-            dead.append(
-                sum(round(v["dead_expert_fraction"] * len(v["tokens_per_expert"])) for v in layers)
-            )
-        lines.append(
-            f"| {result.name} | {result.gate} | {len(result.summaries)} | {_fmt(losses)} | "
-            f"{_fmt([math.exp(x) for x in losses], 3)} | "
-            f"{_fmt(result.values('tokens_per_s'), 0)} | {_fmt(worst_vio, 3)} | "
-            f"{_fmt(mean_cv, 3)} | {_fmt(dead, 1)} |"
-        )
+            cells = ["?", "0"] + ["n/a"] * (len(SUMMARY_COLUMNS) - 3)
+        else:
+            cells = [
+                result.gate,
+                str(len(result.summaries)),
+                format_mean_std(result.values("loss")),
+                format_mean_std(result.values("perplexity"), 3),
+                format_mean_std(result.values("max_vio_batch_worst"), 3),
+                format_mean_std(result.values("max_vio_worst"), 3),
+                format_mean_std(result.values("active_mean"), 2),
+                format_mean_std(result.values("tokens_per_s"), 0),
+                format_mean_std(result.values("cv_mean"), 3),
+                format_mean_std(result.values("dead_experts"), 1),
+            ]
+        lines.append(f"| {result.name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report_markdown(results: list[ConfigResult], *, title: str, notes: list[str]) -> str:
+    """The comparison as markdown: overall table, paired differences, per-layer table."""
+    lines = [f"# {title}", ""]
+    lines += [f"- {note}" for note in notes]
+    lines += ["", LEGEND, "", *summary_table(results)]
 
     baseline = next((r for r in results if r.summaries), None)
     if baseline is not None and len(results) > 1:
@@ -381,11 +466,11 @@ def report_markdown(results: list[ConfigResult], *, title: str, notes: list[str]
                 if s["seed"] in base_by_seed
             ]
             better = sum(d < 0 for d in deltas)
-            lines.append(f"| {result.name} | {_fmt(deltas)} | {better}/{len(deltas)} |")
+            lines.append(f"| {result.name} | {format_mean_std(deltas)} | {better}/{len(deltas)} |")
 
     lines += [
         "",
-        "Per MoE layer (validation set):",
+        "Per MoE layer:",
         "",
         "| config | layer | " + " | ".join(header for _, header in LAYER_KEYS) + " |",
         "|:--|:--|" + "--:|" * len(LAYER_KEYS),
@@ -395,12 +480,11 @@ def report_markdown(results: list[ConfigResult], *, title: str, notes: list[str]
             cells = []
             for key, _ in LAYER_KEYS:
                 values = result.layer_values(layer, key)
-                if key == "dead_expert_fraction":
+                if key[1] == "dead_expert_fraction":
                     num_experts = result.summaries[0]["num_experts"]
-                    values = [v * num_experts for v in values]
-                    cells.append(_fmt(values, 1))
+                    cells.append(format_mean_std([v * num_experts for v in values], 1))
                 else:
-                    cells.append(_fmt(values, 3))
+                    cells.append(format_mean_std(values, 3))
             lines.append(f"| {result.name} | {layer} | " + " | ".join(cells) + " |")
     lines += ["", "![validation loss and expert load](report.png)", ""]
     return "\n".join(lines)
@@ -439,7 +523,8 @@ def report_figure(results: list[ConfigResult]):
     train_ax, val_ax = axes[0], axes[1]
     handles = []
     for result in shown:
-        label = f"{result.name} ({result.gate}, {len(result.summaries)} seeds)"
+        seeds = len(result.summaries)
+        label = f"{result.name} ({result.gate}, {seeds} seed{'s' * (seeds != 1)})"
         color = None
         train_runs = [s.get("train_curve") or [] for s in result.summaries]
         if all(train_runs):
@@ -547,6 +632,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per config")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of each run (OMP_NUM_THREADS; default: the environment's "
+        "OMP_NUM_THREADS if set, else 1: the example configs run no faster on more, and on a "
+        "busy machine several threads per run slow down several-fold)",
+    )
+    parser.add_argument(
         "--report_only", action="store_true", help="only rebuild the report from the finished runs"
     )
     return parser
@@ -564,8 +657,15 @@ def compare_main(argv: list[str]) -> None:
     missing = [str(c) for c in args.configs if not c.is_file()]
     if missing:
         raise ValueError(f"--configs: no such file {missing}")
+    stems = [config.stem for config in args.configs]
+    if len(set(stems)) < len(stems):
+        # Each config's runs go to <out>/<stem>/: two configs of one name would share them.
+        raise ValueError(f"--configs: two configs share a file name {stems}: rename one")
     if args.seeds < 1:
         raise ValueError(f"--seeds={args.seeds} is not allowed: it must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads={args.threads} is not allowed: it must be >= 1")
+    threads = args.threads or (None if os.environ.get("OMP_NUM_THREADS") else 1)
     check_overrides(overrides)
     seeds = list(range(args.seeds))
     # Seed-major order: an interrupted comparison still has every config at seed 0.
@@ -588,9 +688,21 @@ def compare_main(argv: list[str]) -> None:
                 continue
             start = time.perf_counter()
             print(f"[compare] {label} -> {run_dir}", flush=True)
-            run_one(config, seed, run_dir, overrides, label=label, expected=expected[config, seed])
+            run_one(
+                config,
+                seed,
+                run_dir,
+                overrides,
+                label=label,
+                expected=expected[config, seed],
+                threads=threads,
+            )
             print(f"[compare] {label}: {time.perf_counter() - start:.0f} s", flush=True)
     notes = [f"overrides: {' '.join(overrides)}"] if overrides else []
     md_path, png_path = write_report(args.out, args.configs, seeds, notes)
-    print(md_path.read_text(), flush=True)
-    print(f"[compare] wrote {md_path} and {png_path}", flush=True)
+    table = "\n".join(summary_table(collect(args.out, args.configs, seeds)))
+    print(f"\n{table}\n\n{textwrap.fill(LEGEND, 100)}\n", flush=True)
+    print(
+        f"[compare] wrote {md_path} (with the paired differences and every layer) and {png_path}",
+        flush=True,
+    )

@@ -4,7 +4,7 @@ A spec (``configs/frontier.yaml``) names the panels (model shapes: experts E and
 and the active-expert counts to run) and the router families (a config each, and the knob that
 sets a point's active experts: ``k``, or ``target_active`` for the support-exact sparse gate,
 whose ``k`` is then the same number). Every panel x family x active count x seed is one
-``train.py fit`` process, run by ``models.compare.run_one`` (``--jobs`` at a time, each with
+``train.py fit`` process, run by ``experiments.compare.run_one`` (``--jobs`` at a time, each with
 ``cpu_count / jobs`` threads), so a finished run is reused and an interrupted one resumes, and a
 run made with another effective config is refused up front. The report goes to ``--results``:
 
@@ -35,11 +35,13 @@ from typing import Any, Literal
 
 import yaml
 
-from models.compare import (
+from experiments.compare import (
     check_overrides,
     find_summary,
+    format_mean_std,
     mean_std,
     resolve_runs,
+    run_metrics,
     run_one,
 )
 
@@ -165,19 +167,42 @@ def load_spec(path: Path) -> Spec:
     """Reads and checks a frontier spec.
 
     Raises:
-        ValueError: Naming the entry, for a missing file, an unknown or missing key, a bad
-            value, a missing config file, an active count above a panel's experts, or not
-            exactly one baseline family.
+        ValueError: Naming the file or the entry, for a missing file, a file that is not YAML
+            or not a mapping, an unknown or missing key, a bad value, a missing config file,
+            an active count above a panel's experts, or not exactly one baseline family.
     """
     if not path.is_file():
         raise ValueError(f"--spec={str(path)!r}: no such file")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise ValueError(f"{path} is not valid YAML{where}: {problem}") from None
+    try:
+        return parse_spec(raw)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def parse_spec(raw: Any) -> Spec:
+    """Checks a frontier spec read from YAML (see ``load_spec``).
+
+    Raises:
+        ValueError: Naming the entry (``load_spec`` adds the file).
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"a frontier spec is a mapping with panels and routers, got {raw!r}")
     unknown = set(raw) - {"panels", "routers", "seeds", "active_overrides"}
     if unknown:
         raise ValueError(
-            f"{path}: unknown keys {sorted(unknown)} "
-            "(allowed: panels, routers, seeds, active_overrides)"
+            f"unknown keys {sorted(unknown)} (allowed: panels, routers, seeds, active_overrides)"
         )
+    for key, kind in (("active_overrides", dict), ("panels", list), ("routers", list)):
+        if raw.get(key) is not None and not isinstance(raw[key], kind):
+            what = "a mapping" if kind is dict else "a list of mappings"
+            raise ValueError(f"{key}={raw[key]!r} is invalid: {what}")
     active_overrides = []
     for active, arguments in (raw.get("active_overrides") or {}).items():
         _positive_int(active, "active_overrides key")
@@ -196,7 +221,12 @@ def load_spec(path: Path) -> Spec:
     panels = []
     for i, entry in enumerate(raw.get("panels") or []):
         where = f"panels[{i}]"
-        if set(entry) != {"name", "num_experts", "expert_d_ff", "active"}:
+        if not isinstance(entry, dict) or set(entry) != {
+            "name",
+            "num_experts",
+            "expert_d_ff",
+            "active",
+        }:
             raise ValueError(
                 f"{where}={entry!r} is invalid: keys name, num_experts, expert_d_ff, active"
             )
@@ -213,13 +243,13 @@ def load_spec(path: Path) -> Spec:
             )
         panels.append(panel)
     if not panels:
-        raise ValueError(f"{path}: no panels")
+        raise ValueError("no panels")
     names = {p.name for p in panels}
     families = []
     for i, entry in enumerate(raw.get("routers") or []):
         where = f"routers[{i}]"
         allowed = {"name", "config", "knob", "baseline", "active", "overrides"}
-        if not {"name", "config"} <= set(entry) <= allowed:
+        if not isinstance(entry, dict) or not {"name", "config"} <= set(entry) <= allowed:
             raise ValueError(
                 f"{where}={entry!r} is invalid: keys name, config (required), knob, baseline, "
                 "active, overrides"
@@ -254,7 +284,7 @@ def load_spec(path: Path) -> Spec:
         )
     if sum(f.baseline for f in families) != 1:
         raise ValueError(
-            f"{path}: routers must have exactly one `baseline: true` family, got "
+            f"routers must have exactly one `baseline: true` family, got "
             f"{[f.name for f in families if f.baseline]}"
         )
     return Spec(tuple(panels), tuple(families), tuple(seeds), tuple(active_overrides))
@@ -263,22 +293,16 @@ def load_spec(path: Path) -> Spec:
 # ------------------------------------------------------------------------------------ report
 
 
-def run_metrics(summary: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of one finished run that the report shows."""
+def point_run_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of one finished run that the frontier report shows: ``run_metrics`` plus
+    the p99 of active experts, the overflow rate, the per-layer load and the curves."""
     layers = summary["final_val"]["layers"]
-    num_experts = summary["num_experts"]
+    metrics = run_metrics(summary)
     return {
-        "seed": summary["seed"],
-        "val_loss": summary["final_val"]["loss"],
-        "active_mean": statistics.fmean(v["active_experts_per_token"] for v in layers.values()),
+        **metrics,
+        "val_loss": metrics.pop("loss"),
         "active_p99": max(v["active_experts_p99"] for v in layers.values()),
-        "max_vio_worst": max(v["max_vio_global"] for v in layers.values()),
-        "cv_mean": statistics.fmean(v["load_cv"] for v in layers.values()),
-        "dead_experts": sum(
-            round(v["dead_expert_fraction"] * num_experts) for v in layers.values()
-        ),
         "overflow_rate": max(v["overflow_rate"] for v in layers.values()),
-        "tokens_per_s": summary["tokens_per_s"],
         "load": {name: v["tokens_per_expert"] for name, v in layers.items()},
         "train_curve": summary.get("train_curve") or [],
         "val_curve": summary["val_curve"],
@@ -307,7 +331,7 @@ def collect(spec: Spec, out: Path) -> list[dict[str, Any]]:
         )
         summary = find_summary(point.run_dir(out))
         if summary is not None:
-            record["runs"].append(run_metrics(summary))
+            record["runs"].append(point_run_metrics(summary))
     baseline = spec.baseline.name
     for record in records.values():
         base = records.get(f"{record['panel']}/{baseline}-{record['active']}")
@@ -320,11 +344,6 @@ def collect(spec: Spec, out: Path) -> list[dict[str, Any]]:
             if r["tokens_per_s"] and b["tokens_per_s"]
         ]
     return list(records.values())
-
-
-def _fmt(values: list[float], digits: int = 4) -> str:
-    mean, std = mean_std(values)
-    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 COLUMNS = (
@@ -380,17 +399,17 @@ def report_markdown(spec: Spec, records: list[dict[str, Any]], notes: list[str])
             str(r["num_experts"]),
             r["family"],
             str(r["active"]),
-            _fmt([x["active_mean"] for x in runs], 2),
-            _fmt([x["active_p99"] for x in runs], 1),
+            format_mean_std([x["active_mean"] for x in runs], 2),
+            format_mean_std([x["active_p99"] for x in runs], 1),
             str(len(runs)),
-            _fmt([x["val_loss"] for x in runs]),
-            "—" if is_base else _fmt(deltas),
+            format_mean_std([x["val_loss"] for x in runs]),
+            "—" if is_base else format_mean_std(deltas),
             "—" if is_base else f"{sum(d < 0 for d in deltas)}/{len(deltas)}",
-            _fmt([x["max_vio_worst"] for x in runs], 3),
-            _fmt([x["cv_mean"] for x in runs], 3),
-            _fmt([x["dead_experts"] for x in runs], 1),
-            _fmt([x["overflow_rate"] for x in runs], 4),
-            "—" if is_base else _fmt(r["speed_vs_baseline"], 2),
+            format_mean_std([x["max_vio_worst"] for x in runs], 3),
+            format_mean_std([x["cv_mean"] for x in runs], 3),
+            format_mean_std([x["dead_experts"] for x in runs], 1),
+            format_mean_std([x["overflow_rate"] for x in runs], 4),
+            "—" if is_base else format_mean_std(r["speed_vs_baseline"], 2),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
