@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ExpertBias",
     "load_balancing_loss",
+    "relu_l1_loss",
     "router_aux_losses",
     "router_z_loss",
     "sequence_load_balancing_loss",
@@ -149,6 +150,34 @@ def router_z_loss(logits_TE: Tensor, token_mask_T: Tensor | None = None) -> Tens
         return log_z_T.square().sum() / max(log_z_T.numel(), 1)  # 0, not NaN, with no token
     weight_T = token_mask_T.float()
     return (log_z_T.square() * weight_T).sum() / weight_T.sum().clamp_min(1.0)
+
+
+def relu_l1_loss(gates_TE: Tensor, k: int, token_mask_T: Tensor | None = None) -> Tensor:
+    """ReMoE's load-balanced L1 penalty on ReLU gates (unscaled).
+
+    Megatron's switch balance formula applied to the ReLU outputs:
+    ``E * sum_e (sum_t g_te / T) * (n_e / (T K))`` with ``n_e`` the real tokens whose gate
+    ``g_te`` is > 0 (no gradient: counts) and T the real tokens. It pushes every gate toward
+    0, the busiest experts' hardest.
+
+    Args:
+        gates_TE: ReLU gates (carry the gradient).
+        k: K, the target number of active experts per token.
+        token_mask_T: True for real tokens; all real when None.
+
+    Returns:
+        A scalar fp32 tensor (0 when there is no real token).
+    """
+    gates_TE = gates_TE.float()
+    if token_mask_T is not None:
+        gates_TE = torch.where(token_mask_T.unsqueeze(-1), gates_TE, 0.0)
+        num_tokens = token_mask_T.float().sum().clamp_min(1.0)
+    else:
+        num_tokens = max(gates_TE.shape[0], 1)
+    num_experts = gates_TE.shape[-1]
+    active_E = (gates_TE.detach() > 0).float().sum(0)
+    mean_gate_E = gates_TE.sum(0) / num_tokens
+    return num_experts * (mean_gate_E * active_E / (num_tokens * k)).sum()
 
 
 def router_aux_losses(

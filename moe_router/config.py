@@ -70,6 +70,7 @@ Gate = Literal[
     "sparse_soft_topk",
     "balanced_soft_topk",
     "straight_through",
+    "relu",
 ]
 ScoreFunc = Literal["softmax", "sigmoid"]
 SoftMethod = Literal["sigmoid", "laplace", "exp", "sparse"]
@@ -136,6 +137,12 @@ GATE_SPECS: dict[str, GateSpec] = {
         frozenset({"method", *_TEMPERATURE, *_BUDGET, *_BIAS, *_BALANCE}), support_exact="sparse"
     ),
     "straight_through": GateSpec(frozenset({"method", *_TEMPERATURE, *_BIAS})),
+    # ReMoE: ReLU gates, sparsity held at 1 - K/E by an L1 penalty with an adaptive coefficient
+    "relu": GateSpec(
+        frozenset({"max_active", "relu_l1_init", "relu_l1_factor"}),
+        soft=False,
+        support_exact=True,
+    ),
 }
 
 _SUPPORT_EXACT = (
@@ -315,6 +322,10 @@ class RouterOptions:
         z_loss_coef: Coefficient of the router z-loss (0 = off).
         expert_bias: Enable DeepSeek-V3's auxiliary-loss-free expert bias.
         bias_update_rate: u, the step of the expert bias.
+        relu_l1_init: ``relu`` (ReMoE): the L1 penalty's starting coefficient.
+        relu_l1_factor: ``relu``: after each optimizer step the coefficient is multiplied by
+            this factor while the gates are denser than the target sparsity ``1 - K / E``
+            (over all ranks) and divided by it otherwise.
         init_std: Standard deviation of the router weight at initialisation.
     """
 
@@ -348,6 +359,9 @@ class RouterOptions:
     z_loss_coef: float = 0.0
     expert_bias: bool = False
     bias_update_rate: float = 1e-3
+    # ReMoE's L1 controller
+    relu_l1_init: float = 1e-8
+    relu_l1_factor: float = 1.2
     # init
     init_std: float = 0.02
 
@@ -436,6 +450,20 @@ class RouterOptions:
             )
         need(isinstance(self.expert_bias, bool), "expert_bias", "a bool")
         need(
+            _is_number(self.relu_l1_init)
+            and math.isfinite(self.relu_l1_init)
+            and self.relu_l1_init > 0,
+            "relu_l1_init",
+            "a finite float > 0",
+        )
+        need(
+            _is_number(self.relu_l1_factor)
+            and math.isfinite(self.relu_l1_factor)
+            and self.relu_l1_factor > 1,
+            "relu_l1_factor",
+            "a finite float > 1",
+        )
+        need(
             _is_number(self.init_std) and math.isfinite(self.init_std) and self.init_std > 0,
             "init_std",
             "a finite float > 0",
@@ -456,7 +484,8 @@ class RouterConfig(RouterOptions):
         k: K, experts per token (for ``sparse_soft_topk``: the soft budget, sum of p, unless a
             ``target_active`` controller moves it).
         gate: ``topk``, ``soft_topk``, ``soft_topk_dense``, ``sparse_soft_topk``,
-            ``balanced_soft_topk`` or ``straight_through`` (see :mod:`moe_router.gates`).
+            ``balanced_soft_topk``, ``straight_through`` or ``relu`` (ReMoE; see
+            :mod:`moe_router.gates`).
     """
 
     d_model: int
@@ -564,7 +593,7 @@ class RouterConfig(RouterOptions):
             self.expert_bias
             or self.tau_schedule == "anneal"
             or self.target_active is not None
-            or self.gate == "balanced_soft_topk"
+            or self.gate in ("balanced_soft_topk", "relu")
         )
 
 
@@ -582,6 +611,11 @@ class MoEOptions(RouterOptions):
         backend: Expert dispatch: ``auto`` (the per-expert-slice path on CPU, torch's grouped
             kernel on other devices where it applies), ``grouped_mm``, or ``loop`` (the
             per-expert-slice path on any device; reads the slice sizes on the host).
+        default_moe_beta: Default MoE (any gate): None, or the EMA weight of the old value in
+            each expert's default output, the combine-weighted mean of its outputs over the
+            tokens dispatched to it (updated after each optimizer step, over all ranks). An
+            expert a token was not computed on then passes the gradient of its gate weight
+            times that default output to the router; the forward is unchanged.
     """
 
     # experts
@@ -590,6 +624,8 @@ class MoEOptions(RouterOptions):
     capacity_factor: float | None = None
     drop_policy: DropPolicy = "score"
     backend: GroupedMMBackend = "auto"
+    # dense router gradient
+    default_moe_beta: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -615,6 +651,13 @@ class MoEOptions(RouterOptions):
             "drop_policy",
             self.drop_policy,
             f"one of {DROP_POLICIES}",
+        )
+        _need(
+            self.default_moe_beta is None
+            or (_is_number(self.default_moe_beta) and 0 <= self.default_moe_beta < 1),
+            "default_moe_beta",
+            self.default_moe_beta,
+            "None or a float in [0, 1)",
         )
         _need(
             self.backend in GROUPED_MM_BACKENDS,

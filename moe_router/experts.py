@@ -137,6 +137,7 @@ def run_experts_grouped(
     w3_EDF: Tensor,
     w2_EFD: Tensor,
     backend: str,
+    sums_ED: Tensor | None = None,
 ) -> Tensor:
     """Every expert's MLP as grouped matmuls over all the sorted pairs, then the combine.
 
@@ -146,6 +147,8 @@ def run_experts_grouped(
         valid_TK: Slots that carry compute; None when every slot does (no masking).
         w1_EDF, w3_EDF, w2_EFD: Expert weights (gate, up, down projections).
         backend: ``auto`` or ``grouped_mm`` (see :func:`~moe_router.dispatch.grouped_matmul`).
+        sums_ED: None, or an fp32 ``[E, D]`` tensor that receives each expert's sum of
+            ``weight * output`` over its pairs (no gradient).
 
     Returns:
         ``[T, D]`` in fp32 (fp64 for fp64 input).
@@ -176,11 +179,28 @@ def run_experts_grouped(
     ys_PD = grouped_matmul(h_PF, w2_EFD, offsets_E, backend, sizes=sizes)
     # Combine in fp32 (the weights are fp32) and cast once at the end.
     num_tokens = x_TD.shape[0]
+    if sums_ED is not None:
+        with torch.no_grad():
+            weighted_PD = ys_PD.float() * pairs.weight_P.float().unsqueeze(-1)
+            if in_slice_P is not None:
+                weighted_PD = torch.where(in_slice_P.unsqueeze(-1), weighted_PD, 0)
+            expert_P = torch.repeat_interleave(
+                torch.arange(num_experts + 1, device=x_TD.device),
+                pairs.counts_E1,
+                output_size=ys_PD.shape[0],
+            )
+            sums_E1D = torch.zeros(num_experts + 1, sums_ED.shape[-1], device=x_TD.device)
+            sums_ED += sums_E1D.index_add_(0, expert_P, weighted_PD)[:num_experts]
     return _WeightedScatterAdd.apply(ys_PD, pairs.weight_P, pairs.token_P, in_slice_P, num_tokens)
 
 
 def run_experts_per_slice(
-    x_TD: Tensor, pairs: SortedPairs, w1_EDF: Tensor, w3_EDF: Tensor, w2_EFD: Tensor
+    x_TD: Tensor,
+    pairs: SortedPairs,
+    w1_EDF: Tensor,
+    w3_EDF: Tensor,
+    w2_EFD: Tensor,
+    sums_ED: Tensor | None = None,
 ) -> Tensor:
     """Each expert's whole MLP on its slice of the sorted pairs, accumulated in place.
 
@@ -199,6 +219,7 @@ def run_experts_per_slice(
         x_TD: Token rows.
         pairs: The pairs sorted by expert.
         w1_EDF, w3_EDF, w2_EFD: Expert weights (gate, up, down projections).
+        sums_ED: As for :func:`run_experts_grouped`.
 
     Returns:
         ``[T, D]`` in fp32 (fp64 for fp64 input).
@@ -235,16 +256,22 @@ def run_experts_per_slice(
     # the C++ kernel serves the projection's dtype (fp32 / fp64, i.e. the combine's dtype;
     # not under a bf16 autocast, whose matmuls return bf16).
     fold = fuse and cpp_kernels_serve(x_TD)
-    for token_N, x_ND, weight_N, w2_FD, *w_up_D in slices:  # N = pairs of one expert
+    for expert, (token_N, x_ND, weight_N, w2_FD, *w_up_D) in enumerate(slices):
+        # N = pairs of one expert
         if not fuse:
             h_NF = F.silu(x_ND @ w_up_D[0]) * (x_ND @ w_up_D[1])
         else:
             gate_up_NG = x_ND @ w_up_D[0]
             if fold and gate_up_NG.dtype == dtype:
                 h_NF = _WeightedGatedSiLU.apply(gate_up_NG, weight_N)
-                y_TD.index_add_(0, token_N, h_NF @ w2_FD)
+                weighted_ND = h_NF @ w2_FD
+                y_TD.index_add_(0, token_N, weighted_ND)
+                if sums_ED is not None:
+                    sums_ED[expert] += weighted_ND.detach().float().sum(0)
                 continue
             h_NF = _GatedSiLU.apply(gate_up_NG)
-        y_ND = h_NF @ w2_FD
-        y_TD.index_add_(0, token_N, y_ND.to(dtype) * weight_N.unsqueeze(-1))
+        weighted_ND = (h_NF @ w2_FD).to(dtype) * weight_N.unsqueeze(-1)
+        y_TD.index_add_(0, token_N, weighted_ND)
+        if sums_ED is not None:
+            sums_ED[expert] += weighted_ND.detach().float().sum(0)
     return y_TD

@@ -31,6 +31,11 @@ gate                          what it does
                               compute on the K largest p, or on the support (``sparse``).
 ``straight_through``          forward weights are the hard 0/1 top-K mask (1/K each when
                               renormalised), backward is the soft top-k Jacobian.
+``relu``                      ReMoE: weights ReLU(logits); an expert is computed where its
+                              weight is > 0 (up to ``max_active`` slots, the rest counted
+                              as overflow). Its sparsity is held near 1 - K/E by an L1
+                              penalty whose coefficient a controller adapts after each
+                              step (:class:`~moe_router.state.ReLUSparsity`).
 ============================  ==========================================================
 
 Why the support-exact gate is trainable and why its support is at least ceil(k): p_i =
@@ -256,6 +261,17 @@ def _balanced_soft_topk_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Sele
     return _finish(expert_ids_TK, weights_TK, p_TE, valid_TK, config, overflow_T, overflow_mass_T)
 
 
+def _relu_gate(logits_TE, config, *, k, tau, bias_E, mu_E) -> Selection:
+    # relu(-inf) = 0: experts outside a token's groups are never computed.
+    gates_TE = logits_TE.relu()
+    expert_ids_TK, weights_TK, valid_TK, overflow_T, overflow_mass_T = _support(
+        gates_TE, gates_TE.detach(), config
+    )
+    return _finish(
+        expert_ids_TK, weights_TK, gates_TE, valid_TK, config, overflow_T, overflow_mass_T
+    )
+
+
 GateFunction = Callable[..., Selection]
 
 GATE_FUNCTIONS: dict[str, GateFunction] = {
@@ -265,6 +281,7 @@ GATE_FUNCTIONS: dict[str, GateFunction] = {
     "sparse_soft_topk": _sparse_soft_topk_gate,
     "balanced_soft_topk": _balanced_soft_topk_gate,
     "straight_through": _straight_through_gate,
+    "relu": _relu_gate,
 }
 
 

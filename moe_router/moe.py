@@ -41,6 +41,7 @@ from moe_router.dispatch import (
 from moe_router.experts import SwiGLU, run_experts_grouped, run_experts_per_slice
 from moe_router.router import Router
 from moe_router.routing import Routing
+from moe_router.state import DefaultOutputs
 
 __all__ = [
     "DROP_POLICIES",
@@ -86,6 +87,10 @@ class MoELayer(nn.Module):
         self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.shared_expert = SwiGLU(d_model, config.shared_d_ff) if config.shared_d_ff > 0 else None
+        if config.default_moe_beta is not None:
+            self.router.add_default_outputs(
+                DefaultOutputs(num_experts, d_model, config.default_moe_beta)
+            )
         self.reset_parameters()
 
     @classmethod
@@ -128,16 +133,45 @@ class MoELayer(nn.Module):
         all_valid = (
             padding_mask is None and capacity is None and config.router_config.all_slots_valid
         )
+        default = self.router.default_outputs
+        sums_ED = None
+        if default is not None and self.training and torch.is_grad_enabled():
+            sums_ED = torch.zeros(config.num_experts, config.d_model, device=x.device)
         y_TD = self.experts(
             x_TD,
             routing.expert_ids_TK,
             routing.weights_TK,
             None if all_valid else routing.valid_TK,
+            sums_ED=sums_ED,
         )
+        if default is not None and torch.is_grad_enabled():
+            y_TD = y_TD + self._default_gradient(routing, default.default_ED).to(y_TD.dtype)
+        if sums_ED is not None:
+            weights_E = torch.zeros(config.num_experts, device=x.device).index_add_(
+                0,
+                routing.expert_ids_TK.reshape(-1),
+                torch.where(routing.valid_TK, routing.weights_TK.detach(), 0.0).reshape(-1),
+            )
+            default.add(sums_ED, weights_E)
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
         y = y_TD.view_as(x)
         return (y, routing) if return_routing else y
+
+    def _default_gradient(self, routing: Routing, default_ED: Tensor) -> Tensor:
+        """Default MoE: ``sum_e w_te default_e`` over the experts token t was not computed on,
+        with w the gate's scores there (times ``score_scale``), as a term of value 0 whose
+        gradient reaches those scores: the router hears from every expert, at the cost of one
+        ``[T, E] @ [E, D]`` matmul, and the forward is unchanged."""
+        scores_TE = routing.scores_TE
+        computed_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter_(
+            -1, routing.expert_ids_TK, routing.valid_TK
+        )
+        missing_TE = torch.where(computed_TE, 0.0, scores_TE) * self.config.score_scale
+        if routing.padding_mask_T is not None:
+            missing_TE = torch.where(routing.padding_mask_T.unsqueeze(-1), 0.0, missing_TE)
+        default_TD = missing_TE @ default_ED
+        return default_TD - default_TD.detach()
 
     def _apply_capacity(self, routing: Routing, capacity: int) -> Routing:
         config = self.config
@@ -161,6 +195,8 @@ class MoELayer(nn.Module):
         expert_ids_TK: Tensor,
         weights_TK: Tensor,
         valid_TK: Tensor | None = None,
+        *,
+        sums_ED: Tensor | None = None,
     ) -> Tensor:
         """Dropless dispatch of the routed experts (the layer minus router and shared expert).
 
@@ -170,6 +206,8 @@ class MoELayer(nn.Module):
             weights_TK: fp32 combine weights.
             valid_TK: Slots that carry compute (the others cost no matmul); None when every
                 slot does, which skips the masking.
+            sums_ED: None, or an fp32 ``[E, D]`` tensor that receives each expert's sum of
+                ``weight * output`` over its tokens (Default MoE's statistics; no gradient).
 
         Returns:
             ``sum_k weights[t, k] * expert_{ids[t, k]}(x[t])`` over valid slots, in x's dtype.
@@ -177,9 +215,11 @@ class MoELayer(nn.Module):
         pairs = sort_pairs(expert_ids_TK, weights_TK, valid_TK, self.config.num_experts)
         weights = (self.w1_EDF, self.w3_EDF, self.w2_EFD)
         if self._use_per_slice(x_TD):
-            y_TD = run_experts_per_slice(x_TD, pairs, *weights)
+            y_TD = run_experts_per_slice(x_TD, pairs, *weights, sums_ED=sums_ED)
         else:
-            y_TD = run_experts_grouped(x_TD, pairs, valid_TK, *weights, self.config.backend)
+            y_TD = run_experts_grouped(
+                x_TD, pairs, valid_TK, *weights, self.config.backend, sums_ED=sums_ED
+            )
         return y_TD.to(x_TD.dtype)
 
     def _use_per_slice(self, x_TD: Tensor) -> bool:

@@ -26,13 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from moe_router.balancing import ExpertBias, router_aux_losses
+from moe_router.balancing import ExpertBias, relu_l1_loss, router_aux_losses
 from moe_router.config import GATES, SOFT_GATES, RouterConfig, config_from_arguments
 from moe_router.gates import group_limit, run_gate, select_experts
 from moe_router.routing import Routing
 from moe_router.state import (
     AnnealedTau,
     BudgetController,
+    DefaultOutputs,
+    ReLUSparsity,
     RouterState,
     RunningThresholds,
     WindowThresholds,
@@ -86,6 +88,9 @@ class Router(nn.Module):
         self.budget_controller = (
             BudgetController(config) if config.target_active is not None else None
         )
+        self.relu_sparsity = ReLUSparsity(config) if config.gate == "relu" else None
+        # A layer may hand its router more per-step state (MoELayer's Default MoE outputs).
+        self.default_outputs: DefaultOutputs | None = None
         self.balance = None
         if config.gate == "balanced_soft_topk":
             window = config.balance_window is not None
@@ -94,9 +99,9 @@ class Router(nn.Module):
         self._forwards_since_step = 0  # eager training forwards since the last step
         self._optimizer_steps_since_step = 0
         self._warned_unstepped = False
+        # Compiled training forwards count here (no host read in the hot path).
+        self.register_buffer("compiled_forwards", torch.zeros((), dtype=torch.long), False)
         if self.states():
-            # Compiled training forwards count here (no host read in the hot path).
-            self.register_buffer("compiled_forwards", torch.zeros((), dtype=torch.long), False)
             _watch(self)
         self._register_load_state_dict_pre_hook(upgrade_flat_state_dict, with_module=True)
         self.reset_parameters()
@@ -121,8 +126,20 @@ class Router(nn.Module):
 
     def states(self) -> list[RouterState]:
         """The per-step state components this router holds, in stepping order."""
-        found = (self.expert_bias, self.anneal, self.budget_controller, self.balance)
+        found = (
+            self.expert_bias,
+            self.anneal,
+            self.budget_controller,
+            self.relu_sparsity,
+            self.balance,
+            self.default_outputs,
+        )
         return [state for state in found if state is not None]
+
+    def add_default_outputs(self, state: DefaultOutputs) -> None:
+        """Take the layer's Default MoE outputs as one more component (stepped with the rest)."""
+        self.default_outputs = state
+        _watch(self)
 
     @property
     def tau(self) -> float | Tensor:
@@ -171,8 +188,7 @@ class Router(nn.Module):
         for state in self.states():
             state.step()
         self._forwards_since_step = self._optimizer_steps_since_step = 0
-        if self.states():
-            self.compiled_forwards.zero_()
+        self.compiled_forwards.zero_()
 
     def step_schedule(self) -> None:
         """Advance the temperature schedule alone by one step (no-op unless ``anneal``).
@@ -276,14 +292,18 @@ class Router(nn.Module):
             if overflow_T is not None:
                 overflow_T = torch.where(padding_mask_T, 0.0, overflow_T)
                 overflow_mass_T = torch.where(padding_mask_T, 0.0, overflow_mass_T)
+        aux_losses = router_aux_losses(
+            config, lead_shape, logits_TE, scores_TE, expert_ids_TK, valid_TK, token_mask_T
+        )
+        if self.relu_sparsity is not None:
+            l1_TE = relu_l1_loss(scores_TE, config.k, token_mask_T)
+            aux_losses["relu_l1"] = self.relu_sparsity.l1_coef * l1_TE
         routing = Routing(
             expert_ids_TK=expert_ids_TK,
             weights_TK=weights_TK,
             scores_TE=scores_TE,
             logits_TE=logits_TE,
-            aux_losses=router_aux_losses(
-                config, lead_shape, logits_TE, scores_TE, expert_ids_TK, valid_TK, token_mask_T
-            ),
+            aux_losses=aux_losses,
             valid_TK=valid_TK,  # the record counts tokens_per_expert_E from the valid slots
             padding_mask_T=padding_mask_T,
             overflow_T=overflow_T,

@@ -44,6 +44,8 @@ __all__ = [
     "AnnealedTau",
     "BalancedThresholds",
     "BudgetController",
+    "DefaultOutputs",
+    "ReLUSparsity",
     "RouterState",
     "RunningThresholds",
     "WindowThresholds",
@@ -162,6 +164,103 @@ class BudgetController(RouterState):
         new_budget = (self.budget.double().log() + log_step).exp()
         self.budget.copy_(new_budget.clamp(1e-3, usable - 1e-3).float())
         self.pending_support.zero_()
+
+
+class ReLUSparsity(RouterState):
+    """ReMoE's controller: the L1 penalty coefficient that holds the ``relu`` gate's sparsity
+    (the fraction of zero gates) near ``1 - K / E``.
+
+    After each optimizer step the coefficient is multiplied by ``relu_l1_factor`` while the
+    gates since the last step (real tokens, all ranks) were denser than the target, and divided
+    by it otherwise; no move when no token was seen. It stays in [1e-30, 1e30].
+
+    Args:
+        config: The router's config (``k``, ``num_experts``, ``relu_l1_init``,
+            ``relu_l1_factor``).
+
+    Attributes:
+        l1_coef: The current coefficient (fp32 scalar, checkpointed).
+    """
+
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("l1_coef", torch.tensor(config.relu_l1_init, dtype=torch.float32))
+        # [non-zero gates, gates] of real tokens since the last step.
+        self.register_buffer(
+            "pending_active", torch.zeros(2, dtype=torch.float32), persistent=False
+        )
+
+    @torch.no_grad()
+    def accumulate(self, routing: Routing, token_mask_T: Tensor | None) -> None:
+        """Count the batch's non-zero gates (the whole support, overflow included)."""
+        counted_T = ~routing.scores_TE.isnan().any(-1)  # a NaN token says nothing
+        if token_mask_T is not None:
+            counted_T = counted_T & token_mask_T
+        active_T = (routing.scores_TE > 0).sum(-1).float()
+        self.pending_active[0] += torch.where(counted_T, active_T, 0.0).sum()
+        self.pending_active[1] += counted_T.sum() * self.config.num_experts
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One multiplicative step toward the target sparsity (all ranks)."""
+        config = self.config
+        active, total = all_reduce_sum(self.pending_active.double()).unbind()
+        sparsity = 1.0 - active / total.clamp_min(1.0)
+        target = 1.0 - config.k / config.num_experts
+        factor = torch.where(sparsity < target, config.relu_l1_factor, 1 / config.relu_l1_factor)
+        new_coef = self.l1_coef * torch.where(total > 0, factor, 1.0).float()
+        # finite whatever the run does (a sparsity the router cannot reach grows it forever)
+        self.l1_coef.copy_(new_coef.clamp(1e-30, 1e30))
+        self.pending_active.zero_()
+
+
+class DefaultOutputs(RouterState):
+    """Default MoE's per-expert default outputs: an EMA of each expert's combine-weighted mean
+    output over the tokens dispatched to it, updated after each optimizer step over all ranks
+    (an expert that got no token keeps its value). ``MoELayer`` accumulates the weighted
+    output sums and weight sums of its training forwards and hands the component to its
+    router, which steps it with the rest of its state.
+
+    Args:
+        num_experts: E.
+        d_model: D.
+        beta: Weight of the old value in the EMA.
+
+    Attributes:
+        default_ED: The default outputs (fp32, checkpointed).
+    """
+
+    def __init__(self, num_experts: int, d_model: int, beta: float) -> None:
+        super().__init__()
+        self.beta = beta
+        self.register_buffer("default_ED", torch.zeros(num_experts, d_model, dtype=torch.float32))
+        # [weighted output sums | weight sums] since the last step.
+        self.register_buffer(
+            "pending_ED1",
+            torch.zeros(num_experts, d_model + 1, dtype=torch.float32),
+            persistent=False,
+        )
+
+    @torch.no_grad()
+    def add(self, output_sums_ED: Tensor, weight_sums_E: Tensor) -> None:
+        """Add one training forward's per-expert sums of ``w * expert(x)`` and of ``w``."""
+        self.pending_ED1[:, :-1] += output_sums_ED.float()
+        self.pending_ED1[:, -1] += weight_sums_E.float()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Move each expert's default toward its weighted mean output since the last step."""
+        totals_ED1 = all_reduce_sum(self.pending_ED1)
+        weight_E1 = totals_ED1[:, -1:]
+        mean_ED = totals_ED1[:, :-1] / weight_E1.clamp_min(1e-20)
+        seen_E1 = (weight_E1 > 0) & mean_ED.isfinite().all(-1, keepdim=True)
+        updated_ED = self.beta * self.default_ED + (1 - self.beta) * mean_ED
+        self.default_ED.copy_(torch.where(seen_E1, updated_ED, self.default_ED))
+        self.pending_ED1.zero_()
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.default_ED.shape[0]}, beta={self.beta}"
 
 
 class BalancedThresholds(RouterState):

@@ -44,6 +44,8 @@ SET_VALUES = {
     "z_loss_coef": 0.001,
     "expert_bias": True,
     "bias_update_rate": 0.01,
+    "relu_l1_init": 1e-6,
+    "relu_l1_factor": 1.5,
     "init_std": 0.1,
 }
 

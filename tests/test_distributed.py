@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moe_router.moe import MoELayer
 from moe_router.router import Router
 
 WORLD_SIZE = 2
@@ -133,3 +134,54 @@ def test_budget_controller_and_balance_thresholds_identical_across_ranks(tmp_pat
     # One rank's supports alone would have given another budget.
     alone = 2.0 * math.exp(0.2 * (2.0 - results[0]["supports"][0].item() / 64) / 2.0)
     assert results[0]["budgets"][0].item() != pytest.approx(alone, rel=1e-6)
+
+
+def alternatives_worker(rank: int, port: int, out_dir: str) -> None:
+    init_gloo(rank, port)
+    try:
+        torch.manual_seed(0)  # identical weights on both ranks
+        relu = Router(8, 8, 2, gate="relu", init_std=0.3)
+        layer = MoELayer(8, 16, 8, 2, gate="topk", default_moe_beta=0.5)
+        gen = torch.Generator().manual_seed(100 + rank)  # each rank sees its own tokens
+        actives, sums = [], []
+        for _ in range(3):
+            x = torch.randn(64 * (rank + 1), 8, generator=gen)
+            routing = relu(x)
+            actives.append([float((routing.scores_TE > 0).sum()), float(routing.scores_TE.numel())])
+            _, layer_routing = layer(x, return_routing=True)
+            sums.append(layer.router.default_outputs.pending_ED1.clone())
+            relu.step()
+            layer.router.step()
+        state = torch.cat(
+            [relu.relu_sparsity.l1_coef.view(1), layer.router.default_outputs.default_ED.flatten()]
+        )
+        gathered = [torch.empty_like(state) for _ in range(WORLD_SIZE)]
+        dist.all_gather(gathered, state)
+        torch.save(
+            {"states": torch.stack(gathered), "actives": torch.tensor(actives), "sums": sums},
+            f"{out_dir}/alternatives{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_relu_controller_and_default_outputs_identical_across_ranks(tmp_path):
+    mp.spawn(alternatives_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    results = [torch.load(tmp_path / f"alternatives{rank}.pt") for rank in range(WORLD_SIZE)]
+    for result in results:
+        torch.testing.assert_close(result["states"][0], result["states"][1], rtol=0, atol=0)
+    # Slow replay on both ranks' counts together: x1.2 while denser than 1 - 2/8, else /1.2.
+    coef = 1e-8
+    for step in range(3):
+        active = results[0]["actives"][step][0] + results[1]["actives"][step][0]
+        total = results[0]["actives"][step][1] + results[1]["actives"][step][1]
+        coef = coef * 1.2 if 1 - active / total < 0.75 else coef / 1.2
+    assert results[0]["states"][0][0].item() == pytest.approx(coef, rel=1e-5)
+    # The defaults: EMA (beta 0.5) of the weighted mean over both ranks' tokens.
+    default = torch.zeros(8, 8)
+    for step in range(3):
+        totals = results[0]["sums"][step] + results[1]["sums"][step]
+        mean = totals[:, :-1] / totals[:, -1:].clamp_min(1e-20)
+        default = torch.where(totals[:, -1:] > 0, 0.5 * default + 0.5 * mean, default)
+    torch.testing.assert_close(results[0]["states"][0][1:].view(8, 8), default)

@@ -27,6 +27,7 @@ STATEFUL = {
         "balance_window": 48,
     },
     "sparse_bias": {"gate": "sparse_soft_topk", "expert_bias": True},
+    "relu": {"gate": "relu", "relu_l1_init": 1e-3},
 }
 
 
