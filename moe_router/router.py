@@ -17,14 +17,11 @@ Router math runs in fp32 whatever the dtype of the hidden states or of the route
 from __future__ import annotations
 
 import math
-import warnings
-import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from moe_router.balancing import ExpertBias, relu_l1_loss, router_aux_losses
 from moe_router.config import GATES, SOFT_GATES, RouterConfig, config_from_arguments
@@ -40,11 +37,16 @@ from moe_router.state import (
     WindowThresholds,
     upgrade_flat_state_dict,
 )
+from moe_router.step_watch import UNSTEPPED_WARN_AFTER, StepWatch
 
-__all__ = ["GATES", "SOFT_GATES", "Router", "RouterConfig", "select_experts"]
-
-# Training forwards without a step after which a router with per-step state warns.
-UNSTEPPED_WARN_AFTER = 64
+__all__ = [
+    "GATES",
+    "SOFT_GATES",
+    "UNSTEPPED_WARN_AFTER",
+    "Router",
+    "RouterConfig",
+    "select_experts",
+]
 
 
 class Router(nn.Module):
@@ -96,13 +98,9 @@ class Router(nn.Module):
             window = config.balance_window is not None
             self.balance = WindowThresholds(config) if window else RunningThresholds(config)
         self.last_routing: Routing | None = None
-        self._forwards_since_step = 0  # eager training forwards since the last step
-        self._optimizer_steps_since_step = 0
-        self._warned_unstepped = False
-        # Compiled training forwards count here (no host read in the hot path).
-        self.register_buffer("compiled_forwards", torch.zeros((), dtype=torch.long), False)
+        self.step_watch = StepWatch(self._stateful_names)
         if self.states():
-            _watch(self)
+            self.step_watch.watch()
         self._register_load_state_dict_pre_hook(upgrade_flat_state_dict, with_module=True)
         self.reset_parameters()
 
@@ -139,7 +137,7 @@ class Router(nn.Module):
     def add_default_outputs(self, state: DefaultOutputs) -> None:
         """Take the layer's Default MoE outputs as one more component (stepped with the rest)."""
         self.default_outputs = state
-        _watch(self)
+        self.step_watch.watch()
 
     @property
     def tau(self) -> float | Tensor:
@@ -187,8 +185,7 @@ class Router(nn.Module):
         """
         for state in self.states():
             state.step()
-        self._forwards_since_step = self._optimizer_steps_since_step = 0
-        self.compiled_forwards.zero_()
+        self.step_watch.stepped()
 
     def step_schedule(self) -> None:
         """Advance the temperature schedule alone by one step (no-op unless ``anneal``).
@@ -204,27 +201,9 @@ class Router(nn.Module):
         if self.expert_bias is not None:
             self.expert_bias.update(tokens_per_expert_E)
 
-    def _note_training_forward(self) -> None:
-        if not self.states():
-            return
-        if torch.compiler.is_compiling():
-            self.compiled_forwards += 1
-            return
-        self._forwards_since_step += 1
-        if self._forwards_since_step >= UNSTEPPED_WARN_AFTER:
-            self._warn_unstepped(f"ran {self._forwards_since_step} training forwards")
-
-    def _warn_unstepped(self, what: str) -> None:
-        if self._warned_unstepped:
-            return
-        self._warned_unstepped = True
+    def _stateful_names(self) -> tuple[str, str]:
         names = ", ".join(type(state).__name__ for state in self.states() if state.needs_step)
-        warnings.warn(
-            f"Router (gate={self.config.gate!r}) {what} without a step: its {names} do not "
-            "advance. Call moe_router.step_routers(model) after each optimizer step, or once "
-            "moe_router.register_optimizer_hooks(optimizer, model).",
-            stacklevel=4,
-        )
+        return f"Router (gate={self.config.gate!r})", names
 
     # ------------------------------------------------------------------------------- forward
 
@@ -312,7 +291,7 @@ class Router(nn.Module):
         if self.training and torch.is_grad_enabled():
             for state in self.states():
                 state.accumulate(routing, token_mask_T)
-            self._note_training_forward()
+            self.step_watch.training_forward()
         return routing
 
     def extra_repr(self) -> str:
@@ -348,30 +327,3 @@ def _check_inputs(hidden_states: Tensor, padding_mask: Tensor | None, d_model: i
                 f"padding_mask must have shape {lead_shape}, got {tuple(padding_mask.shape)}"
             )
     return lead_shape
-
-
-# Routers with per-step state, watched by one global optimizer step hook: it catches those
-# trained under torch.compile (whose forwards only count in a tensor) and never stepped.
-_WATCHED: weakref.WeakSet[Router] = weakref.WeakSet()
-_WATCH_HOOK: list = []
-
-
-def _watch(router: Router) -> None:
-    _WATCHED.add(router)
-    if not _WATCH_HOOK:
-        _WATCH_HOOK.append(register_optimizer_step_post_hook(_after_any_optimizer_step))
-
-
-def _after_any_optimizer_step(*_args: Any) -> None:
-    for router in list(_WATCHED):
-        if router._warned_unstepped or not router.training:
-            continue
-        router._optimizer_steps_since_step += 1
-        # One host read per router, only after this many optimizer steps without its step.
-        if router._optimizer_steps_since_step == UNSTEPPED_WARN_AFTER:
-            compiled = int(router.compiled_forwards)
-            if compiled > 0:
-                router._warn_unstepped(
-                    f"ran {compiled} compiled training forwards over "
-                    f"{UNSTEPPED_WARN_AFTER} optimizer steps"
-                )

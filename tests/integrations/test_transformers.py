@@ -841,3 +841,14 @@ def test_example_runs(tmp_path):
     assert trained["topk"].model.model.layers[0].mlp.gate.router.expert_bias.bias_E.abs().sum() > 0
     table = (tmp_path / "out" / "load_balance.md").read_text()
     assert "| soft_topk / layer1 |" in table and (tmp_path / "out" / "load_balance.png").exists()
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_the_generic_record_readers_work_on_a_patched_model(arch):
+    """moe_router.routings / aux_loss read a patched HF model as they read our own models."""
+    model = replace_routers(build(arch), gate="soft_topk", aux_loss_coef=0.01, z_loss_coef=1e-3)
+    model.train()
+    model(input_ids())
+    records = moe_router.routings(model)
+    assert len(records) == len(routings(model)) > 0
+    torch.testing.assert_close(moe_router.aux_loss(model), router_aux_loss(model))
