@@ -74,7 +74,7 @@ def main() -> None:
                 rows.append([method, target, mode, f"{median:.2e}", f"{worst:.2e}"])
                 payload.append({"method": method, "target": target, "mode": mode, "moves": moves})
     table = markdown_table(
-        ["method", "balance_target", "mode", "median max |dw|", "worst max |dw|"], rows
+        ["method", "balance_target", "mode", "median of max abs dw", "worst max abs dw"], rows
     )
     header = (
         f"# Balanced gate: combine-weight change for an input change of {args.eps:g}\n\n"
