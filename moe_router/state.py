@@ -307,6 +307,12 @@ class BalancedThresholds(RouterState):
     def _record(self, mu_E, gate_logits_TE, token_mask_T, tau, k) -> None:
         raise NotImplementedError
 
+    def _share_warm_start(self) -> None:
+        """Average the warm start over the data-parallel ranks (each solved its own batches),
+        so that every rank holds, and a checkpoint saves, the same state."""
+        totals_E1 = all_reduce_sum(torch.cat([self.warm_mu_E, self.warm_mu_E.new_ones(1)]))
+        self.warm_mu_E.copy_(totals_E1[:-1] / totals_E1[-1])
+
 
 class RunningThresholds(BalancedThresholds):
     """Evaluation thresholds as a running average (``balance_momentum``) of the mean batch
@@ -333,6 +339,7 @@ class RunningThresholds(BalancedThresholds):
         momentum = torch.where(totals_E1[-1] > 0, self.config.balance_momentum, 1.0)
         self.mu_E.mul_(momentum).add_((1 - momentum) * mean_mu_E)
         self.pending_mu_E1.zero_()
+        self._share_warm_start()
 
 
 class WindowThresholds(BalancedThresholds):
@@ -388,6 +395,7 @@ class WindowThresholds(BalancedThresholds):
         totals_E1 = all_reduce_sum(torch.cat([mu_E * filled, filled.reshape(1)]))
         mean_mu_E = totals_E1[:-1] / totals_E1[-1].clamp_min(1.0)
         self.mu_E.copy_(torch.where(totals_E1[-1] > 0, mean_mu_E, self.mu_E))
+        self._share_warm_start()
 
 
 # Router state-dict keys of the earlier flat layout -> the component's key.

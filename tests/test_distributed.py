@@ -102,7 +102,15 @@ def controller_worker(rank: int, port: int, out_dir: str) -> None:
             balanced.step()
             windowed.step()
             budgets.append(float(sparse.budget))
-        state = torch.cat([sparse.budget.view(1), balanced.balance_mu_E, windowed.balance_mu_E])
+        state = torch.cat(
+            [
+                sparse.budget.view(1),
+                balanced.balance_mu_E,
+                windowed.balance_mu_E,
+                balanced.balance.warm_mu_E,  # the warm starts too: a checkpoint saves one copy
+                windowed.balance.warm_mu_E,
+            ]
+        )
         gathered = [torch.empty_like(state) for _ in range(WORLD_SIZE)]
         dist.all_gather(gathered, state)
         torch.save(
