@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs moe_router into it with the test and hf extras
-# (MOE_ROUTER_EXTRAS overrides the list, e.g. MOE_ROUTER_EXTRAS=test).
+# Creates .venv (if missing) and installs moe_router into it with the test, hf and titan
+# extras (MOE_ROUTER_EXTRAS overrides the list, e.g. MOE_ROUTER_EXTRAS=test). The extras go
+# in one pip call: torchtitan pins datasets<4.8, and only a resolver that sees transformers'
+# huggingface-hub>=2.4 too picks a datasets release compatible with both.
 #
 # torch is installed first and only when .venv has none: `torch==2.13.0` by default, which is
 # the CUDA build from PyPI on a GPU machine and the local CPU wheel where pip is pointed at
@@ -9,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${MOE_ROUTER_EXTRAS:-test,hf}"
+EXTRAS="${MOE_ROUTER_EXTRAS:-test,hf,titan}"
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
