@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from models.cli import load_yaml
 from models.config import config_differences
 from models.summary import SUMMARY_FILE
 
@@ -285,7 +286,7 @@ def config_mismatch(run_dir: Path, expected: dict) -> str | None:
     path = run_dir / RUN_CONFIG_FILE
     if not path.is_file():
         return f"{run_dir} holds a run without {RUN_CONFIG_FILE} (its settings are unknown)"
-    recorded = yaml.safe_load(path.read_text()) or {}
+    recorded = load_yaml(path.read_text(), str(path)) or {}
     differences = config_differences(recorded, expected, default_config(), ("recorded", "now"))
     if differences:
         return f"{run_dir} was run with other settings: {'; '.join(differences)}"

@@ -138,10 +138,12 @@ class NonFiniteGuard(L.Callback):
                 "it were skipped for the same reason; training stopped (weights are the last "
                 "finite ones)"
             )
+        optim = getattr(pl_module, "optim_config", None)
+        lr = f" (now {optim.lr:g})" if getattr(optim, "lr", None) is not None else ""
         raise NonFiniteLossError(
-            f"optimizer step {step}: {what}; training stopped before the step, so the weights are "
-            "the last finite ones (lower model.optim.lr, or set NonFiniteGuard action: skip in "
-            "trainer.callbacks to skip such steps)"
+            f"optimizer step {step}: {what}: training diverged and stopped before this step, so "
+            f"the weights are the last finite ones; lower --model.optim.lr{lr}, or set "
+            "NonFiniteGuard action: skip in trainer.callbacks to skip such steps"
         )
 
 

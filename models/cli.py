@@ -11,20 +11,26 @@ import difflib
 import logging
 import math
 import os
+import pickle
 import re
 import signal
 import sys
+import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
+import yaml
 from jsonargparse import ArgumentParser, Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from models.data import ByteCorpusDataModule
-from models.lit_module import MoELanguageModel
+from models.callbacks import NonFiniteLossError
+from models.data import ByteCorpusDataModule, DataPreparationInterrupted, text_file_problem
+from models.lit_module import MoELanguageModel, checkpoint_problem
 
 STEP_PROGRESS_BAR = "models.callbacks.StepProgressBar"
 TEXT_PROGRESS = "models.callbacks.TextProgress"
@@ -119,8 +125,105 @@ def concise_error(message: str, option_strings: list[str]) -> str:
     return " ".join(message.split())
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping (plain PyYAML keeps the last one silently)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    A merge (``<<: *base``) followed by the mapping's own keys is an override, not a repeat,
+    and stays allowed.
+
+    Raises:
+        DuplicateKeyError: Naming the key and the lines of both occurrences.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    raise DuplicateKeyError(
+                        problem=f"key {key!r} is given twice in one mapping, at lines "
+                        f"{first_line[key]} and {line} (keep one)",
+                        problem_mark=key_node.start_mark,
+                    )
+                first_line[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parses user YAML with :class:`UniqueKeyLoader`.
+
+    Args:
+        text: The YAML document.
+        source: Where it came from (a file name), for the message.
+
+    Returns:
+        The parsed value.
+
+    Raises:
+        ValueError: Naming ``source`` and the line, for a repeated key or a syntax error.
+    """
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKeyError as error:
+        raise ValueError(f"{source}: {error.problem}") from None
+    except yaml.reader.ReaderError as error:  # a character YAML text may not hold
+        raise ValueError(
+            f"{source} is not valid YAML: character {error.character!r} at offset "
+            f"{error.position} is not allowed in YAML text"
+        ) from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise ValueError(f"{source} is not valid YAML{where}: {problem}") from None
+
+
+def check_config_file(path: str | os.PathLike) -> None:
+    """Rejects a config file that is not a YAML mapping written as UTF-8 text, naming it.
+
+    Args:
+        path: The config file (``--config``).
+
+    Raises:
+        ValueError: For a binary or non-UTF-8 file, an empty one, a syntax error, a key given
+            twice in one mapping, or a document that is not a mapping.
+    """
+    shown = _shown(path)
+    problem = text_file_problem(Path(path))
+    if problem is not None:
+        raise ValueError(f"--config {shown} is not a YAML text file: it is {problem}")
+    config = load_yaml(Path(path).read_text(encoding="utf-8"), f"--config {shown}")
+    if config is None:
+        raise ValueError(
+            f"--config {shown} is empty: a config is a mapping with trainer:, model: and data: "
+            "(see configs/quickstart.yaml)"
+        )
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"--config {shown} holds a {type(config).__name__}, not a mapping with trainer:, "
+            "model: and data: (see configs/quickstart.yaml)"
+        )
+
+
 class _ConciseParser(LightningArgumentParser):
-    """LightningCLI's parser with one-line errors instead of a page of usage."""
+    """LightningCLI's parser with one-line errors instead of a page of usage, and config files
+    checked first (:func:`check_config_file`: text, not empty, no key given twice)."""
+
+    def parse_path(self, path: str | os.PathLike, *args: Any, **kwargs: Any) -> Namespace:
+        """jsonargparse reads every ``--config`` file through this method."""
+        if "://" not in str(path):
+            check_config_file(path)
+        return super().parse_path(path, *args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:
@@ -134,14 +237,24 @@ class _ConciseParser(LightningArgumentParser):
         self.exit(2)
 
 
-def check_checkpoint_file(path: str | None) -> None:
-    """Rejects a ``--ckpt_path`` that is not a readable checkpoint before anything is built.
+def check_checkpoint_file(path: str | None, fitting: bool = False) -> None:
+    """Rejects a ``--ckpt_path`` that is not an intact checkpoint of this model before
+    anything is built or loaded.
+
+    A torch checkpoint is a zip archive whose members carry a CRC-32; ``torch.load`` does not
+    check it, so a file changed after it was written would load silently. The archive is read
+    once here to check every member, then its contents are read (tensors memory-mapped, not
+    copied) for the keys ``fit`` or ``validate`` need (``models.lit_module.checkpoint_problem``).
 
     Args:
         path: The checkpoint path, or None (or Lightning's ``last`` / ``best`` aliases).
+        fitting: Whether the checkpoint is to be resumed (``fit``), not only evaluated.
 
     Raises:
-        ValueError: If the file is missing, empty, or not a torch checkpoint (a zip archive).
+        ValueError: Naming the file: missing, empty, not a zip archive, a member whose data
+            does not match its CRC, not a torch checkpoint, not loadable, or not a Lightning
+            checkpoint with every key needed (a bare state_dict, a missing
+            ``hyper_parameters``, ...).
     """
     if path is None or path in ("last", "best", "hpc", "registry"):
         return
@@ -152,6 +265,95 @@ def check_checkpoint_file(path: str | None) -> None:
         raise ValueError(f"ckpt_path={path!r} is empty: not a checkpoint")
     if not zipfile.is_zipfile(file):
         raise ValueError(f"ckpt_path={path!r} is not a torch checkpoint (no zip archive)")
+    try:
+        with zipfile.ZipFile(file) as archive:
+            names = archive.namelist()
+            corrupted = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:  # zlib.error is an OSError subclass
+        raise ValueError(f"ckpt_path={path!r} is a damaged zip archive: {err}") from None
+    if corrupted is not None:
+        raise ValueError(
+            f"ckpt_path={path!r} is corrupted: the data of {corrupted!r} does not match its "
+            "CRC (the file was changed after it was written)"
+        )
+    if not any(name.endswith("/data.pkl") for name in names):
+        raise ValueError(
+            f"ckpt_path={path!r} is a zip archive but not a torch checkpoint (no data.pkl; it "
+            f"holds {', '.join(map(repr, names[:3]))}{', ...' if len(names) > 3 else ''})"
+        )
+    try:
+        # As Lightning loads it (weights_only); mmap: the tensors are not read here.
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
+        first_line = (str(err).strip() or type(err).__name__).splitlines()[0]
+        raise ValueError(
+            f"ckpt_path={path!r} cannot be loaded by torch.load: {first_line}"
+        ) from None
+    problem = checkpoint_problem(checkpoint, fitting)
+    if problem is not None:
+        raise ValueError(f"ckpt_path={path!r} {problem}")
+
+
+def check_writable_folder(folder: str, flag: str) -> None:
+    """Creates ``folder`` if needed and checks that a file can be written in it.
+
+    Args:
+        folder: A local folder (a URL such as ``s3://...`` is not checked).
+        flag: The setting it came from, for the message.
+
+    Raises:
+        ValueError: Naming the setting when the folder cannot be created or written to.
+    """
+    if "://" in folder:
+        return
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ValueError(
+            f"{flag}={folder!r} is not a writable folder ({reason}): logs and checkpoints go "
+            "there; choose another"
+        ) from None
+
+
+def _available_accelerators() -> list[str]:
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    return sorted(
+        name
+        for name in AcceleratorRegistry.available_accelerators()
+        if AcceleratorRegistry[name]["accelerator"].is_available()
+    )
+
+
+def trainer_settings_error(error: Exception, trainer: Any) -> ValueError:
+    """One line for a ``MisconfigurationException`` of the Trainer's constructor, naming the
+    setting: ``trainer.accelerator`` when it names a device this machine does not have.
+
+    Args:
+        error: What the Trainer raised.
+        trainer: The trainer's config (a namespace with ``accelerator``, ``devices``, ...).
+
+    Returns:
+        The error to raise instead.
+    """
+    message = " ".join(str(error).split())
+    accelerator = getattr(trainer, "accelerator", None)
+    available = _available_accelerators()
+    if isinstance(accelerator, str) and accelerator not in ("auto", *available):
+        if not (accelerator == "gpu" and {"cuda", "mps"} & set(available)):
+            return ValueError(
+                f"trainer.accelerator={accelerator!r}: this machine has no such device "
+                f"(accelerators available: {', '.join(available)}); use --trainer.accelerator "
+                f"{' or '.join(available)}, or auto"
+            )
+    settings = ", ".join(
+        f"trainer.{name}={getattr(trainer, name, None)!r}"
+        for name in ("accelerator", "devices", "strategy", "precision")
+    )
+    return ValueError(f"the trainer settings were refused ({settings}): {message}")
 
 
 class MoECLI(LightningCLI):
@@ -171,7 +373,13 @@ class MoECLI(LightningCLI):
       logs and summary went. A non-finite final validation loss exits with an error; a run
       stopped by SIGINT / SIGTERM saves ``last.ckpt`` and exits with 128 + the signal number.
     - ``--ckpt_path`` never changes the config: a checkpoint made with another model or
-      optimiser config is refused, naming each differing field.
+      optimiser config is refused, naming each differing field. So is one that is not intact
+      (a zip member whose CRC does not match: ``torch.load`` does not check it) or lacks a key
+      the run needs (``check_checkpoint_file``).
+    - Every ``--config`` file is checked before it is parsed: UTF-8 YAML text holding a
+      mapping, no key given twice in one mapping (PyYAML would keep the last one silently).
+    - ``trainer.default_root_dir`` must be a writable folder; a trainer setting Lightning
+      refuses (a device this machine does not have, ...) is one ``ValueError`` naming it.
     - Subcommands ``fit`` and ``validate``; ``listed_commands`` (name -> help) are shown in
       ``--help`` beside them (``cli_main`` runs those before this parser sees the arguments).
     """
@@ -214,10 +422,11 @@ class MoECLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Default loggers and progress bar; rejects a fit without ``trainer.max_steps``."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        check_checkpoint_file(getattr(config, "ckpt_path", None))
+        check_checkpoint_file(getattr(config, "ckpt_path", None), fitting=self.subcommand == "fit")
         trainer = config.trainer
+        root = trainer.default_root_dir or "."
+        check_writable_folder(root, "trainer.default_root_dir")
         if trainer.logger is None or trainer.logger is True:
-            root = trainer.default_root_dir or "."
             trainer.logger = [
                 {
                     "class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -262,13 +471,22 @@ class MoECLI(LightningCLI):
                 "stream is endless, so set a positive number of optimizer steps"
             )
 
+    def instantiate_trainer(self, **kwargs: Any):
+        """LightningCLI's trainer; a setting Lightning refuses (a device this machine does not
+        have, ...) is one ``ValueError`` naming it."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as error:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            raise trainer_settings_error(error, config.trainer) from error
+
     def after_fit(self) -> None:
         """Validates at the last step unless the schedule already did (the final table), then
         says where the outputs went.
 
         Raises:
             SystemExit: 128 + the signal number after a SIGINT / SIGTERM (checkpoint saved).
-            RuntimeError: If the final validation loss is not finite.
+            NonFiniteLossError: If the final validation loss is not finite.
         """
         from models.callbacks import CheckpointOnSignal
 
@@ -294,14 +512,15 @@ class MoECLI(LightningCLI):
         self._check_final_loss("fit")
 
     def after_validate(self) -> None:
-        """Raises if the validation loss is not finite (after its table was printed)."""
+        """Raises ``NonFiniteLossError`` if the validation loss is not finite (after its table
+        was printed)."""
         self._check_final_loss("validate")
 
     def _check_final_loss(self, subcommand: str) -> None:
         last = self.model.last_val
         loss = None if last is None else last["loss"]
         if loss is not None and not math.isfinite(loss):
-            raise RuntimeError(
+            raise NonFiniteLossError(
                 f"{subcommand}: the validation loss at step {last['step']} is {loss}: the "
                 "weights are not usable (see the table above for the per-layer state)"
             )
@@ -359,20 +578,31 @@ def cli_main(args: list[str] | None = None, commands: Mapping[str, Command] | No
 
 
 def main(commands: Mapping[str, Command] | None = None) -> None:
-    """Console entry point (``train.py``): :func:`cli_main` with a bad setting reported as one
-    ``error:`` line and exit code 2 instead of a traceback (``MOE_ROUTER_TRACEBACK=1`` shows
-    the traceback).
+    """Console entry point (``train.py``): :func:`cli_main` with a user error reported as one
+    ``error:`` line instead of a traceback (``MOE_ROUTER_TRACEBACK=1`` shows the traceback).
+
+    User errors are a bad setting or file (``ValueError``, exit code 2), a run that diverged
+    (``NonFiniteLossError``, exit code 2) and Ctrl-C outside the training loop (exit code 130;
+    during training ``CheckpointOnSignal`` saves ``last.ckpt`` first). Any other exception is
+    a bug and keeps its traceback.
 
     Args:
         commands: As for :func:`cli_main`.
     """
+    show_traceback = os.environ.get("MOE_ROUTER_TRACEBACK") == "1"
     try:
         cli_main(commands=commands)
-    except ValueError as err:
-        if os.environ.get("MOE_ROUTER_TRACEBACK") == "1":
+    except (ValueError, NonFiniteLossError) as err:
+        if show_traceback:
             raise
-        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.write(f"error: {' '.join(str(err).split())}\n")
         raise SystemExit(2) from None
+    except (KeyboardInterrupt, DataPreparationInterrupted) as err:
+        if show_traceback:
+            raise
+        what = str(err) if isinstance(err, DataPreparationInterrupted) else "interrupted (Ctrl-C)"
+        sys.stderr.write(f"error: {what}\n")
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 if __name__ == "__main__":

@@ -30,11 +30,12 @@ Shape legend: N blocks, L block length (``seq_len + 1``), B batch.
 from __future__ import annotations
 
 import codecs
+import functools
 import glob
 import math
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -45,6 +46,31 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 VOCAB_SIZE = 256
+
+
+class DataPreparationInterrupted(BaseException):
+    """Ctrl-C (SIGINT) while the data was being prepared, before training started.
+
+    A ``BaseException`` as ``KeyboardInterrupt`` is (no ``except Exception`` stops it), but not
+    one: Lightning answers a ``KeyboardInterrupt`` in ``fit`` / ``validate`` with exit code 1,
+    while this one reaches ``models.cli.main``, which exits with 130 as for any SIGINT.
+    """
+
+
+def _interruptible(method: Callable) -> Callable:
+    """Ctrl-C inside ``method`` raises :class:`DataPreparationInterrupted`."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise DataPreparationInterrupted(
+                "interrupted (Ctrl-C) while preparing the data: nothing was trained"
+            ) from None
+
+    return wrapper
+
 
 # Path components that mark a test suite (or a vendored tree) inside the stdlib folder:
 # `test/`, `tests/`, `idlelib/idle_test`, `lib2to3/tests`, `ctypes/test`, `unittest/test`, ...
@@ -438,12 +464,22 @@ class ByteCorpusDataModule(L.LightningDataModule):
             desc="byte blocks",
         )
 
+    @_interruptible
     def prepare_data(self) -> None:
-        """Builds the ``datasets`` cache once per node (Lightning calls it on local rank 0)."""
+        """Builds the ``datasets`` cache once per node (Lightning calls it on local rank 0).
+
+        Raises:
+            DataPreparationInterrupted: On Ctrl-C.
+        """
         self._load_splits()
 
+    @_interruptible
     def setup(self, stage: str | None = None) -> None:
-        """Loads the cached blocks into memory and checks that both splits are non-empty."""
+        """Loads the cached blocks into memory and checks that both splits are non-empty.
+
+        Raises:
+            DataPreparationInterrupted: On Ctrl-C.
+        """
         if self.train_blocks_NL is not None:
             return
         splits = self._load_splits()

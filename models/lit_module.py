@@ -27,6 +27,62 @@ TRAIN_STEP_KEYS = ("max_vio_batch_last", "load_cv", "router_entropy", "active_ex
 TRAIN_TABLE_KEYS = ("max_vio_batch_mean", "max_vio_global", "active_experts_per_token")
 
 
+# What a checkpoint must hold for this module, key -> what it is: to be evaluated (`validate`),
+# and also to be resumed (`fit`).
+CHECKPOINT_KEYS = {
+    "pytorch-lightning_version": "the Lightning version that wrote it",
+    "state_dict": "the weights and router state",
+    "hyper_parameters": "the model and optimiser config it was made with",
+    "global_step": "the step it was saved at",
+}
+RESUME_KEYS = {
+    **CHECKPOINT_KEYS,
+    "optimizer_states": "the AdamW state",
+    "lr_schedulers": "the learning-rate schedule's position",
+    "loops": "the training loop's progress",
+}
+
+
+def checkpoint_problem(checkpoint: Any, fitting: bool) -> str | None:
+    """Why a loaded checkpoint cannot be evaluated (or, ``fitting``, resumed) by
+    ``MoELanguageModel``, or None if it can.
+
+    A checkpoint without ``hyper_parameters`` could not be checked against the run's config;
+    one without the optimizer or loop state would resume from step 0 or with a fresh AdamW.
+
+    Args:
+        checkpoint: What ``torch.load`` returned.
+        fitting: Whether it is to be resumed by ``fit`` (else evaluated by ``validate``).
+
+    Returns:
+        A phrase that follows the checkpoint's name (``"is ..."`` / ``"lacks ..."``), or None.
+    """
+    how = "resumed" if fitting else "evaluated"
+    if not isinstance(checkpoint, dict):
+        return f"holds a {type(checkpoint).__name__}, not a Lightning checkpoint (a dict)"
+    if checkpoint and all(isinstance(value, Tensor) for value in checkpoint.values()):
+        return (
+            f"is a bare state_dict ({len(checkpoint)} tensors such as {next(iter(checkpoint))!r}), "
+            f"not a Lightning checkpoint, so it cannot be {how} (use a .ckpt written by "
+            "train.py fit)"
+        )
+    needed = RESUME_KEYS if fitting else CHECKPOINT_KEYS
+    missing = [f"{key!r} ({what})" for key, what in needed.items() if key not in checkpoint]
+    hparams = checkpoint.get("hyper_parameters", {})
+    groups = ("model", "optim") if fitting else ("model",)
+    missing += [
+        f"'hyper_parameters.{group}' (the {group} config it was made with)"
+        for group in groups
+        if "hyper_parameters" in checkpoint and not (isinstance(hparams, dict) and group in hparams)
+    ]
+    if missing:
+        return (
+            f"lacks {'; '.join(missing)}, so it cannot be {how} (use a .ckpt written by "
+            "train.py fit)"
+        )
+    return None
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """Learning-rate multiplier: linear warmup from 0, then cosine decay to ``min_ratio``.
 
@@ -196,27 +252,33 @@ class MoELanguageModel(L.LightningModule):
     # ---------------------------------------------------------------------------- checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuses a corrupted checkpoint or one whose config differs from this run's.
+        """Refuses a corrupted or incomplete checkpoint, or one whose config differs from this
+        run's.
 
         ``fit`` compares the model and optimiser configs (the weights, the optimizer state and
         the schedule all come from the checkpoint, so a differing flag would be ignored
-        silently); ``validate`` compares the model config.
+        silently); ``validate`` compares the model config. A checkpoint without the config
+        (or another key of ``checkpoint_problem``) is refused, since it could not be compared.
 
         Raises:
-            ValueError: Naming every differing field with both values, or the corrupted tensor.
+            ValueError: Naming every differing field with both values, the missing keys, or the
+                corrupted tensor.
         """
         from models.callbacks import check_checkpoint_finite
 
         trainer = self._trainer
         source = repr(str(trainer.ckpt_path)) if trainer is not None else "(in memory)"
-        hparams = checkpoint.get("hyper_parameters") or {}
+        fitting = trainer is None or trainer.state.fn == TrainerFn.FITTING
+        problem = checkpoint_problem(checkpoint, fitting)
+        if problem is not None:
+            raise ValueError(f"checkpoint {source} {problem}")
+        hparams = checkpoint["hyper_parameters"]
         pairs = [("model", self.model_config)]
-        if trainer is None or trainer.state.fn == TrainerFn.FITTING:
+        if fitting:
             pairs.append(("optim", self.optim_config))
         differences = [
             f"{group}.{difference}"
             for group, given in pairs
-            if group in hparams
             for difference in config_differences(hparams[group], given)
         ]
         if differences:

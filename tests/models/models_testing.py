@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import struct
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -179,3 +181,28 @@ class NaNFinalValidation(L.Callback):
         if trainer.global_step == trainer.max_steps:
             with torch.no_grad():
                 pl_module.net.final_norm.weight.fill_(float("nan"))
+
+
+def tamper_checkpoint(source: Path, target: Path) -> str:
+    """Copies the checkpoint ``source`` to ``target`` with 4 bytes flipped in the middle of its
+    largest tensor's data (the zip's CRC no longer matches; ``torch.load`` does not check it).
+
+    Returns:
+        The name of the tampered archive member.
+    """
+    with zipfile.ZipFile(source) as archive:
+        member = max(
+            (info for info in archive.infolist() if "/data/" in info.filename),
+            key=lambda info: info.file_size,
+        )
+    assert member.compress_type == zipfile.ZIP_STORED  # torch stores tensors uncompressed
+    raw = bytearray(source.read_bytes())
+    # A local file header: 30 fixed bytes, then the name and the extra field.
+    name_len, extra_len = struct.unpack(
+        "<HH", raw[member.header_offset + 26 : member.header_offset + 30]
+    )
+    middle = member.header_offset + 30 + name_len + extra_len + member.file_size // 2
+    for offset in range(middle, middle + 4):
+        raw[offset] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    return member.filename

@@ -6,24 +6,27 @@ import dataclasses
 import json
 import logging
 import math
+import re
+import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
-from models_testing import tiny_config
+from models_testing import tamper_checkpoint, tiny_config, write_corpus
 
-from models.cli import MoECLI, cli_main
+from models.cli import MoECLI, cli_main, main
 from models.data import ByteCorpusDataModule
 from models.lit_module import MoELanguageModel
 
 REPO = Path(__file__).resolve().parents[2]
-# Every fit config (the frontier's families included); configs/frontier.yaml is the frontier's
-# spec, not a fit config (tests/experiments/test_frontier.py loads it).
+# Every fit config (the frontier's families included); configs/frontier*.yaml are the frontier's
+# specs, not fit configs (tests/experiments/test_frontier.py loads them).
 CONFIGS = sorted(
     path
     for pattern in ("*.yaml", "frontier/*.yaml", "main/*.yaml")
     for path in (REPO / "configs").glob(pattern)
-    if path != REPO / "configs" / "frontier.yaml"
+    if not (path.parent == REPO / "configs" and path.stem.startswith("frontier"))
 )
 
 
@@ -334,3 +337,271 @@ def test_unreadable_checkpoint_is_one_clear_error(corpus_dir, tmp_path, capsys, 
     config = tiny_config(tmp_path, corpus_dir)
     message = _error_text(["validate", "--config", str(config), "--ckpt_path", str(bad)], capsys)
     assert f"ckpt_path='{bad}'" in message
+
+
+# ------------------------------------------------------------------- one line per user error
+
+
+def _main(args: list[str], monkeypatch, capfd) -> tuple[int, str]:
+    """``train.py ARGS`` in-process: the exit code and stderr of ``models.cli.main``."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    monkeypatch.delenv("MOE_ROUTER_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        try:
+            main()
+        except KeyboardInterrupt:  # would stop the test session
+            pytest.fail("Ctrl-C escaped main as a KeyboardInterrupt")
+    return exit_.value.code, capfd.readouterr().err
+
+
+def _the_error_line(err: str) -> str:
+    """The one ``error:`` line a user error ends with (no traceback before it)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], err
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny config and the step-3 ``last.ckpt`` of its fit (one fit for the module)."""
+    root = tmp_path_factory.mktemp("trained")
+    write_corpus(root / "corpus")
+    config = tiny_config(root, root / "corpus", max_steps=3)
+    cli_main(["fit", "--config", str(config)])
+    return config, next((root / "run").glob("csv/version_0/checkpoints/last.ckpt"))
+
+
+def _damaged_checkpoint(kind: str, source: Path, target: Path) -> str:
+    """Writes a damaged copy of ``source`` to ``target``; returns what the error must say."""
+    import torch
+
+    if kind == "tampered":
+        member = tamper_checkpoint(source, target)
+        return f"the data of {member!r} does not match its CRC"
+    if kind == "not_torch":
+        with zipfile.ZipFile(target, "w") as archive:
+            archive.writestr("notes.txt", "not a checkpoint")
+        return "not a torch checkpoint"
+    checkpoint = torch.load(source, weights_only=True)
+    if kind == "bare_state_dict":
+        torch.save(checkpoint["state_dict"], target)
+        return "is a bare state_dict"
+    key = kind.removeprefix("no_")
+    del checkpoint[key]
+    torch.save(checkpoint, target)
+    return f"lacks {key!r}"
+
+
+@pytest.mark.parametrize(
+    ("kind", "subcommand"),
+    [
+        ("tampered", "fit"),
+        ("tampered", "validate"),
+        ("no_hyper_parameters", "fit"),
+        ("no_hyper_parameters", "validate"),
+        ("no_state_dict", "fit"),
+        ("no_state_dict", "validate"),
+        ("no_optimizer_states", "fit"),
+        ("no_loops", "fit"),
+        ("no_global_step", "validate"),
+        ("bare_state_dict", "fit"),
+        ("bare_state_dict", "validate"),
+        ("not_torch", "validate"),
+    ],
+)
+def test_a_damaged_or_incomplete_checkpoint_is_refused_naming_the_file(
+    trained_checkpoint, tmp_path, monkeypatch, capfd, kind, subcommand
+):
+    config, checkpoint = trained_checkpoint
+    bad = tmp_path / f"{kind}.ckpt"
+    expected = _damaged_checkpoint(kind, checkpoint, bad)
+    # A changed config flag: without the checkpoint's config it would go through unchecked.
+    args = [subcommand, "--config", str(config), "--ckpt_path", str(bad)]
+    args += ["--trainer.default_root_dir", str(tmp_path / "run"), "--model.model.moe.tau", "0.5"]
+    code, err = _main(args, monkeypatch, capfd)
+    line = _the_error_line(err)
+    assert code == 2
+    assert f"ckpt_path='{bad}'" in line and expected in line, line
+    assert not list(tmp_path.glob("run/**/*.ckpt"))
+
+
+def test_a_weights_only_checkpoint_validates_but_does_not_resume(
+    trained_checkpoint, tmp_path, monkeypatch, capfd
+):
+    import torch
+
+    config, checkpoint = trained_checkpoint
+    weights_only = tmp_path / "weights.ckpt"
+    saved = torch.load(checkpoint, weights_only=True)
+    for key in ("optimizer_states", "lr_schedulers"):
+        del saved[key]
+    torch.save(saved, weights_only)
+    root = ["--trainer.default_root_dir", str(tmp_path / "run")]
+    cli_main(["validate", "--config", str(config), "--ckpt_path", str(weights_only), *root])
+    capfd.readouterr()
+    code, err = _main(
+        ["fit", "--config", str(config), "--ckpt_path", str(weights_only), *root],
+        monkeypatch,
+        capfd,
+    )
+    assert code == 2 and "lacks 'optimizer_states' (the AdamW state)" in _the_error_line(err)
+
+
+def _repeated_tau(config: Path) -> tuple[Path, int, int]:
+    """``config`` with ``tau:`` given twice under ``model.model.moe``, and both lines."""
+    lines = config.read_text().splitlines()
+    moe = lines.index("    moe:")
+    lines[moe + 1 : moe + 1] = ["      tau: 0.5", "      tau: 2.0"]
+    repeated = config.with_name("repeated.yaml")
+    repeated.write_text("\n".join(lines) + "\n")
+    return repeated, moe + 2, moe + 3
+
+
+def test_a_key_given_twice_in_a_config_is_refused_with_both_lines(
+    corpus_dir, tmp_path, monkeypatch, capfd
+):
+    repeated, first, second = _repeated_tau(tiny_config(tmp_path, corpus_dir))
+    code, err = _main(["fit", "--config", str(repeated)], monkeypatch, capfd)
+    line = _the_error_line(err)
+    assert code == 2
+    assert str(repeated) in line and "'tau'" in line and f"lines {first} and {second}" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_drivers_read_user_yaml_with_the_same_check(corpus_dir, tmp_path):
+    """compare (its configs, its run records) and frontier (its spec) refuse a repeated key."""
+    from experiments.compare import RUN_CONFIG_FILE, config_mismatch, effective_config
+    from experiments.frontier import load_spec
+
+    repeated, first, second = _repeated_tau(tiny_config(tmp_path, corpus_dir))
+    with pytest.raises(ValueError, match=f"'tau' is given twice .* lines {first} and {second}"):
+        effective_config(repeated, 0, tmp_path / "run", [])
+    record = tmp_path / "record"
+    record.mkdir()
+    (record / RUN_CONFIG_FILE).write_text("seed_everything: 0\nseed_everything: 1\n")
+    with pytest.raises(ValueError, match="'seed_everything' is given twice .* lines 1 and 2"):
+        config_mismatch(record, {"seed_everything": 0})
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("seeds: [0]\nseeds: [1]\n")
+    with pytest.raises(ValueError, match=f"{spec}: key 'seeds' is given twice .* lines 1 and 2"):
+        load_spec(spec)
+
+
+def test_yaml_merge_keys_may_be_overridden():
+    from models.cli import load_yaml
+
+    text = "base: &base {tau: 1.0, k: 2}\nmoe:\n  <<: *base\n  tau: 0.5\n"
+    assert load_yaml(text, "x.yaml")["moe"] == {"tau": 0.5, "k": 2}
+    with pytest.raises(ValueError, match="x.yaml: key 'k' is given twice"):
+        load_yaml("{k: 1, k: 2}", "x.yaml")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "is empty"),
+        (b"# only a comment\n", "is empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is not a YAML text file: it is binary"),
+        (b"trainer:\n  max_steps: \xff\xfe\n", "is not a YAML text file: it is not UTF-8"),
+        (b"trainer: [1, 2\n", "is not valid YAML (line 2, column 1)"),
+        (b"- fit\n- validate\n", "holds a list, not a mapping"),
+    ],
+    ids=["empty", "comment_only", "binary", "not_utf8", "syntax", "list"],
+)
+def test_an_unusable_config_file_is_one_line_naming_it(
+    tmp_path, monkeypatch, capfd, content, expected
+):
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(content)
+    code, err = _main(["fit", "--config", str(config)], monkeypatch, capfd)
+    line = _the_error_line(err)
+    assert code == 2 and f"--config {config}" in line and expected in line, line
+
+
+def test_a_gpu_accelerator_on_a_machine_without_one_names_the_flag(
+    corpus_dir, tmp_path, monkeypatch, capfd
+):
+    from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+
+    for accelerator in (
+        CUDAAccelerator,
+        MPSAccelerator,
+    ):  # this machine has no GPU, whatever it has
+        monkeypatch.setattr(accelerator, "is_available", staticmethod(lambda: False))
+    config = tiny_config(tmp_path, corpus_dir)
+    for name in ("gpu", "cuda"):
+        code, err = _main(
+            ["fit", "--config", str(config), "--trainer.accelerator", name], monkeypatch, capfd
+        )
+        line = _the_error_line(err)
+        assert code == 2 and f"trainer.accelerator='{name}'" in line, line
+        assert "--trainer.accelerator cpu" in line
+    assert not list(tmp_path.glob("run/**/*.ckpt"))
+
+
+def test_a_diverging_run_is_one_line_naming_the_step_and_the_learning_rate(
+    corpus_dir, tmp_path, monkeypatch, capfd
+):
+    config = tiny_config(tmp_path, corpus_dir)
+    code, err = _main(
+        ["fit", "--config", str(config), "--model.optim.lr", "1e6"], monkeypatch, capfd
+    )
+    line = _the_error_line(err)
+    assert code == 2
+    assert re.search(r"optimizer step \d+: .* not finite|optimizer step \d+: the loss is", line)
+    assert "training diverged" in line and "lower --model.optim.lr (now 1e+06)" in line
+
+
+def test_an_unwritable_root_dir_is_one_line_naming_the_flag(
+    corpus_dir, tmp_path, monkeypatch, capfd
+):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")  # a folder below a file cannot be made, even by root
+    config = tiny_config(tmp_path, corpus_dir)
+    root = str(not_a_folder / "run")
+    code, err = _main(
+        ["fit", "--config", str(config), "--trainer.default_root_dir", root], monkeypatch, capfd
+    )
+    line = _the_error_line(err)
+    assert code == 2 and f"trainer.default_root_dir='{root}' is not a writable folder" in line
+
+
+@pytest.mark.parametrize("where", ["scanning_files", "building_blocks"])
+def test_ctrl_c_before_training_exits_130_without_a_traceback(
+    corpus_dir, tmp_path, monkeypatch, capfd, where
+):
+    import models.data
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "scanning_files":  # in the data module's constructor
+        monkeypatch.setattr(models.data, "resolve_files", interrupt)
+    else:  # in prepare_data, inside trainer.fit (Lightning would exit with 1)
+        monkeypatch.setattr(models.data.ByteCorpusDataModule, "_load_splits", interrupt)
+    config = tiny_config(tmp_path, corpus_dir)
+    code, err = _main(["fit", "--config", str(config)], monkeypatch, capfd)
+    assert code == 130
+    assert "interrupted (Ctrl-C)" in _the_error_line(err)
+    assert not list(tmp_path.glob("run/**/*.ckpt"))
+
+
+def test_a_bug_keeps_its_traceback_and_the_switch_shows_every_one(
+    corpus_dir, tmp_path, monkeypatch
+):
+    config = tiny_config(tmp_path, corpus_dir)
+
+    def bug(self, blocks_BL):
+        raise ZeroDivisionError("a bug in the model")
+
+    monkeypatch.setattr(MoELanguageModel, "_loss", bug)
+    monkeypatch.setattr(sys, "argv", ["train.py", "fit", "--config", str(config)])
+    with pytest.raises(ZeroDivisionError, match="a bug in the model"):
+        main()
+    monkeypatch.setenv("MOE_ROUTER_TRACEBACK", "1")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    monkeypatch.setattr(sys, "argv", ["train.py", "fit", "--config", str(empty)])
+    with pytest.raises(ValueError, match="is empty"):
+        main()

@@ -91,9 +91,11 @@ class _StopAt(L.Callback):
             trainer.should_stop = True
 
 
-def _run(corpus_dir, tmp_path, root: Path, *, stop_at=None, ckpt_path=None):
+def _run(
+    corpus_dir, tmp_path, root: Path, *, gate="soft_topk", moe=None, stop_at=None, ckpt_path=None
+):
     L.seed_everything(0)
-    module = tiny_module(moe=STATEFUL_MOE)
+    module = tiny_module(gate, moe=STATEFUL_MOE if moe is None else moe)
     callbacks = [
         ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_last=True, save_top_k=-1)
     ]
@@ -106,18 +108,74 @@ def _run(corpus_dir, tmp_path, root: Path, *, stop_at=None, ckpt_path=None):
     return module, trainer
 
 
-def test_resume_from_a_mid_run_checkpoint_is_exact(corpus_dir, tmp_path):
-    full, _ = _run(corpus_dir, tmp_path, tmp_path / "full")
-    stopped, stopped_trainer = _run(corpus_dir, tmp_path, tmp_path / "part", stop_at=3)
+# Every option with router state that a checkpoint must carry: (gate, moe options, the state-dict
+# keys of that state, which must have moved by the checkpoint's step).
+RESUME_CASES = {
+    "expert_bias_and_anneal": ("soft_topk", STATEFUL_MOE, ("expert_bias.bias_E", "schedule_step")),
+    "expert_bias": (
+        "soft_topk",
+        {"expert_bias": True, "bias_update_rate": 0.05},
+        ("expert_bias.bias_E",),
+    ),
+    "tau_anneal": (
+        "soft_topk",
+        {"tau_schedule": "anneal", "tau_final": 0.3, "anneal_steps": 6},
+        ("anneal.schedule_step",),
+    ),
+    "sparse_target_active": (
+        "sparse_soft_topk",
+        {"target_active": 1.5, "budget_update_rate": 0.2},
+        ("budget_controller.budget",),
+    ),
+    "balanced_load": (
+        "balanced_soft_topk",
+        {"balance_target": "load"},
+        ("balance.mu_E", "balance.warm_mu_E"),
+    ),
+    "balanced_mass": (
+        "balanced_soft_topk",
+        {"balance_target": "mass"},
+        ("balance.mu_E", "balance.warm_mu_E"),
+    ),
+    "balanced_window": (
+        "balanced_soft_topk",
+        {"balance_window": 80},  # 3 steps x 64 tokens leave the ring's position at 32
+        ("balance.mu_E", "balance.warm_mu_E", "balance.window_logits_WE", "balance.window_pos"),
+    ),
+    # (the tiny router's supports span every expert here, so its loads balance at mu = 0)
+    "balanced_sparse_target_active": (
+        "balanced_soft_topk",
+        {"method": "sparse", "target_active": 1.5, "budget_update_rate": 0.2},
+        ("budget_controller.budget",),
+    ),
+    "relu_l1": ("relu", {}, ("l1_coef",)),
+    "default_moe": ("topk", {"default_moe_beta": 0.9}, ("default_ED",)),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_from_a_mid_run_checkpoint_is_exact(corpus_dir, tmp_path, case):
+    """A 6-step fit resumed from its step-3 checkpoint ends bitwise where the uninterrupted
+    6-step fit ends: weights, router state and the final validation."""
+    gate, moe, state_keys = RESUME_CASES[case]
+    run = {"gate": gate, "moe": moe}
+    full, _ = _run(corpus_dir, tmp_path, tmp_path / "full", **run)
+    stopped, stopped_trainer = _run(corpus_dir, tmp_path, tmp_path / "part", stop_at=3, **run)
     assert stopped_trainer.global_step == 3
     last = tmp_path / "part" / "ckpt" / "last.ckpt"
-    resumed, resumed_trainer = _run(corpus_dir, tmp_path, tmp_path / "resumed", ckpt_path=last)
+    resumed, resumed_trainer = _run(
+        corpus_dir, tmp_path, tmp_path / "resumed", ckpt_path=last, **run
+    )
     assert resumed_trainer.global_step == 6
 
     full_state, resumed_state = full.state_dict(), resumed.state_dict()
+    initial_state = tiny_module(gate, moe=moe).state_dict()
     assert full_state.keys() == resumed_state.keys()
-    assert any("expert_bias.bias_E" in name for name in full_state)
-    assert any("schedule_step" in name for name in full_state)
+    for key in state_keys:
+        names = [name for name in full_state if name.endswith(key)]
+        assert len(names) == 2, key  # one per MoE layer
+        for name in names:  # the state really moved by step 3, so the check is not vacuous
+            assert not torch.equal(stopped.state_dict()[name], initial_state[name]), name
     for name, value in full_state.items():
         torch.testing.assert_close(resumed_state[name], value, rtol=0, atol=0, msg=name)
     # The half-way weights really differ, so the equality above is not vacuous.
@@ -127,6 +185,21 @@ def test_resume_from_a_mid_run_checkpoint_is_exact(corpus_dir, tmp_path):
     for name, values in full.last_val["layers"].items():
         for key, value in values.items():
             assert torch.equal(resumed.last_val["layers"][name][key], value), (name, key)
+
+
+def test_a_checkpoint_without_its_config_is_refused_not_resumed_unchecked(corpus_dir, tmp_path):
+    """Without `hyper_parameters` the config guard has nothing to compare: refuse the checkpoint
+    rather than resume it with a changed setting (here tau)."""
+    _run(corpus_dir, tmp_path, tmp_path / "part", stop_at=3)
+    saved = torch.load(tmp_path / "part" / "ckpt" / "last.ckpt", weights_only=True)
+    del saved["hyper_parameters"]
+    stripped = tmp_path / "stripped.ckpt"
+    torch.save(saved, stripped)
+    module = tiny_module(moe={**STATEFUL_MOE, "tau": 0.5})
+    trainer = tiny_trainer(tmp_path / "resumed", max_steps=6)
+    with pytest.raises(ValueError, match=r"stripped.ckpt' lacks 'hyper_parameters' \(the model"):
+        trainer.fit(module, datamodule=tiny_datamodule(corpus_dir, tmp_path), ckpt_path=stripped)
+    assert trainer.global_step == 0
 
 
 @pytest.mark.slow
