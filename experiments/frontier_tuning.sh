@@ -3,6 +3,8 @@
 # family on held-out seed 100 at E = 8, K = 2, two trials side by side, one thread each.
 # Re-running skips the trials already recorded.
 #   bash experiments/frontier_tuning.sh
+# The decision spec's equal tuning (configs/frontier_decide.yaml: 6 trials per family) is not
+# this script but `python train.py frontier --spec configs/frontier_decide.yaml --stage tune`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -41,8 +42,23 @@ def load_trials(results: Path = RESULTS) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_trial(name: str, config: str, seed: int, overrides: list[str], out: Path) -> dict:
+def run_trial(
+    name: str,
+    config: str,
+    seed: int,
+    overrides: list[str],
+    out: Path,
+    threads: int | None = None,
+) -> dict:
     """Runs one ``train.py fit`` and returns its trial record.
+
+    Args:
+        name: The trial's name (its run folder under ``out``).
+        config: Its config file.
+        seed: Its seed (``seed_everything``: initialisation and training order).
+        overrides: Further ``train.py fit`` arguments.
+        out: Where the trial's run folder goes.
+        threads: CPU threads (``OMP_NUM_THREADS``); None leaves the environment's.
 
     Raises:
         RuntimeError: If the run fails or writes no finished summary.
@@ -58,8 +74,9 @@ def run_trial(name: str, config: str, seed: int, overrides: list[str], out: Path
         *overrides,
     ]  # fmt: skip
     start = time.perf_counter()
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with (run_dir / "train.log").open("w") as log:
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     wall_s = time.perf_counter() - start
     summary = find_summary(run_dir)
     if code != 0 or summary is None:
@@ -83,17 +100,25 @@ def run_trial(name: str, config: str, seed: int, overrides: list[str], out: Path
         "tokens_per_s": summary["tokens_per_s"],
         "wall_s": wall_s,
         "val_curve": [[p["step"], p["loss"]] for p in summary["val_curve"]],
+        "train_curve": [[p["step"], p["loss"]] for p in summary.get("train_curve") or []],
     }
 
 
+def _group(trial: dict) -> str:
+    return trial.get("family") or trial["gate"]
+
+
 def table(trials: list[dict], header: str) -> str:
-    """Markdown: one row per trial, grouped by gate, best validation loss marked per gate."""
+    """Markdown: one row per trial, grouped by family (a record's ``family``, else its gate),
+    best validation loss marked per group; a diverged trial (``diverged`` set) is marked and
+    never the best."""
     lines = [header, ""]
-    for gate in dict.fromkeys(t["gate"] for t in trials):
-        rows = [t for t in trials if t["gate"] == gate]
-        best = min(rows, key=lambda t: t["val_loss"])
+    for name in dict.fromkeys(_group(t) for t in trials):
+        rows = [t for t in trials if _group(t) == name]
+        valid = [t for t in rows if not t.get("diverged") and t["val_loss"] is not None]
+        best = min(valid, key=lambda t: t["val_loss"]) if valid else None
         lines += [
-            f"## {gate}",
+            f"## {name}",
             "",
             "| # | trial | seed | overrides (on top of the config) | val loss | "
             "MaxVio val (worst layer) | MaxVio per layer | dead | active/token | wall s |",
@@ -101,10 +126,18 @@ def table(trials: list[dict], header: str) -> str:
         ]
         for i, t in enumerate(rows, 1):
             mark = " **(best loss)**" if t is best else ""
-            overrides = " ".join(t["overrides"]) or "-"
+            overrides = " ".join(t.get("tuned") or t["overrides"]) or "-"
             overrides = overrides.replace("--model.model.moe.", "moe.").replace(
                 "--model.optim.", "optim."
             )
+            if t.get("diverged"):
+                mark = f" **(diverged: {t['diverged']})**"
+            if t["val_loss"] is None:  # stopped on a non-finite loss: no summary
+                lines.append(
+                    f"| {i} | {t['name']}{mark} | {t['seed']} | `{overrides}` | n/a | n/a | n/a "
+                    f"| n/a | n/a | {t['wall_s']:.0f} |"
+                )
+                continue
             lines.append(
                 f"| {i} | {t['name']}{mark} | {t['seed']} | `{overrides}` | "
                 f"{t['val_loss']:.4f} | {t['max_vio_worst']:.3f} | "
