@@ -40,10 +40,9 @@ Checkpoints: the router state is in the model's ``state_dict`` (persistent buffe
 ``<layer>.moe.router.moe_router.*``; the weight stays ``<layer>.moe.router.gate.weight``), so
 torchtitan's DCP checkpointing saves and restores it. The per-step accumulators (loads since the
 last step) are not persistent: a checkpoint taken between a forward and its step loses that
-step's loads, as torchtitan's own ``tokens_per_expert_E`` does. ``balanced_soft_topk``'s warm
-start (``balance.warm_mu_E``) is each rank's own latest solution: DCP keeps one rank's copy, so
-after a resume the other ranks' first solve starts from it (the bias, the budget and the
-evaluation thresholds are the same on every rank and restore exactly). torchtitan's HF state-dict
+step's loads, as torchtitan's own ``tokens_per_expert_E`` does. Every persistent buffer is the
+same on every rank after a step (``balanced_soft_topk``'s warm start is averaged over the ranks
+then), so DCP's one copy restores every rank exactly. torchtitan's HF state-dict
 adapters map ``moe.expert_bias_E`` (DeepSeek's ``e_score_correction_bias``); a patched model
 keeps its bias under ``moe.router.moe_router.expert_bias.bias_E`` instead, which those adapters
 do not know.
