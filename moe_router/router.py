@@ -254,6 +254,12 @@ class Router(nn.Module):
                 1.0 - config.jitter_eps, 1.0 + config.jitter_eps
             )
             gate_logits_TE = F.linear(x_TD * noise_TD, weight_ED)
+        # A token with a NaN or inf in its hidden state gets NaN logits: its own routing is NaN
+        # (visible, as every gate gives it), and it can neither fail the batch's solve (a row
+        # of -inf has no top-K) nor reach another token.
+        finite_T1 = logits_TE.isfinite().all(-1, keepdim=True)
+        logits_TE = torch.where(finite_T1, logits_TE, math.nan)
+        gate_logits_TE = torch.where(finite_T1, gate_logits_TE, math.nan)
         gate_logits_TE = self.group_mask(gate_logits_TE)
         tau, budget = self.tau, self.soft_budget
         mu_E = None
