@@ -68,6 +68,7 @@ __all__ = [
     "balance_thresholds",
     "group_limit",
     "run_gate",
+    "top2_group_limit",
     "select_experts",
 ]
 
@@ -116,6 +117,19 @@ def group_limit(logits_TE: Tensor, config: RouterConfig) -> Tensor:
     group_scores_TG = logits_TGX.detach().amax(-1)
     keep_groups_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
     keep_groups_TG.scatter_(-1, group_scores_TG.topk(config.topk_groups, -1).indices, True)
+    masked_TGX = logits_TGX.masked_fill(~keep_groups_TG.unsqueeze(-1), float("-inf"))
+    return masked_TGX.flatten(-2)  # (T, E)
+
+
+def top2_group_limit(logits_TE: Tensor, scores_TE: Tensor, config: RouterConfig) -> Tensor:
+    """DeepSeek-V3's node-limited routing: ``-inf`` on the logits of every expert outside the
+    token's ``topk_groups`` best groups, a group scored by the sum of its two largest
+    selection scores (``scores_TE``: e.g. the biased sigmoid scores; no gradient)."""
+    scores_TGX = scores_TE.detach().unflatten(-1, (config.num_groups, -1))  # X = E // G
+    group_scores_TG = scores_TGX.topk(2, dim=-1).values.sum(-1)
+    keep_groups_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
+    keep_groups_TG.scatter_(-1, group_scores_TG.topk(config.topk_groups, -1).indices, True)
+    logits_TGX = logits_TE.unflatten(-1, (config.num_groups, -1))
     masked_TGX = logits_TGX.masked_fill(~keep_groups_TG.unsqueeze(-1), float("-inf"))
     return masked_TGX.flatten(-2)  # (T, E)
 

@@ -98,9 +98,12 @@ class Router(nn.Module):
             window = config.balance_window is not None
             self.balance = WindowThresholds(config) if window else RunningThresholds(config)
         self.last_routing: Routing | None = None
-        self.step_watch = StepWatch(self._stateful_names)
+        # Compiled training forwards count here (no host read in the hot path; step_watch.py).
+        # A tensor of the router's own, which also keeps HF's loading initialising it.
+        self.register_buffer("compiled_forwards", torch.zeros((), dtype=torch.long), False)
+        self._step_watch = StepWatch(self)
         if self.states():
-            self.step_watch.watch()
+            self._step_watch.watch()
         self._register_load_state_dict_pre_hook(upgrade_flat_state_dict, with_module=True)
         self.reset_parameters()
 
@@ -117,8 +120,15 @@ class Router(nn.Module):
                 self.log_tau.fill_(math.log(self.config.tau))
 
     def __getstate__(self) -> dict[str, Any]:
-        # The latest record holds an autograd graph, which deepcopy and pickle cannot take.
-        return {**self.__dict__, "last_routing": None}
+        # The latest record holds an autograd graph, which deepcopy and pickle cannot take;
+        # the watch refers to this router, so a copy gets its own.
+        return {**self.__dict__, "last_routing": None, "_step_watch": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._step_watch = StepWatch(self)
+        if self.states():
+            self._step_watch.watch()
 
     # ------------------------------------------------------------------------ per-step state
 
@@ -137,7 +147,7 @@ class Router(nn.Module):
     def add_default_outputs(self, state: DefaultOutputs) -> None:
         """Take the layer's Default MoE outputs as one more component (stepped with the rest)."""
         self.default_outputs = state
-        self.step_watch.watch()
+        self._step_watch.watch()
 
     @property
     def tau(self) -> float | Tensor:
@@ -185,7 +195,7 @@ class Router(nn.Module):
         """
         for state in self.states():
             state.step()
-        self.step_watch.stepped()
+        self._step_watch.stepped(self)
 
     def step_schedule(self) -> None:
         """Advance the temperature schedule alone by one step (no-op unless ``anneal``).
@@ -201,7 +211,8 @@ class Router(nn.Module):
         if self.expert_bias is not None:
             self.expert_bias.update(tokens_per_expert_E)
 
-    def _stateful_names(self) -> tuple[str, str]:
+    def stateful_names(self) -> tuple[str, str]:
+        """The router and its components that need stepping, as the warning names them."""
         names = ", ".join(type(state).__name__ for state in self.states() if state.needs_step)
         return f"Router (gate={self.config.gate!r})", names
 
@@ -297,7 +308,7 @@ class Router(nn.Module):
         if self.training and torch.is_grad_enabled():
             for state in self.states():
                 state.accumulate(routing, token_mask_T)
-            self.step_watch.training_forward()
+            self._step_watch.training_forward(self)
         return routing
 
     def extra_repr(self) -> str:

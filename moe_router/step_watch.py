@@ -5,17 +5,16 @@ training without :meth:`~moe_router.router.Router.step`:
 
 - eager training forwards are counted on the host, and the warning comes after
   :data:`UNSTEPPED_WARN_AFTER` of them;
-- forwards under ``torch.compile`` only add 1 to a buffer (host-side counting would not run
-  in the compiled graph); one global optimizer step hook reads it once, after
-  :data:`UNSTEPPED_WARN_AFTER` optimizer steps without a router step. A stepped router is never
-  read: no host sync in the hot path.
+- forwards under ``torch.compile`` only add 1 to the router's ``compiled_forwards`` buffer
+  (host-side counting would not run in the compiled graph); one global optimizer step hook
+  reads it once, after :data:`UNSTEPPED_WARN_AFTER` optimizer steps without a router step. A
+  stepped router is never read: no host sync in the hot path.
 """
 
 from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -27,18 +26,16 @@ __all__ = ["UNSTEPPED_WARN_AFTER", "StepWatch"]
 UNSTEPPED_WARN_AFTER = 64
 
 
-class StepWatch(nn.Module):
+class StepWatch:
     """Counts one router's training since its last step (see the module docstring).
 
     Args:
-        describe: Called when warning: the router's gate and the components that do not
-            advance, e.g. ``"Router (gate='topk') ... its ExpertBias"``.
+        router: The router; it owns the ``compiled_forwards`` buffer and names its
+            components for the warning (``stateful_names()``). Held by a weak reference.
     """
 
-    def __init__(self, describe: Callable[[], tuple[str, str]]) -> None:
-        super().__init__()
-        self._describe = describe
-        self.register_buffer("compiled_forwards", torch.zeros((), dtype=torch.long), False)
+    def __init__(self, router: nn.Module) -> None:
+        self._router = weakref.ref(router)
         self.forwards = 0
         self.optimizer_steps = 0
         self.warned = False
@@ -51,29 +48,30 @@ class StepWatch(nn.Module):
         if not _HOOK:
             _HOOK.append(register_optimizer_step_post_hook(_after_any_optimizer_step))
 
-    def training_forward(self) -> None:
-        """One training forward of the router."""
-        if not self.watching or self.warned:
-            return
+    def training_forward(self, router: nn.Module) -> None:
+        """One training forward of ``router``."""
         if torch.compiler.is_compiling():
-            self.compiled_forwards += 1
+            router.compiled_forwards += 1  # (a stateless router's count is never read)
+            return
+        if not self.watching or self.warned:
             return
         self.forwards += 1
         if self.forwards >= UNSTEPPED_WARN_AFTER:
             self.warn(f"ran {self.forwards} training forwards")
 
-    def stepped(self) -> None:
-        """The router was stepped."""
+    def stepped(self, router: nn.Module) -> None:
+        """``router`` was stepped."""
         self.forwards = self.optimizer_steps = 0
-        self.compiled_forwards.zero_()
+        router.compiled_forwards.zero_()
 
     def warn(self, what: str) -> None:
-        if self.warned:
+        router = self._router()
+        if self.warned or router is None:
             return
         self.warned = True
-        router, names = self._describe()
+        name, components = router.stateful_names()
         warnings.warn(
-            f"{router} {what} without a step: its {names} do not advance. Call "
+            f"{name} {what} without a step: its {components} do not advance. Call "
             "moe_router.step_routers(model) after each optimizer step, or once "
             "moe_router.register_optimizer_hooks(optimizer, model).",
             stacklevel=5,
@@ -86,12 +84,13 @@ _HOOK: list = []
 
 def _after_any_optimizer_step(*_args: object) -> None:
     for watch in list(_WATCHED):
-        if watch.warned or not watch.training:
+        router = watch._router()
+        if router is None or watch.warned or not router.training:
             continue
         watch.optimizer_steps += 1
         # One host read per router, only after this many optimizer steps without its step.
         if watch.optimizer_steps == UNSTEPPED_WARN_AFTER:
-            compiled = int(watch.compiled_forwards)
+            compiled = int(router.compiled_forwards)
             if compiled > 0:
                 watch.warn(
                     f"ran {compiled} compiled training forwards over "

@@ -70,6 +70,7 @@ from torchtitan.models.common.moe import MoE, TokenChoiceTopKRouter
 from torchtitan.protocols.model_spec import ModelSpec
 
 from moe_router.config import GATE_SPECS, ROUTER_OPTION_DEFAULTS, RouterConfig, option_is_read
+from moe_router.gates import top2_group_limit
 from moe_router.router import Router
 from moe_router.routing import Routing
 from moe_router.stepping import step_routers
@@ -180,13 +181,7 @@ class TitanRouter(Router):
             scores_TE = scores_TE.softmax(-1)
         if self.expert_bias is not None:
             scores_TE = scores_TE + self.expert_bias.bias_E
-        scores_TGX = scores_TE.unflatten(-1, (config.num_groups, -1))
-        group_scores_TG = scores_TGX.topk(2, dim=-1).values.sum(-1)
-        keep_groups_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
-        keep_groups_TG.scatter_(-1, group_scores_TG.topk(config.topk_groups, -1).indices, True)
-        logits_TGX = logits_TE.unflatten(-1, (config.num_groups, -1))
-        masked_TGX = logits_TGX.masked_fill(~keep_groups_TG.unsqueeze(-1), float("-inf"))
-        return masked_TGX.flatten(-2)  # (T, E)
+        return top2_group_limit(logits_TE, scores_TE, config)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, titan_score_func={self.titan_score_func!r}"

@@ -62,6 +62,7 @@ from transformers import initialization as hf_init
 from transformers.utils import cached_file
 
 from moe_router.config import GATE_SPECS, ROUTER_OPTION_DEFAULTS, option_is_read
+from moe_router.gates import top2_group_limit
 from moe_router.metrics import LoadBalanceMetrics
 from moe_router.report import LoadBalanceReport, load_balance_table, write_load_balance_report
 from moe_router.router import Router
@@ -251,13 +252,7 @@ class DeepseekV3GroupRouter(Router):
         scores_TE = logits_TE.detach().sigmoid()
         if self.expert_bias is not None:
             scores_TE = scores_TE + self.expert_bias.bias_E
-        scores_TGX = scores_TE.unflatten(-1, (config.num_groups, -1))
-        group_scores_TG = scores_TGX.topk(2, dim=-1).values.sum(-1)
-        keep_groups_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
-        keep_groups_TG.scatter_(-1, group_scores_TG.topk(config.topk_groups, -1).indices, True)
-        logits_TGX = logits_TE.unflatten(-1, (config.num_groups, -1))
-        masked_TGX = logits_TGX.masked_fill(~keep_groups_TG.unsqueeze(-1), float("-inf"))
-        return masked_TGX.flatten(-2)  # (T, E)
+        return top2_group_limit(logits_TE, scores_TE, config)
 
 
 def _drop_router_keys(
