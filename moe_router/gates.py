@@ -67,6 +67,7 @@ __all__ = [
     "annealed_tau",
     "balance_thresholds",
     "group_limit",
+    "hashed_uniform",
     "run_gate",
     "top2_group_limit",
     "select_experts",
@@ -119,6 +120,36 @@ def group_limit(logits_TE: Tensor, config: RouterConfig) -> Tensor:
     keep_groups_TG.scatter_(-1, group_scores_TG.topk(config.topk_groups, -1).indices, True)
     masked_TGX = logits_TGX.masked_fill(~keep_groups_TG.unsqueeze(-1), float("-inf"))
     return masked_TGX.flatten(-2)  # (T, E)
+
+
+def _signed(constant: int) -> int:
+    return constant - (1 << 64) if constant >= 1 << 63 else constant
+
+
+_MIX = [_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)]
+
+
+def hashed_uniform(shape: tuple[int, ...], counter: Tensor) -> Tensor:
+    """Uniform [0, 1) fp32 noise from a splitmix64 hash of (``counter``, position).
+
+    Stateless: the same counter gives the same noise, so a checkpointed counter resumes the
+    same draws (torch's global generator is not in a checkpoint), in pure tensor ops on the
+    counter's device (no host sync; traceable by ``torch.compile``).
+
+    Args:
+        shape: The noise's shape.
+        counter: An int64 scalar tensor (e.g. the router's training-forward count).
+    """
+
+    def logical_shift(z: Tensor, bits: int) -> Tensor:  # >> on int64 is arithmetic
+        return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+    num = math.prod(shape)
+    z = torch.arange(num, device=counter.device, dtype=torch.int64) + counter * num + _MIX[0]
+    z = (z ^ logical_shift(z, 30)) * _MIX[1]
+    z = (z ^ logical_shift(z, 27)) * _MIX[2]
+    z = z ^ logical_shift(z, 31)
+    return (logical_shift(z, 40).float() / (1 << 24)).view(shape)
 
 
 def top2_group_limit(logits_TE: Tensor, scores_TE: Tensor, config: RouterConfig) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from moe_router.balancing import ExpertBias, relu_l1_loss, router_aux_losses
 from moe_router.config import GATES, SOFT_GATES, RouterConfig, config_from_arguments
-from moe_router.gates import group_limit, run_gate, select_experts
+from moe_router.gates import group_limit, hashed_uniform, run_gate, select_experts
 from moe_router.routing import Routing
 from moe_router.state import (
     AnnealedTau,
@@ -98,6 +98,8 @@ class Router(nn.Module):
             window = config.balance_window is not None
             self.balance = WindowThresholds(config) if window else RunningThresholds(config)
         self.last_routing: Routing | None = None
+        if config.jitter_eps > 0:
+            self.register_buffer("jitter_step", torch.zeros((), dtype=torch.long))
         # Compiled training forwards count here (no host read in the hot path; step_watch.py).
         # A tensor of the router's own, which also keeps HF's loading initialising it.
         self.register_buffer("compiled_forwards", torch.zeros((), dtype=torch.long), False)
@@ -261,10 +263,12 @@ class Router(nn.Module):
         gate_logits_TE = logits_TE
         if self.training and config.jitter_eps > 0:
             # The gate sees the jittered input; the record (and the z-loss) keeps clean logits.
-            noise_TD = torch.empty_like(x_TD).uniform_(
-                1.0 - config.jitter_eps, 1.0 + config.jitter_eps
-            )
+            # Drawn from the checkpointed forward count, so a resumed run draws the same noise.
+            uniform_TD = hashed_uniform(tuple(x_TD.shape), self.jitter_step).to(x_TD.device)
+            noise_TD = 1.0 + config.jitter_eps * (2.0 * uniform_TD - 1.0)
             gate_logits_TE = F.linear(x_TD * noise_TD, weight_ED)
+            if torch.is_grad_enabled():
+                self.jitter_step += 1
         # A token with a NaN or inf in its hidden state gets NaN logits: its own routing is NaN
         # (visible, as every gate gives it), and it can neither fail the batch's solve (a row
         # of -inf has no top-K) nor reach another token.

@@ -417,7 +417,10 @@ def upgrade_flat_state_dict(router: nn.Module, state_dict: dict, prefix: str, *a
             value = state_dict.pop(prefix + old)
             if getattr(router, new.split(".")[0]) is not None:  # else the state was unused
                 state_dict[prefix + new] = value
-    # The warm start became part of the checkpoint; an older one resumes from its default.
+    # The jitter's draw counter and the warm start became part of the checkpoint; an older one
+    # resumes from their defaults.
+    if getattr(router, "jitter_step", None) is not None:
+        state_dict.setdefault(prefix + "jitter_step", router.jitter_step.clone())
     balance = getattr(router, "balance", None)
     if balance is not None and prefix + "balance.mu_E" in state_dict:
         state_dict.setdefault(prefix + "balance.warm_mu_E", balance.warm_mu_E.clone())

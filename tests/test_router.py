@@ -496,3 +496,21 @@ def test_integer_hidden_states_and_a_dict_config_are_clear_errors():
         router(torch.randint(0, 5, (4, 16)))
     with pytest.raises(ValueError, match="config must be a RouterConfig, got dict"):
         run_gate(torch.randn(4, 8), {"k": 2})
+
+
+def test_jitter_noise_is_uniform_in_its_band_and_resumes_from_its_counter():
+    from moe_router.gates import hashed_uniform
+
+    u = hashed_uniform((4096, 64), torch.tensor(3))
+    assert u.min() >= 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.std().item() - 12**-0.5) < 0.01
+    assert torch.equal(u, hashed_uniform((4096, 64), torch.tensor(3)))
+    assert not torch.equal(u, hashed_uniform((4096, 64), torch.tensor(4)))
+    router = Router(16, 8, 2, jitter_eps=0.1, init_std=1.0)
+    x = torch.randn(10, 16)
+    router(x)
+    copy_state = {key: value.clone() for key, value in router.state_dict().items()}
+    expected = router(x).scores_TE
+    resumed = Router(16, 8, 2, jitter_eps=0.1, init_std=1.0)
+    resumed.load_state_dict(copy_state)
+    torch.testing.assert_close(resumed(x).scores_TE, expected, rtol=0, atol=0)

@@ -150,6 +150,8 @@ RESUME_CASES = {
     ),
     "relu_l1": ("relu", {}, ("l1_coef",)),
     "default_moe": ("topk", {"default_moe_beta": 0.9}, ("default_ED",)),
+    # the input jitter draws from the router's checkpointed counter, not torch's generator
+    "jitter": ("topk", {"jitter_eps": 0.1, "expert_bias": True}, ("jitter_step",)),
 }
 
 
