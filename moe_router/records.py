@@ -16,13 +16,15 @@ pickled.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 
 from moe_router.router import Router
 from moe_router.routing import Routing
 
-__all__ = ["aux_loss", "routings"]
+__all__ = ["aux_loss", "routings", "sum_aux_losses"]
 
 
 def routings(model: nn.Module) -> dict[str, Routing]:
@@ -70,7 +72,20 @@ def aux_loss(model: nn.Module) -> Tensor:
     Raises:
         ValueError: If ``model`` holds no router or no router has run yet.
     """
-    records = list(routings(model).values())
+    return sum_aux_losses(routings(model).values(), model)
+
+
+def sum_aux_losses(records: Iterable[Routing], model: nn.Module) -> Tensor:
+    """The sum of the records' scaled aux losses (on the first record's device).
+
+    Args:
+        records: Routing records (one per layer).
+        model: The model they come from (for the error).
+
+    Raises:
+        ValueError: If there is no record.
+    """
+    records = list(records)
     if not records:
         raise ValueError(
             f"no routing recorded yet in model={type(model).__name__}: run a forward first"

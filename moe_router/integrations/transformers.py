@@ -64,6 +64,7 @@ from transformers.utils import cached_file
 from moe_router.config import GATE_SPECS, ROUTER_OPTION_DEFAULTS, option_is_read
 from moe_router.gates import top2_group_limit
 from moe_router.metrics import LoadBalanceMetrics
+from moe_router.records import sum_aux_losses
 from moe_router.report import LoadBalanceReport, load_balance_table, write_load_balance_report
 from moe_router.router import Router
 from moe_router.routing import Routing
@@ -763,11 +764,7 @@ def router_aux_loss(model: nn.Module) -> Tensor:
     Raises:
         ValueError: If the model has no ``moe_router`` router or no layer has routed yet.
     """
-    records = list(routings(model).values())
-    if not records:
-        raise ValueError("no routing recorded yet: run a forward of the patched model first")
-    device = records[0].logits_TE.device
-    return torch.stack([record.aux_loss.to(device) for record in records]).sum()
+    return sum_aux_losses(routings(model).values(), model)
 
 
 # ---------------------------------------------------------------------------------------------
