@@ -188,6 +188,7 @@ def router_aux_losses(
     expert_ids_TK: Tensor,
     valid_TK: Tensor,
     token_mask_T: Tensor | None,
+    relu_l1_coef: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The auxiliary losses a router's config enables, already scaled by their coefficients.
 
@@ -201,9 +202,12 @@ def router_aux_losses(
         expert_ids_TK: Selected experts.
         valid_TK: Which slots carry an assignment.
         token_mask_T: True for real tokens; all real when None.
+        relu_l1_coef: The ``relu`` gate's current L1 coefficient (its sparsity controller's);
+            None for the other gates.
 
     Returns:
-        ``{"load_balance": ..., "seq_load_balance": ..., "z_loss": ...}``, the enabled ones.
+        ``{"load_balance": ..., "seq_load_balance": ..., "z_loss": ..., "relu_l1": ...}``,
+        the enabled ones.
     """
     losses: dict[str, Tensor] = {}
     if config.aux_loss_coef > 0 or config.seq_aux_loss_coef > 0:
@@ -226,6 +230,9 @@ def router_aux_losses(
         )
     if config.z_loss_coef > 0:
         losses["z_loss"] = config.z_loss_coef * router_z_loss(logits_TE, token_mask_T)
+    if relu_l1_coef is not None:
+        l1_loss = relu_l1_loss(scores_TE, config.k, token_mask_T)
+        losses["relu_l1"] = relu_l1_coef * l1_loss
     return losses
 
 

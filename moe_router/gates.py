@@ -54,6 +54,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moe_router.config import RouterConfig
@@ -68,6 +69,8 @@ __all__ = [
     "balance_thresholds",
     "group_limit",
     "hashed_uniform",
+    "input_jitter",
+    "router_logits",
     "run_gate",
     "top2_group_limit",
     "select_experts",
@@ -93,6 +96,15 @@ class Selection(NamedTuple):
     valid_TK: Tensor
     overflow_T: Tensor | None = None
     overflow_mass_T: Tensor | None = None
+
+    def without_padding(self, padding_mask_T: Tensor) -> Selection:
+        """This selection with no slot, weight or overflow on the padding tokens (True)."""
+        valid_TK = self.valid_TK & ~padding_mask_T.unsqueeze(-1)
+        overflow = [self.overflow_T, self.overflow_mass_T]
+        if self.overflow_T is not None:
+            overflow = [torch.where(padding_mask_T, 0.0, count_T) for count_T in overflow]
+        weights_TK = torch.where(valid_TK, self.weights_TK, 0.0)
+        return Selection(self.expert_ids_TK, weights_TK, self.scores_TE, valid_TK, *overflow)
 
 
 def annealed_tau(config: RouterConfig, step: Tensor) -> Tensor:
@@ -150,6 +162,37 @@ def hashed_uniform(shape: tuple[int, ...], counter: Tensor) -> Tensor:
     z = (z ^ logical_shift(z, 27)) * _MIX[2]
     z = z ^ logical_shift(z, 31)
     return (logical_shift(z, 40).float() / (1 << 24)).view(shape)
+
+
+def input_jitter(x_TD: Tensor, eps: float, counter: Tensor) -> Tensor:
+    """Switch's multiplicative input jitter: ``x * u`` with ``u ~ U[1 - eps, 1 + eps]`` drawn
+    by :func:`hashed_uniform` from ``counter`` (the same counter, the same noise)."""
+    uniform_TD = hashed_uniform(tuple(x_TD.shape), counter).to(x_TD.device)
+    return x_TD * (1.0 + eps * (2.0 * uniform_TD - 1.0))
+
+
+def router_logits(
+    x_TD: Tensor, weight_ED: Tensor, jitter_eps: float = 0.0, jitter_counter: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """fp32 router logits, clean and as the gate sees them.
+
+    The gate's logits come from the :func:`input_jitter`-ed input when ``jitter_eps > 0``
+    (drawn from ``jitter_counter``); the clean ones are for the record and the z-loss. A token
+    with a NaN or inf in its hidden state gets NaN logits in both: its own routing is NaN
+    (visible, as every gate gives it), and it can neither fail the batch's solve (a row of
+    ``-inf`` has no top-K) nor reach another token.
+
+    Returns:
+        ``(logits_TE, gate_logits_TE)``; the same tensor twice without jitter.
+    """
+    weight_ED = weight_ED.float()
+    logits_TE = F.linear(x_TD, weight_ED)
+    finite_T1 = logits_TE.isfinite().all(-1, keepdim=True)
+    logits_TE = torch.where(finite_T1, logits_TE, math.nan)
+    if jitter_eps == 0:
+        return logits_TE, logits_TE
+    gate_logits_TE = F.linear(input_jitter(x_TD, jitter_eps, jitter_counter), weight_ED)
+    return logits_TE, torch.where(finite_T1, gate_logits_TE, math.nan)
 
 
 def top2_group_limit(logits_TE: Tensor, scores_TE: Tensor, config: RouterConfig) -> Tensor:

@@ -20,12 +20,11 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_router.balancing import ExpertBias, relu_l1_loss, router_aux_losses
+from moe_router.balancing import ExpertBias, router_aux_losses
 from moe_router.config import GATES, SOFT_GATES, RouterConfig, config_from_arguments
-from moe_router.gates import group_limit, hashed_uniform, run_gate, select_experts
+from moe_router.gates import group_limit, router_logits, run_gate, select_experts
 from moe_router.routing import Routing
 from moe_router.state import (
     AnnealedTau,
@@ -47,6 +46,24 @@ __all__ = [
     "RouterConfig",
     "select_experts",
 ]
+
+
+# The per-step state components a router may hold, in stepping order.
+_STATE_NAMES = (
+    "expert_bias", "anneal", "budget_controller", "relu_sparsity", "balance", "default_outputs"
+)  # fmt: skip
+
+
+def _component_value(component: str, name: str, doc: str) -> property:
+    """A read-only property for ``router.<component>.<name>`` (AttributeError without it)."""
+
+    def read(router: Router) -> Tensor:
+        state = getattr(router, component)
+        if state is None:
+            raise AttributeError(f"Router(gate={router.config.gate!r}) has no {component}")
+        return getattr(state, name)
+
+    return property(read, doc=doc)
 
 
 class Router(nn.Module):
@@ -77,35 +94,25 @@ class Router(nn.Module):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
-        config = config_from_arguments(RouterConfig, args, kwargs)
-        self.config = config
-        num_experts = config.num_experts
-        self.weight_ED = nn.Parameter(torch.empty(num_experts, config.d_model))
-        if config.tau_schedule == "learned":
-            self.log_tau = nn.Parameter(torch.tensor(math.log(config.tau)))
-        self.expert_bias = (
-            ExpertBias(num_experts, config.bias_update_rate) if config.expert_bias else None
-        )
-        self.anneal = AnnealedTau(config) if config.tau_schedule == "anneal" else None
-        self.budget_controller = (
-            BudgetController(config) if config.target_active is not None else None
-        )
-        self.relu_sparsity = ReLUSparsity(config) if config.gate == "relu" else None
+        self.config = c = config_from_arguments(RouterConfig, args, kwargs)
+        self.weight_ED = nn.Parameter(torch.empty(c.num_experts, c.d_model))
+        if c.tau_schedule == "learned":
+            self.log_tau = nn.Parameter(torch.tensor(math.log(c.tau)))
+        self.expert_bias = ExpertBias(c.num_experts, c.bias_update_rate) if c.expert_bias else None
+        self.anneal = AnnealedTau(c) if c.tau_schedule == "anneal" else None
+        self.budget_controller = BudgetController(c) if c.target_active is not None else None
+        self.relu_sparsity = ReLUSparsity(c) if c.gate == "relu" else None
+        thresholds = WindowThresholds if c.balance_window is not None else RunningThresholds
+        self.balance = thresholds(c) if c.gate == "balanced_soft_topk" else None
         # A layer may hand its router more per-step state (MoELayer's Default MoE outputs).
         self.default_outputs: DefaultOutputs | None = None
-        self.balance = None
-        if config.gate == "balanced_soft_topk":
-            window = config.balance_window is not None
-            self.balance = WindowThresholds(config) if window else RunningThresholds(config)
         self.last_routing: Routing | None = None
-        if config.jitter_eps > 0:
+        if c.jitter_eps > 0:
             self.register_buffer("jitter_step", torch.zeros((), dtype=torch.long))
         # Compiled training forwards count here (no host read in the hot path; step_watch.py).
         # A tensor of the router's own, which also keeps HF's loading initialising it.
         self.register_buffer("compiled_forwards", torch.zeros((), dtype=torch.long), False)
         self._step_watch = StepWatch(self)
-        if self.states():
-            self._step_watch.watch()
         self._register_load_state_dict_pre_hook(upgrade_flat_state_dict, with_module=True)
         self.reset_parameters()
 
@@ -129,21 +136,12 @@ class Router(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._step_watch = StepWatch(self)
-        if self.states():
-            self._step_watch.watch()
 
     # ------------------------------------------------------------------------ per-step state
 
     def states(self) -> list[RouterState]:
         """The per-step state components this router holds, in stepping order."""
-        found = (
-            self.expert_bias,
-            self.anneal,
-            self.budget_controller,
-            self.relu_sparsity,
-            self.balance,
-            self.default_outputs,
-        )
+        found = (getattr(self, name) for name in _STATE_NAMES)
         return [state for state in found if state is not None]
 
     def add_default_outputs(self, state: DefaultOutputs) -> None:
@@ -168,19 +166,8 @@ class Router(nn.Module):
             return float(self.config.k)
         return self.budget_controller.budget
 
-    @property
-    def budget(self) -> Tensor:
-        """``target_active``: the soft budget the controller sets (fp32 scalar)."""
-        if self.budget_controller is None:
-            raise AttributeError(f"Router(gate={self.config.gate!r}) has no target_active")
-        return self.budget_controller.budget
-
-    @property
-    def balance_mu_E(self) -> Tensor:
-        """``balanced_soft_topk``: the thresholds used outside training (fp32 ``[E]``)."""
-        if self.balance is None:
-            raise AttributeError(f"Router(gate={self.config.gate!r}) has no balanced thresholds")
-        return self.balance.mu_E
+    budget = _component_value("budget_controller", "budget", "``target_active``: the soft budget")
+    balance_mu_E = _component_value("balance", "mu_E", "``balanced_soft_topk``: eval thresholds")
 
     @property
     def schedule_step(self) -> Tensor:
@@ -200,23 +187,15 @@ class Router(nn.Module):
         self._step_watch.stepped(self)
 
     def step_schedule(self) -> None:
-        """Advance the temperature schedule alone by one step (no-op unless ``anneal``).
-
-        Prefer :meth:`step`, which advances every component.
-        """
+        """Advance the ``anneal`` schedule alone (no-op without one); prefer :meth:`step`."""
         if self.anneal is not None:
             self.anneal.step()
 
     def update_expert_bias(self, tokens_per_expert_E: Tensor) -> None:
-        """Update the expert bias from explicit loads (no-op without a bias); see
-        :meth:`ExpertBias.update`. Prefer :meth:`step`, which uses the accumulated loads."""
+        """Update the bias from explicit loads (:meth:`ExpertBias.update`; no-op without a
+        bias); prefer :meth:`step`, which uses the loads the forwards accumulated."""
         if self.expert_bias is not None:
             self.expert_bias.update(tokens_per_expert_E)
-
-    def stateful_names(self) -> tuple[str, str]:
-        """The router and its components that need stepping, as the warning names them."""
-        names = ", ".join(type(state).__name__ for state in self.states() if state.needs_step)
-        return f"Router (gate={self.config.gate!r})", names
 
     # ------------------------------------------------------------------------------- forward
 
@@ -250,65 +229,36 @@ class Router(nn.Module):
 
     def _route(self, hidden_states: Tensor, padding_mask: Tensor | None) -> Routing:
         config = self.config
-        lead_shape = _check_inputs(hidden_states, padding_mask, config.d_model)
-        x_TD = hidden_states.reshape(-1, config.d_model).float()  # (T, D)
-        padding_mask_T = token_mask_T = None
-        if padding_mask is not None:
-            padding_mask_T = padding_mask.reshape(-1)
-            token_mask_T = ~padding_mask_T
-            # Selection, not multiplication: a NaN in a padding row must not reach anything.
-            x_TD = torch.where(padding_mask_T.unsqueeze(-1), 0.0, x_TD)
-        weight_ED = self.weight_ED.float()
-        logits_TE = F.linear(x_TD, weight_ED)
-        gate_logits_TE = logits_TE
-        if self.training and config.jitter_eps > 0:
-            # The gate sees the jittered input; the record (and the z-loss) keeps clean logits.
-            # Drawn from the checkpointed forward count, so a resumed run draws the same noise.
-            uniform_TD = hashed_uniform(tuple(x_TD.shape), self.jitter_step).to(x_TD.device)
-            noise_TD = 1.0 + config.jitter_eps * (2.0 * uniform_TD - 1.0)
-            gate_logits_TE = F.linear(x_TD * noise_TD, weight_ED)
-            if torch.is_grad_enabled():
-                self.jitter_step += 1
-        # A token with a NaN or inf in its hidden state gets NaN logits: its own routing is NaN
-        # (visible, as every gate gives it), and it can neither fail the batch's solve (a row
-        # of -inf has no top-K) nor reach another token.
-        finite_T1 = logits_TE.isfinite().all(-1, keepdim=True)
-        logits_TE = torch.where(finite_T1, logits_TE, math.nan)
-        gate_logits_TE = torch.where(finite_T1, gate_logits_TE, math.nan)
+        lead_shape, x_TD, padding_mask_T = _flat_inputs(hidden_states, padding_mask, config)
+        token_mask_T = None if padding_mask_T is None else ~padding_mask_T
+        # Jitter (training only) is drawn from the checkpointed forward count: a resumed run
+        # draws the same noise.
+        jitter_eps = config.jitter_eps if self.training else 0.0
+        jitter_step = getattr(self, "jitter_step", None)
+        logits_TE, gate_logits_TE = router_logits(x_TD, self.weight_ED, jitter_eps, jitter_step)
+        if jitter_eps > 0 and torch.is_grad_enabled():
+            self.jitter_step += 1
         gate_logits_TE = self.group_mask(gate_logits_TE)
         tau, budget = self.tau, self.soft_budget
         mu_E = None
         if self.balance is not None:
-            mu_E = self.balance.mu_E
-            if self.training:
-                mu_E = self.balance.batch_mu(gate_logits_TE, token_mask_T, tau, budget)
+            mu_E = self.balance.thresholds(gate_logits_TE, token_mask_T, tau, budget)
         bias_E = None if self.expert_bias is None else self.expert_bias.bias_E
         selection = run_gate(gate_logits_TE, config, tau, bias_E, k=budget, mu_E=mu_E)
-        expert_ids_TK, weights_TK, scores_TE, valid_TK = selection[:4]
-        overflow_T, overflow_mass_T = selection.overflow_T, selection.overflow_mass_T
         if padding_mask_T is not None:
-            valid_TK = valid_TK & token_mask_T.unsqueeze(-1)
-            weights_TK = torch.where(valid_TK, weights_TK, 0.0)
-            if overflow_T is not None:
-                overflow_T = torch.where(padding_mask_T, 0.0, overflow_T)
-                overflow_mass_T = torch.where(padding_mask_T, 0.0, overflow_mass_T)
+            selection = selection.without_padding(padding_mask_T)
+        l1_coef = None if self.relu_sparsity is None else self.relu_sparsity.l1_coef
+        ids_TK, weights_TK, scores_TE, valid_TK, overflow_T, overflow_mass_T = selection
         aux_losses = router_aux_losses(
-            config, lead_shape, logits_TE, scores_TE, expert_ids_TK, valid_TK, token_mask_T
+            config, lead_shape, logits_TE, scores_TE, ids_TK, valid_TK, token_mask_T, l1_coef
         )
-        if self.relu_sparsity is not None:
-            l1_TE = relu_l1_loss(scores_TE, config.k, token_mask_T)
-            aux_losses["relu_l1"] = self.relu_sparsity.l1_coef * l1_TE
         routing = Routing(
-            expert_ids_TK=expert_ids_TK,
-            weights_TK=weights_TK,
-            scores_TE=scores_TE,
-            logits_TE=logits_TE,
-            aux_losses=aux_losses,
+            ids_TK, weights_TK, scores_TE, logits_TE, aux_losses,
             valid_TK=valid_TK,  # the record counts tokens_per_expert_E from the valid slots
             padding_mask_T=padding_mask_T,
             overflow_T=overflow_T,
             overflow_mass_T=overflow_mass_T,
-        )
+        )  # fmt: skip
         if self.training and torch.is_grad_enabled():
             for state in self.states():
                 state.accumulate(routing, token_mask_T)
@@ -329,8 +279,12 @@ class Router(nn.Module):
         return ", ".join(parts)
 
 
-def _check_inputs(hidden_states: Tensor, padding_mask: Tensor | None, d_model: int) -> tuple:
-    """The leading shape of ``hidden_states``, after checking it and the padding mask."""
+def _flat_inputs(
+    hidden_states: Tensor, padding_mask: Tensor | None, config: RouterConfig
+) -> tuple[tuple[int, ...], Tensor, Tensor | None]:
+    """Check the router's inputs; return the leading shape, fp32 ``x_TD`` (zero on padding
+    tokens: a NaN there must reach nothing) and the flat ``padding_mask_T``."""
+    d_model = config.d_model
     if not isinstance(hidden_states, Tensor) or not hidden_states.is_floating_point():
         got = getattr(hidden_states, "dtype", type(hidden_states).__name__)
         raise ValueError(f"hidden_states must be a float tensor [..., D], got {got}")
@@ -347,4 +301,9 @@ def _check_inputs(hidden_states: Tensor, padding_mask: Tensor | None, d_model: i
             raise ValueError(
                 f"padding_mask must have shape {lead_shape}, got {tuple(padding_mask.shape)}"
             )
-    return lead_shape
+    x_TD = hidden_states.reshape(-1, d_model).float()  # (T, D)
+    if padding_mask is None:
+        return lead_shape, x_TD, None
+    padding_mask_T = padding_mask.reshape(-1)
+    # Selection, not multiplication: a NaN in a padding row must not reach anything.
+    return lead_shape, torch.where(padding_mask_T.unsqueeze(-1), 0.0, x_TD), padding_mask_T

@@ -287,6 +287,15 @@ class BalancedThresholds(RouterState):
         self.register_buffer("mu_E", torch.zeros(num_experts, dtype=torch.float32))
         self.register_buffer("warm_mu_E", torch.zeros(num_experts, dtype=torch.float32))
 
+    def thresholds(
+        self, gate_logits_TE: Tensor, token_mask_T: Tensor | None, tau: float | Tensor, k
+    ) -> Tensor:
+        """The gate's thresholds for this forward: :meth:`batch_mu` in training, else
+        :attr:`mu_E`."""
+        if not self.training:
+            return self.mu_E
+        return self.batch_mu(gate_logits_TE, token_mask_T, tau, k)
+
     def batch_mu(
         self, gate_logits_TE: Tensor, token_mask_T: Tensor | None, tau: float | Tensor, k
     ) -> Tensor:

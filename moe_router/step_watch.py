@@ -30,8 +30,9 @@ class StepWatch:
     """Counts one router's training since its last step (see the module docstring).
 
     Args:
-        router: The router; it owns the ``compiled_forwards`` buffer and names its
-            components for the warning (``stateful_names()``). Held by a weak reference.
+        router: The router; it owns the ``compiled_forwards`` buffer, and the warning names
+            its components that need a step (``states()``). Held by a weak reference. The
+            watch starts at once when the router already holds state.
     """
 
     def __init__(self, router: nn.Module) -> None:
@@ -40,6 +41,8 @@ class StepWatch:
         self.optimizer_steps = 0
         self.warned = False
         self.watching = False
+        if router.states():
+            self.watch()
 
     def watch(self) -> None:
         """Start watching (the router holds state that needs a step)."""
@@ -69,9 +72,10 @@ class StepWatch:
         if self.warned or router is None:
             return
         self.warned = True
-        name, components = router.stateful_names()
+        components = ", ".join(type(s).__name__ for s in router.states() if s.needs_step)
         warnings.warn(
-            f"{name} {what} without a step: its {components} do not advance. Call "
+            f"Router (gate={router.config.gate!r}) {what} without a step: its {components} "
+            "do not advance. Call "
             "moe_router.step_routers(model) after each optimizer step, or once "
             "moe_router.register_optimizer_hooks(optimizer, model).",
             stacklevel=5,

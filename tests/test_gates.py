@@ -484,3 +484,37 @@ def test_balanced_gates_route_an_empty_batch(method, target):
     assert routing.tokens_per_expert_E.sum() == 0
     router.step()
     assert router.balance_mu_E.isfinite().all()
+
+
+def test_selection_without_padding_clears_exactly_the_padding_rows():
+    torch.manual_seed(0)
+    config = RouterConfig(8, 8, 2, gate="sparse_soft_topk", max_active=4)
+    selection = run_gate(torch.randn(6, 8), config)
+    padding_T = torch.tensor([False, True, False, False, True, False])
+    cleared = selection.without_padding(padding_T)
+    assert not cleared.valid_TK[padding_T].any() and (cleared.weights_TK[padding_T] == 0).all()
+    assert (cleared.overflow_T[padding_T] == 0).all()
+    assert (cleared.overflow_mass_T[padding_T] == 0).all()
+    real_T = ~padding_T
+    for name in ("expert_ids_TK", "weights_TK", "scores_TE", "valid_TK", "overflow_T"):
+        assert torch.equal(getattr(cleared, name)[real_T], getattr(selection, name)[real_T])
+
+
+def test_router_logits_jitter_only_the_gate_and_nan_a_non_finite_token():
+    from moe_router.gates import input_jitter, router_logits
+
+    torch.manual_seed(0)
+    x_TD, weight_ED = torch.randn(5, 8), torch.randn(4, 8)
+    x_TD[2, 3] = float("inf")
+    clean_TE, same_TE = router_logits(x_TD, weight_ED)
+    assert same_TE is clean_TE
+    assert clean_TE[2].isnan().all() and clean_TE[[0, 1, 3, 4]].isfinite().all()
+    torch.testing.assert_close(clean_TE[0], weight_ED @ x_TD[0])
+    counter = torch.tensor(7)
+    logits_TE, gate_TE = router_logits(x_TD, weight_ED, 0.1, counter)
+    torch.testing.assert_close(logits_TE, clean_TE, equal_nan=True)
+    jittered_TD = input_jitter(x_TD, 0.1, counter)
+    torch.testing.assert_close(gate_TE[0], weight_ED @ jittered_TD[0])
+    assert gate_TE[2].isnan().all() and not torch.equal(gate_TE[0], clean_TE[0])
+    ratio_TD = jittered_TD[[0, 1, 3, 4]] / x_TD[[0, 1, 3, 4]]
+    assert ratio_TD.min() >= 0.9 and ratio_TD.max() <= 1.1
