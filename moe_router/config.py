@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 from typing import Any, Literal, get_args
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "gates_reading",
     "is_support_exact",
     "option_is_read",
+    "over_model_defaults",
 ]
 
 BalanceTarget = Literal["load", "mass"]
@@ -207,6 +209,25 @@ def option_is_read(config: Any, name: str) -> bool:
             return False
     _, holds = MECHANISM_OPTIONS.get(name, ("", None))
     return holds is None or holds(config)
+
+
+def over_model_defaults(
+    gate: str, model_defaults: dict[str, Any], options: dict[str, Any]
+) -> dict[str, Any]:
+    """A user's router options over a host model's (an integration's), keeping a model default
+    only where ``gate`` reads it (a soft gate takes no ``score_func``; every gate takes ``k``).
+
+    Args:
+        gate: The chosen gate (an unknown one keeps every default: its config refuses it).
+        model_defaults: The options that reproduce the host model's own router.
+        options: The user's options; they always win.
+    """
+    merged = {**model_defaults, **options}
+    settings = SimpleNamespace(**{**ROUTER_OPTION_DEFAULTS, **merged, "gate": gate})
+    for name in model_defaults.keys() - options.keys() - {"k"}:
+        if gate in GATE_SPECS and not option_is_read(settings, name):
+            del merged[name]
+    return merged
 
 
 def check_options_read(config: Any, defaults: dict[str, Any]) -> None:

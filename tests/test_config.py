@@ -15,6 +15,7 @@ from moe_router.config import (
     MECHANISM_OPTIONS,
     ROUTER_OPTION_DEFAULTS,
     gates_reading,
+    over_model_defaults,
 )
 
 # A valid value away from the default for every router option (E = 8, K = 2).
@@ -198,3 +199,24 @@ def test_soft_topk_dense_sizes_its_capacity_from_every_expert_it_dispatches():
     layer = MoELayer(dense)
     _, routing = layer(torch.randn(64, 16), return_routing=True)
     assert routing.num_dropped == 0  # equal capacity for all: nothing dropped
+
+
+def test_over_model_defaults_keeps_a_model_default_only_where_the_gate_reads_it():
+    defaults = {"k": 2, "score_func": "sigmoid", "renormalize": True, "aux_loss_coef": 0.01}
+    # topk reads all of them; the user's value wins.
+    assert over_model_defaults("topk", defaults, {"aux_loss_coef": 0.0}) == {
+        **defaults,
+        "aux_loss_coef": 0.0,
+    }
+    # A soft gate reads no score_func: the model's value is dropped; the common options stay.
+    assert over_model_defaults("soft_topk", defaults, {"tau": 0.5}) == {
+        "k": 2,
+        "renormalize": True,
+        "aux_loss_coef": 0.01,
+        "tau": 0.5,
+    }
+    # What the user sets is never dropped: the config refuses it, naming the gates that read it.
+    kept = over_model_defaults("soft_topk", {"k": 2}, {"score_func": "sigmoid"})
+    assert kept["score_func"] == "sigmoid"
+    with pytest.raises(ValueError, match="score_func"):
+        RouterConfig(8, 8, gate="soft_topk", **kept)

@@ -59,7 +59,6 @@ import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -69,7 +68,7 @@ from torchtitan.models.common.linear import Linear
 from torchtitan.models.common.moe import MoE, TokenChoiceTopKRouter
 from torchtitan.protocols.model_spec import ModelSpec
 
-from moe_router.config import GATE_SPECS, ROUTER_OPTION_DEFAULTS, RouterConfig, option_is_read
+from moe_router.config import RouterConfig, over_model_defaults
 from moe_router.gates import top2_group_limit
 from moe_router.records import sum_aux_losses
 from moe_router.router import Router
@@ -222,17 +221,6 @@ def _titan_defaults(router_config: TokenChoiceTopKRouter.Config, load_balance_co
     if load_balance_coeff is not None:
         defaults["bias_update_rate"] = float(load_balance_coeff)
     return defaults
-
-
-def _options_read(gate: str, defaults: dict[str, Any], options: dict[str, Any]) -> dict:
-    """The user's options over the model's defaults, keeping a default only where ``gate``
-    reads it (a soft gate has no ``score_func``; every gate takes ``k``)."""
-    merged = {**defaults, **options}
-    settings = SimpleNamespace(**{**ROUTER_OPTION_DEFAULTS, **merged, "gate": gate})
-    for name in defaults.keys() - options.keys() - {"k"}:
-        if gate in GATE_SPECS and not option_is_read(settings, name):
-            del merged[name]
-    return merged
 
 
 class MoERouter(TokenChoiceTopKRouter):
@@ -424,7 +412,7 @@ def _moe_router_config(
             "torchtitan's TokenChoiceTopKRouter.Config"
         )
     defaults = _titan_defaults(router_config, load_balance_coeff)
-    options = _options_read(gate, defaults, router_options)
+    options = over_model_defaults(gate, defaults, router_options)
     torchtitan_fields = {
         f.name: getattr(router_config, f.name) for f in dataclasses.fields(router_config)
     }

@@ -51,7 +51,6 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -61,7 +60,7 @@ from torch import Tensor, nn
 from transformers import initialization as hf_init
 from transformers.utils import cached_file
 
-from moe_router.config import GATE_SPECS, ROUTER_OPTION_DEFAULTS, option_is_read
+from moe_router.config import over_model_defaults
 from moe_router.gates import top2_group_limit
 from moe_router.metrics import LoadBalanceMetrics
 from moe_router.records import sum_aux_losses
@@ -542,19 +541,6 @@ def _before_forward(model: nn.Module, args: tuple, kwargs: dict) -> None:
         )
 
 
-def _model_defaults_read(
-    gate: str, defaults: dict[str, Any], router_options: dict[str, Any]
-) -> dict[str, Any]:
-    """The user's options over the model's defaults, keeping a default only where the chosen
-    gate reads it (a soft gate has no ``score_func``; every gate takes ``k``)."""
-    options = {**defaults, **router_options}
-    settings = SimpleNamespace(**{**ROUTER_OPTION_DEFAULTS, **options, "gate": gate})
-    for name in defaults.keys() - router_options.keys() - {"k"}:
-        if gate in GATE_SPECS and not option_is_read(settings, name):
-            del options[name]
-    return options
-
-
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     """Torch's default dtype set to ``dtype`` inside the block."""
@@ -699,7 +685,7 @@ def replace_routers(model: nn.Module, gate: str = "soft_topk", **router_options:
     replacements: dict[int, RoutedGate] = {}
     for hf_gate in gates.values():
         spec = gate_spec(hf_gate)
-        options = _model_defaults_read(gate, spec.router_options(), router_options)
+        options = over_model_defaults(gate, spec.router_options(), router_options)
         k = options.pop("k")
         router_class = DeepseekV3GroupRouter if spec.group_rule == "top2_score_sum" else Router
         router = router_class(spec.d_model, spec.num_experts, k, gate=gate, **options)
