@@ -47,15 +47,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 if __package__ in (None, ""):  # run as a script from a checkout: make the repo importable
     sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from _timing import (  # noqa: E402
-    add_clock_argument,
-    default_clock,
-    load_verdict,
-    machine_load,
-    markdown_table,
-    round_robin_ms,
-    save_results,
-)
+import _timing as timing  # noqa: E402
 
 from experiments.compare import TRAIN_SCRIPT, find_summary, fit_arguments  # noqa: E402
 from experiments.frontier import Point, Spec, load_spec  # noqa: E402
@@ -225,12 +217,12 @@ def main() -> None:
     )
     parser.add_argument("--smoke", action="store_true", help="a few seconds: a check only")
     parser.add_argument("--out", type=Path, default=None, help=f"results stem (default {RESULTS})")
-    add_clock_argument(parser)
+    timing.add_clock_argument(parser)
     args, extra = parser.parse_known_args()
     if args.smoke:
         args.warmup, args.repeats, args.calibrate_steps = 1, 2, 0
     data = args.data or ("random" if args.smoke else "corpus")
-    clock = args.clock or default_clock(args.threads)
+    clock = args.clock or timing.default_clock(args.threads)
     torch.set_num_threads(args.threads)
     spec = load_spec(args.spec)
     tuned = "configured (no tuning section)"
@@ -241,18 +233,18 @@ def main() -> None:
         tuned = "; ".join(notes) or "configured (tuning not recorded yet)"
     points = contenders(spec, args.smoke)
     batches = training_batches(spec, args.warmup + args.repeats + 1, data, 0)
-    load_before = machine_load()
+    load_before = timing.machine_load()
     timers = {(p.panel.name, p.family.name): StepTimer(p, extra, batches) for p in points}
     for timer in timers.values():
         for _ in range(args.warmup):
             timer.step()
         timer.record_active = True
-    medians = round_robin_ms(
+    medians = timing.round_robin_ms(
         {f"{panel}/{family}": (t.step, args.repeats) for (panel, family), t in timers.items()},
         warmup=0,
         clock=clock,
     )
-    load_after = machine_load()
+    load_after = timing.machine_load()
     first = points[0]
     overhead_ms = 0.0
     if args.calibrate_steps:
@@ -315,11 +307,11 @@ def main() -> None:
             f"Settings: {tuned}.",
             "",
             f"Machine load before: `{load_before}`; after: `{load_after}`. "
-            + load_verdict(load_before),
+            + timing.load_verdict(load_before),
             "",
             calibration,
             "",
-            markdown_table(header, table_rows),
+            timing.markdown_table(header, table_rows),
         ]
     )
     print(text)
@@ -340,7 +332,7 @@ def main() -> None:
     }
     stem = args.out if args.out is not None else (None if args.smoke else RESULTS)
     if stem is not None:
-        save_results(stem, text, payload)
+        timing.save_results(stem, text, payload)
         print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.json')}")
 
 

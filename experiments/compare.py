@@ -616,12 +616,16 @@ def write_report(
     return md_path, png_path
 
 
+def runs_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser of a driver of runs: what it does not know goes to every ``train.py fit``."""
+    passed_on = "Unknown arguments (e.g. --trainer.max_steps 100) are passed to every run."
+    return argparse.ArgumentParser(prog=prog, description=f"{description} {passed_on}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``train.py compare``; anything it does not know goes to every run."""
-    parser = argparse.ArgumentParser(
-        prog="train.py compare",
-        description="Run every config for every seed, then write report.md and report.png. "
-        "Unknown arguments (e.g. --trainer.max_steps 100) are passed to every run.",
+    parser = runs_parser(
+        "train.py compare", "Run every config for every seed, then write report.md and report.png."
     )
     parser.add_argument(
         "--configs",

@@ -59,6 +59,7 @@ from experiments.compare import (
     resolve_runs,
     run_metrics,
     run_one,
+    runs_parser,
 )
 from experiments.verdict import DivergenceRule, VerdictRule, verdict_of
 from models.cli import load_yaml
@@ -1153,10 +1154,8 @@ def write_report(
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``train.py frontier``; anything it does not know goes to every run."""
-    parser = argparse.ArgumentParser(
-        prog="train.py frontier",
-        description="Run every point of a loss-vs-compute frontier, then write its report. "
-        "Unknown arguments (e.g. --trainer.max_steps 100) are passed to every run.",
+    parser = runs_parser(
+        "train.py frontier", "Run every point of a loss-vs-compute frontier, then write its report."
     )
     parser.add_argument("--spec", type=Path, default=Path("configs/frontier.yaml"))
     parser.add_argument(

@@ -1,13 +1,11 @@
 """Two gloo processes on CPU: the expert bias stays identical across data-parallel ranks."""
 
 import math
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed_testing import run_ranks
 
 from moe_router.moe import MoELayer
 from moe_router.router import Router
@@ -24,12 +22,6 @@ LOADS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def expected_bias() -> torch.Tensor:
     """The single-process computation on the loads summed over ranks."""
     bias = torch.zeros(NUM_EXPERTS)
@@ -40,36 +32,20 @@ def expected_bias() -> torch.Tensor:
     return bias
 
 
-def init_gloo(rank: int, port: int) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=20),
-    )
-
-
-def worker(rank: int, port: int, out_dir: str) -> None:
-    init_gloo(rank, port)
-    try:
-        router = Router(
-            8, NUM_EXPERTS, 1, gate="topk", expert_bias=True, bias_update_rate=UPDATE_RATE
-        )
-        for step in LOADS:
-            local_load = torch.tensor(step[rank])
-            router.update_expert_bias(local_load)
-            torch.testing.assert_close(local_load, torch.tensor(step[rank]))  # not reduced in place
-        gathered = [torch.empty(NUM_EXPERTS) for _ in range(WORLD_SIZE)]
-        dist.all_gather(gathered, router.expert_bias.bias_E)
-        torch.save(torch.stack(gathered), f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def worker(rank: int, out_dir: str) -> None:
+    router = Router(8, NUM_EXPERTS, 1, gate="topk", expert_bias=True, bias_update_rate=UPDATE_RATE)
+    for step in LOADS:
+        local_load = torch.tensor(step[rank])
+        router.update_expert_bias(local_load)
+        torch.testing.assert_close(local_load, torch.tensor(step[rank]))  # not reduced in place
+    gathered = [torch.empty(NUM_EXPERTS) for _ in range(WORLD_SIZE)]
+    dist.all_gather(gathered, router.expert_bias.bias_E)
+    torch.save(torch.stack(gathered), f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.distributed
 def test_expert_bias_identical_across_ranks(tmp_path):
-    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    run_ranks(worker, tmp_path, WORLD_SIZE)
     for rank in range(WORLD_SIZE):
         biases = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(biases[0], biases[1], rtol=0, atol=0)
@@ -83,51 +59,47 @@ def test_expert_bias_identical_across_ranks(tmp_path):
         assert not torch.allclose(biases[0], local_only)
 
 
-def controller_worker(rank: int, port: int, out_dir: str) -> None:
-    init_gloo(rank, port)
-    try:
-        torch.manual_seed(0)  # identical weights on both ranks
-        sparse = Router(8, 8, 2, gate="sparse_soft_topk", target_active=2.0, init_std=0.3)
-        balanced = Router(8, 8, 2, gate="balanced_soft_topk", init_std=0.3)
-        windowed = Router(8, 8, 2, gate="balanced_soft_topk", init_std=0.3, balance_window=100)
-        gen = torch.Generator().manual_seed(100 + rank)  # each rank sees its own tokens
-        supports, budgets = [], []
-        for _ in range(5):
-            x = torch.randn(64 * (rank + 1), 8, generator=gen)
-            routing = sparse(x)
-            supports.append(float(routing.valid_TK.sum() + routing.overflow_T.sum()))
-            balanced(x)
-            windowed(x)
-            sparse.step()
-            balanced.step()
-            windowed.step()
-            budgets.append(float(sparse.budget))
-        state = torch.cat(
-            [
-                sparse.budget.view(1),
-                balanced.balance_mu_E,
-                windowed.balance_mu_E,
-                balanced.balance.warm_mu_E,  # the warm starts too: a checkpoint saves one copy
-                windowed.balance.warm_mu_E,
-            ]
-        )
-        gathered = [torch.empty_like(state) for _ in range(WORLD_SIZE)]
-        dist.all_gather(gathered, state)
-        torch.save(
-            {
-                "states": torch.stack(gathered),
-                "supports": torch.tensor(supports, dtype=torch.float64),
-                "budgets": torch.tensor(budgets, dtype=torch.float64),
-            },
-            f"{out_dir}/controller{rank}.pt",
-        )
-    finally:
-        dist.destroy_process_group()
+def controller_worker(rank: int, out_dir: str) -> None:
+    torch.manual_seed(0)  # identical weights on both ranks
+    sparse = Router(8, 8, 2, gate="sparse_soft_topk", target_active=2.0, init_std=0.3)
+    balanced = Router(8, 8, 2, gate="balanced_soft_topk", init_std=0.3)
+    windowed = Router(8, 8, 2, gate="balanced_soft_topk", init_std=0.3, balance_window=100)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank sees its own tokens
+    supports, budgets = [], []
+    for _ in range(5):
+        x = torch.randn(64 * (rank + 1), 8, generator=gen)
+        routing = sparse(x)
+        supports.append(float(routing.valid_TK.sum() + routing.overflow_T.sum()))
+        balanced(x)
+        windowed(x)
+        sparse.step()
+        balanced.step()
+        windowed.step()
+        budgets.append(float(sparse.budget))
+    state = torch.cat(
+        [
+            sparse.budget.view(1),
+            balanced.balance_mu_E,
+            windowed.balance_mu_E,
+            balanced.balance.warm_mu_E,  # the warm starts too: a checkpoint saves one copy
+            windowed.balance.warm_mu_E,
+        ]
+    )
+    gathered = [torch.empty_like(state) for _ in range(WORLD_SIZE)]
+    dist.all_gather(gathered, state)
+    torch.save(
+        {
+            "states": torch.stack(gathered),
+            "supports": torch.tensor(supports, dtype=torch.float64),
+            "budgets": torch.tensor(budgets, dtype=torch.float64),
+        },
+        f"{out_dir}/controller{rank}.pt",
+    )
 
 
 @pytest.mark.distributed
 def test_budget_controller_and_balance_thresholds_identical_across_ranks(tmp_path):
-    mp.spawn(controller_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    run_ranks(controller_worker, tmp_path, WORLD_SIZE)
     results = [torch.load(tmp_path / f"controller{rank}.pt") for rank in range(WORLD_SIZE)]
     for result in results:  # every rank holds the same budget and running thresholds
         torch.testing.assert_close(result["states"][0], result["states"][1], rtol=0, atol=0)
@@ -144,38 +116,34 @@ def test_budget_controller_and_balance_thresholds_identical_across_ranks(tmp_pat
     assert results[0]["budgets"][0].item() != pytest.approx(alone, rel=1e-6)
 
 
-def alternatives_worker(rank: int, port: int, out_dir: str) -> None:
-    init_gloo(rank, port)
-    try:
-        torch.manual_seed(0)  # identical weights on both ranks
-        relu = Router(8, 8, 2, gate="relu", init_std=0.3)
-        layer = MoELayer(8, 16, 8, 2, gate="topk", default_moe_beta=0.5)
-        gen = torch.Generator().manual_seed(100 + rank)  # each rank sees its own tokens
-        actives, sums = [], []
-        for _ in range(3):
-            x = torch.randn(64 * (rank + 1), 8, generator=gen)
-            routing = relu(x)
-            actives.append([float((routing.scores_TE > 0).sum()), float(routing.scores_TE.numel())])
-            _, layer_routing = layer(x, return_routing=True)
-            sums.append(layer.router.default_outputs.pending_ED1.clone())
-            relu.step()
-            layer.router.step()
-        state = torch.cat(
-            [relu.relu_sparsity.l1_coef.view(1), layer.router.default_outputs.default_ED.flatten()]
-        )
-        gathered = [torch.empty_like(state) for _ in range(WORLD_SIZE)]
-        dist.all_gather(gathered, state)
-        torch.save(
-            {"states": torch.stack(gathered), "actives": torch.tensor(actives), "sums": sums},
-            f"{out_dir}/alternatives{rank}.pt",
-        )
-    finally:
-        dist.destroy_process_group()
+def alternatives_worker(rank: int, out_dir: str) -> None:
+    torch.manual_seed(0)  # identical weights on both ranks
+    relu = Router(8, 8, 2, gate="relu", init_std=0.3)
+    layer = MoELayer(8, 16, 8, 2, gate="topk", default_moe_beta=0.5)
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank sees its own tokens
+    actives, sums = [], []
+    for _ in range(3):
+        x = torch.randn(64 * (rank + 1), 8, generator=gen)
+        routing = relu(x)
+        actives.append([float((routing.scores_TE > 0).sum()), float(routing.scores_TE.numel())])
+        _, layer_routing = layer(x, return_routing=True)
+        sums.append(layer.router.default_outputs.pending_ED1.clone())
+        relu.step()
+        layer.router.step()
+    state = torch.cat(
+        [relu.relu_sparsity.l1_coef.view(1), layer.router.default_outputs.default_ED.flatten()]
+    )
+    gathered = [torch.empty_like(state) for _ in range(WORLD_SIZE)]
+    dist.all_gather(gathered, state)
+    torch.save(
+        {"states": torch.stack(gathered), "actives": torch.tensor(actives), "sums": sums},
+        f"{out_dir}/alternatives{rank}.pt",
+    )
 
 
 @pytest.mark.distributed
 def test_relu_controller_and_default_outputs_identical_across_ranks(tmp_path):
-    mp.spawn(alternatives_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    run_ranks(alternatives_worker, tmp_path, WORLD_SIZE)
     results = [torch.load(tmp_path / f"alternatives{rank}.pt") for rank in range(WORLD_SIZE)]
     for result in results:
         torch.testing.assert_close(result["states"][0], result["states"][1], rtol=0, atol=0)

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import math
-import socket
-from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed_testing import run_ranks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -803,32 +800,16 @@ def ddp_batches(rank: int) -> list[Routing]:
     ]
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        metric = LoadBalanceMetrics(DDP_EXPERTS, capacity_factor=1.2)
-        for routing in ddp_batches(rank):
-            metric(routing)  # forward, as in a training step
-        torch.save({"all": metric.compute()}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _ddp_worker(rank: int, out_dir: str) -> None:
+    metric = LoadBalanceMetrics(DDP_EXPERTS, capacity_factor=1.2)
+    for routing in ddp_batches(rank):
+        metric(routing)  # forward, as in a training step
+    torch.save({"all": metric.compute()}, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.mark.distributed
 def test_ddp_reduction_equals_single_process(tmp_path):
-    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    run_ranks(_ddp_worker, tmp_path, WORLD_SIZE)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
     batches = [ddp_batches(rank) for rank in range(WORLD_SIZE)]

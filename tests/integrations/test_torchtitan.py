@@ -18,7 +18,7 @@ import torch
 torchtitan = pytest.importorskip("torchtitan")
 
 import titan_testing as tt  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+from distributed_testing import gloo_group, run_ranks  # noqa: E402
 from torchtitan.models.common.moe import MoE, TokenChoiceTopKRouter  # noqa: E402
 
 import moe_router  # noqa: E402
@@ -46,13 +46,7 @@ FLAVORS = [
 ATOL = RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only add overhead on a busy host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def first_moe_config(family: str, flavor: str):
@@ -273,15 +267,11 @@ def _train(model, steps, *, titan_hook):
 @pytest.fixture
 def one_process_group(monkeypatch):
     """A world of one gloo process: torchtitan's balancing hook builds device meshes."""
-    import torch.distributed as dist
     import torchtitan.distributed.parallel_dims as parallel_dims_module
 
     monkeypatch.setattr(parallel_dims_module, "device_type", "cpu")
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{tt.free_port()}", rank=0, world_size=1
-    )
-    yield
-    dist.destroy_process_group()
+    with gloo_group(rank=0, world_size=1):
+        yield
 
 
 def test_one_mechanism_steps_the_expert_bias(one_process_group):
@@ -374,7 +364,7 @@ def test_expert_parallel_matches_one_rank(tmp_path):
     one process running both ranks' tokens; the router state after each step equals that
     process's (bias, budget, running thresholds) and is bitwise equal across ranks; DCP
     restores it."""
-    mp.spawn(tt.ep_worker, args=(tt.free_port(), str(tmp_path)), nprocs=tt.WORLD_SIZE, join=True)
+    run_ranks(tt.ep_worker, tmp_path, tt.WORLD_SIZE)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(tt.WORLD_SIZE)]
 
     # The reference: the same model, one replica per rank's batch, in this process.

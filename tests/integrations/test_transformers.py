@@ -139,13 +139,7 @@ ARCHS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: intra-op threads only add overhead (several x on a busy host)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(arch: str, seed: int = 0):
@@ -333,6 +327,17 @@ def _lm_loss(model, blocks_BL):
     return F.cross_entropy(logits_BSV.flatten(0, 1), blocks_BL[:, 1:].flatten())
 
 
+def _sgd_steps(model, corpus_blocks, steps: int) -> None:
+    """``steps`` SGD steps on batches of 4 blocks, the routers stepped after each."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        loss = _lm_loss(model, corpus_blocks[step * 4 : step * 4 + 4])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        moe_router.step_routers(model)
+
+
 @pytest.mark.parametrize("gate", SOFT_GATES_UNDER_TEST)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_soft_gate_trains_and_every_weighted_logit_gets_gradient(arch, gate, corpus_blocks):
@@ -488,13 +493,7 @@ def test_save_pretrained_and_from_pretrained_restore_the_routers(
     model = replace_routers(build(arch), gate=gate, **options)
     fresh_state = replace_routers(build(arch), gate=gate, **options).state_dict()
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(3):
-        loss = _lm_loss(model, corpus_blocks[step * 4 : step * 4 + 4])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        moe_router.step_routers(model)
+    _sgd_steps(model, corpus_blocks, 3)
     model.eval()
     model.save_pretrained(tmp_path)
 
@@ -747,13 +746,7 @@ def test_hf_save_and_reload_keeps_every_router_key(arch, state, tmp_path, corpus
     fresh_state = replace_routers(build(arch), **options).state_dict()
 
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(2):
-        loss = _lm_loss(model, corpus_blocks[step * 4 : step * 4 + 4])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        moe_router.step_routers(model)
+    _sgd_steps(model, corpus_blocks, 2)
     model.eval().save_pretrained(tmp_path / "trained")
     loaded, info = routed_class(arch, **options).from_pretrained(
         tmp_path / "trained", output_loading_info=True

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import socket
 from dataclasses import dataclass
-from datetime import timedelta
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -143,12 +140,6 @@ def ep_spec():
     return spec
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def router_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every persistent router buffer (bias, budget, thresholds), by state-dict key."""
     return {
@@ -169,22 +160,12 @@ def full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return grads
 
 
-def ep_worker(rank: int, port: int, out_dir: str) -> None:
+def ep_worker(rank: int, out_dir: str) -> None:
     """torchtitan's deepseek_v3 parallelize path on 2 CPU ranks: FSDP over both, experts
     sharded over EP = 2, all-to-all dispatch over gloo. Saves this rank's logits and the
     gradients of the first step, the router state after each step, and a DCP round trip."""
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        torch.set_num_threads(1)
-        _ep_run(rank, out_dir)
-    finally:
-        dist.destroy_process_group()
+    torch.set_num_threads(1)
+    _ep_run(rank, out_dir)
 
 
 def parallelize(spec, model_config=None) -> tuple[nn.Module, object]:
@@ -205,15 +186,9 @@ def parallelize(spec, model_config=None) -> tuple[nn.Module, object]:
     )
     model_config = model_config or spec.model
     model_config.update_from_config(config=SimpleNamespace(parallelism=parallelism))
+    degrees = dict(dp_replicate=1, dp_shard=WORLD_SIZE, cp=1, tp=1, pp=1, ep=WORLD_SIZE)
     parallel_dims = parallel_dims_module.ParallelDims(
-        dp_replicate=1,
-        dp_shard=WORLD_SIZE,
-        cp=1,
-        tp=1,
-        pp=1,
-        ep=WORLD_SIZE,
-        world_size=WORLD_SIZE,
-        spmd_backend=backend,
+        **degrees, world_size=WORLD_SIZE, spmd_backend=backend
     )
     parallel_dims.build_mesh()
     torch.manual_seed(0)
