@@ -61,6 +61,7 @@ __all__ = [
     "gates_reading",
     "is_support_exact",
     "option_is_read",
+    "options_set",
     "over_model_defaults",
 ]
 
@@ -230,6 +231,13 @@ def over_model_defaults(
     return merged
 
 
+def options_set(config: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``config`` away from their ``defaults``, in the defaults' order."""
+    return {
+        name: getattr(config, name) for name in defaults if getattr(config, name) != defaults[name]
+    }
+
+
 def check_options_read(config: Any, defaults: dict[str, Any]) -> None:
     """Refuse every option set away from its default that the config's gate does not read.
 
@@ -242,9 +250,8 @@ def check_options_read(config: Any, defaults: dict[str, Any]) -> None:
     Raises:
         ValueError: Naming the option, its value, the gate and what reads the option.
     """
-    for name, default in defaults.items():
-        value = getattr(config, name)
-        if value == default or option_is_read(config, name):
+    for name, value in options_set(config, defaults).items():
+        if option_is_read(config, name):
             continue
         if config.gate not in gates_reading(name):
             raise ValueError(

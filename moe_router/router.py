@@ -23,7 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from moe_router.balancing import ExpertBias, router_aux_losses
-from moe_router.config import GATES, SOFT_GATES, RouterConfig, config_from_arguments
+from moe_router.config import (
+    GATES,
+    ROUTER_OPTION_DEFAULTS,
+    SOFT_GATES,
+    RouterConfig,
+    config_from_arguments,
+    option_is_read,
+    options_set,
+)
 from moe_router.gates import group_limit, router_logits, run_gate, select_experts
 from moe_router.routing import Routing
 from moe_router.state import (
@@ -267,16 +275,12 @@ class Router(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        parts = [f"d_model={c.d_model}, num_experts={c.num_experts}, k={c.k}, gate={c.gate!r}"]
-        if c.gate == "topk":
-            parts.append(f"score_func={c.score_func!r}")
-        else:
-            parts.append(f"method={c.soft_method!r}, tau={c.tau}, tau_schedule={c.tau_schedule!r}")
-        if c.support_exact:
-            parts.append(f"max_active={c.max_active}, target_active={c.target_active}")
-        if c.num_groups > 1:
-            parts.append(f"num_groups={c.num_groups}, topk_groups={c.topk_groups}")
-        return ", ".join(parts)
+        sizes = f"d_model={c.d_model}, num_experts={c.num_experts}, k={c.k}, gate={c.gate!r}"
+        options = options_set(c, ROUTER_OPTION_DEFAULTS)  # what was set (or resolved) and read
+        options = {name: v for name, v in options.items() if option_is_read(c, name)}
+        if c.topk_groups == c.num_groups:  # resolved from None: no group limit
+            del options["topk_groups"]
+        return ", ".join([sizes, *(f"{name}={value!r}" for name, value in options.items())])
 
 
 def _flat_inputs(
