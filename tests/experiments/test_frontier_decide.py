@@ -57,7 +57,7 @@ def test_the_decision_spec():
     scale = spec.scale
     assert scale.panel.width_ratio == 2.0 and "topk" in scale.routers and len(scale.seeds) == 3
     assert [p.key for p in spec.points("scale")][:3] == [
-        "D128/topk-2", "D128/balanced-2", "D128/balanced_default-2",
+        "D128/topk-2", "D128/remoe-2", "D128/topk_default-2",
     ]  # fmt: skip
     assert "--model.model.d_model" in spec.points("scale")[0].overrides([])
     # the first frontier's spec and report are untouched by the decision spec
