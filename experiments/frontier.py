@@ -974,7 +974,6 @@ def frontier_figure(spec: Spec, records: list[dict[str, Any]]):
             ]
             if minutes:
                 timed = True
-                time_ax.set_xlim(left=0)
                 time_ax.errorbar(
                     [t for t, _, _ in minutes],
                     [m for _, m, _ in minutes],
@@ -982,6 +981,8 @@ def frontier_figure(spec: Spec, records: list[dict[str, Any]]):
                     label=family.name,
                     **style,
                 )
+        if timed:  # after the points: set_xlim first would freeze the axis at [0, 1]
+            time_ax.set_xlim(left=0)
         flops_ax.set_xscale("log", base=2)
         ticks = sorted({r["flops_rel"] for r in records if r["panel"] == panel.name})
         scale = first.expert_d_ff / (panel.expert_d_ff * panel.width_ratio)
